@@ -1,0 +1,2 @@
+"""keyart: personalized artwork selection."""
+__version__ = "0.1.0"
