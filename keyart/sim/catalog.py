@@ -15,7 +15,6 @@ from keyart.features import FLAGS
 from keyart.sim.names import (
     ADULT_RATINGS,
     FIRST_NAMES,
-    G,
     GENRE_CATALOG_SHARE,
     GENRES,
     KIDS_GENRES,
@@ -25,6 +24,7 @@ from keyart.sim.names import (
     NAMED_TITLES,
     TITLE_ADJECTIVES,
     TITLE_NOUNS,
+    G,
 )
 
 N_GENERATED_ACTORS = 300

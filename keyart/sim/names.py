@@ -29,7 +29,7 @@ ADULT_TASTE_ALPHA = {
 }
 KIDS_TASTE_ALPHA = {
     "action": 0.25, "comedy": 0.60, "drama": 0.05, "romance": 0.02, "thriller": 0.02,
-    "horror": 0.01, "family": 2.20, "animation": 2.40, "documentary": 0.08, "scifi": 0.15,
+    "horror": 0.01, "family": 1.60, "animation": 3.00, "documentary": 0.08, "scifi": 0.15,
 }
 
 # country -> (weight, UTC offset in minutes, languages with weights)

@@ -96,13 +96,9 @@ def build_members(
     language = []
     u = rng.random(m)
     for i, c in enumerate(country):
-        acc = 0.0
         langs = COUNTRIES[c][2]
-        for lang, p in langs:
-            acc += p
-            if u[i] < acc:
-                break
-        language.append(lang)
+        cum = np.cumsum([share for _, share in langs])
+        language.append(langs[min(int(np.searchsorted(cum, u[i], side="right")), len(langs) - 1)][0])
     offset = np.array([COUNTRIES[c][1] for c in country], dtype=np.int32)
     epoch = dt.date(1970, 1, 1)
     hist0 = (start - epoch).days - history_days

@@ -8,6 +8,7 @@ For member m, artwork a of title t and context c::
                   + w_tone * theta_m[tone_a]        (ARTWORK: tone speaks to the member)
                   + w_cast * sum_{c in cast_a} tau_mc  (ARTWORK: shows a favourite actor)
                   + w_kids * kids_m * [tone_a in {family, animation}]
+                  + w_kids_text * kids_m * text_heavy_a      (kids do not read posters)
                   + w_cb * clickbait_a + idio_a + flags_a . F[:, device]
                   + w_pos * position + w_row * page_row
                   + device_c + w_hour * cos(2 pi (hour - 21) / 24) + w_wkd * weekend
@@ -29,22 +30,25 @@ from functools import cached_property
 
 import numpy as np
 
-from keyart.features import DEVICES
+from keyart.features import DEVICES, FLAGS
 from keyart.sim.catalog import Catalog
-from keyart.sim.names import G, KIDS_GENRES
+from keyart.sim.names import KIDS_GENRES, G
 from keyart.sim.population import Members
+
+_TEXT_HEAVY = FLAGS.index("text_heavy")
 
 
 @dataclass(frozen=True)
 class TruthParams:
     """Coefficients of the ground-truth model (see the module docstring)."""
 
-    intercept: float = -4.3
+    intercept: float = -5.0
     w_title_genre: float = 3.0
     w_title_cast: float = 0.4
-    w_tone: float = 2.5
-    w_cast: float = 0.8
+    w_tone: float = 3.5
+    w_cast: float = 1.2
     w_kids_tone: float = 1.5
+    w_kids_text: float = -0.8
     w_clickbait: float = 0.6
     w_position: float = -0.06
     w_row: float = -0.2
@@ -60,7 +64,7 @@ class TruthParams:
     w_weekend: float = 0.10
     abandon_intercept: float = 0.3
     abandon_interest: float = -3.0
-    abandon_clickbait: float = 2.0
+    abandon_clickbait: float = 2.5
     abandon_mean_minutes: float = 5.0
     engaged_shape: float = 1.6
     engaged_scale: float = 0.8
@@ -129,6 +133,7 @@ class GroundTruth:
             p.w_tone * m.theta[member_idx, c.art_tone[art_idx]]
             + p.w_cast * cast_term
             + p.w_kids_tone * (m.is_kids[member_idx] & self._kids_tone[art_idx])
+            + p.w_kids_text * (m.is_kids[member_idx] & (c.art_flags[art_idx, _TEXT_HEAVY] > 0))
             + p.w_clickbait * c.art_clickbait[art_idx]
             + c.art_idio[art_idx]
             + self._flag_effect[art_idx, device]

@@ -1,0 +1,243 @@
+"""One simulated day of traffic: visits, decisions, and the plays they cause.
+
+Files written for day D (all rewritten, never appended, on a rerun):
+
+    raw/impressions/ds=D/traffic-random.jsonl   (random chooser only; the endpoint logs its own)
+    raw/plays/ds=D/traffic-D.jsonl              plays that started on D
+    raw/plays/ds=D+1/traffic-D.jsonl            plays caused on D that started after midnight UTC
+    sim/traffic/ds=D.json                       the day's summary, with ground-truth take rates
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyart.features import DEVICES
+from keyart.lake import Lake, fmt_ds, parse_ds, shift_ds
+from keyart.sim import io
+from keyart.sim.choosers import Chooser, ChooserError, Decisions
+from keyart.sim.visits import Visits
+from keyart.sim.world import World
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VISITS = 20_000
+ORGANIC_RATE = 0.05
+"""Organic plays (search, continue watching) per visit, not caused by an impression."""
+STREAM_CHOOSER, STREAM_PLAYS = 20, 21
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def play_delays_ms(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Delay from impression to play start: mostly minutes, sometimes hours."""
+    kind = rng.choice(3, size=n, p=[0.65, 0.30, 0.05])
+    minutes = np.where(
+        kind == 0, 0.2 + rng.exponential(2.0, n),
+        np.where(kind == 1, 5.0 + rng.exponential(45.0, n), rng.uniform(180.0, 480.0, n)),
+    )
+    return (minutes * 60_000).astype(np.int64)
+
+
+def _check_decisions(world: World, visits: Visits, d: Decisions) -> None:
+    if d.artwork_idx.shape != visits.titles.shape:
+        raise ChooserError(f"decisions have shape {d.artwork_idx.shape}, expected {visits.titles.shape}")
+    ok = (d.artwork_idx[..., None] == visits.candidates).any(-1) & (d.artwork_idx >= 0)
+    if not ok.all():
+        raise ChooserError(f"{int((~ok).sum())} decisions are not candidates of their slot")
+    if not ((d.propensity > 0) & (d.propensity <= 1)).all():
+        raise ChooserError("propensities must lie in (0, 1]")
+
+
+def simulate_day(
+    world: World,
+    ds: str | dt.date,
+    chooser: Chooser,
+    visits: int | Visits = DEFAULT_VISITS,
+    seed: int | None = None,
+    lake_root: str | Path | None = None,
+    send_rewards: bool = False,
+    attribution_window_hours: float = 4.0,
+    organic_rate: float = ORGANIC_RATE,
+) -> dict[str, Any]:
+    """Simulate day ``ds`` against ``chooser``; write its files under ``lake_root`` if given.
+
+    Parameters
+    ----------
+    visits
+        A number of visits to draw (``world.visits(ds, n, seed)``) or prepared visits.
+    seed
+        Seeds visits, decisions and plays (default: the world's seed); the same seed gives
+        the same files.
+    send_rewards
+        Post ``/v1/reward`` for quality plays starting within ``attribution_window_hours``
+        of their impression (only for choosers that have ``send_rewards``).
+
+    Returns
+    -------
+    dict
+        The summary, also written to ``<lake>/sim/traffic/ds=D.json``.
+    """
+    t0 = time.perf_counter()
+    day = parse_ds(ds)
+    ds = fmt_ds(day)
+    seed = world.config.seed if seed is None else int(seed)
+    day_no = (day - _EPOCH).days
+    if isinstance(visits, int):
+        visits = world.visits(ds, visits, seed)
+    elif visits.ds != ds:
+        raise ValueError(f"visits are for {visits.ds}, not {ds}")
+    decisions = chooser.choose(world, visits, np.random.default_rng([seed, STREAM_CHOOSER, day_no]))
+    _check_decisions(world, visits, decisions)
+    rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
+    ctx = visits.slot_context()
+    q = world.config.quality_minutes
+    p = world.p_play(ctx["member_idx"], decisions.artwork_idx, ctx["device"], ctx["local_hour"],
+                     ctx["day_of_week"], ctx["page_row"], ctx["position"])
+    played = rng.random(p.shape) < p
+    vi, si = np.nonzero(played)
+    art = decisions.artwork_idx[vi, si]
+    members = visits.member_idx[vi]
+    minutes = world.truth.sample_minutes(rng, members, art_idx=art)
+    delay = play_delays_ms(rng, vi.shape[0])
+    play_ts = visits.ts[vi] + delay.astype("timedelta64[ms]")
+    # organic plays: a title off the page, chosen by taste, at any time of the day
+    org_v = rng.choice(visits.n_visits, size=rng.poisson(organic_rate * visits.n_visits))
+    org_titles = _organic_titles(world, visits, org_v, rng)
+    org_members = visits.member_idx[org_v]
+    org_minutes = world.truth.sample_minutes(rng, org_members, title_idx=org_titles)
+    org_ts = np.datetime64(ds, "ms") + rng.integers(0, 86_400_000, org_v.shape[0]).astype("timedelta64[ms]")
+
+    all_members = np.concatenate([members, org_members])
+    all_titles = np.concatenate([world.catalog.art_title[art], org_titles])
+    all_ts = np.concatenate([play_ts, org_ts])
+    all_minutes = np.concatenate([minutes, org_minutes])
+    all_device = np.concatenate([visits.device[vi], visits.device[org_v]])
+    next_day = all_ts >= np.datetime64(shift_ds(ds, 1), "ms")
+
+    quality = minutes >= q
+    in_window = delay <= attribution_window_hours * 3_600_000
+    rewards = None
+    if send_rewards:
+        sender = getattr(chooser, "send_rewards", None)
+        if sender is None:
+            raise ChooserError(f"chooser {chooser.name!r} cannot receive rewards (use an endpoint URL)")
+        sel = quality & in_window
+        rewards = sender(list(zip(decisions.event_id[vi[sel], si[sel]].tolist(), minutes[sel].tolist(), strict=True)))
+
+    summary: dict[str, Any] = {
+        "ds": ds,
+        "policy": chooser.name,
+        "seed": seed,
+        "visits": visits.n_visits,
+        "impressions": visits.n_slots,
+        "plays": int(all_ts.shape[0]),
+        "plays_from_impressions": int(vi.shape[0]),
+        "organic_plays": int(org_v.shape[0]),
+        "plays_next_day": int(next_day.sum()),
+        "quality_plays": int(quality.sum()),
+        "quality_plays_in_window": int((quality & in_window).sum()),
+        "observed_take_rate": float(quality.sum() / max(visits.n_slots, 1)),
+        "expected_take_rate": {
+            "served": world.expected_value(visits, decisions.artwork_idx),
+            "random": world.random_value(visits),
+            "default": world.expected_value(visits, world.default_choice(visits)),
+            "oracle": world.expected_value(visits, world.oracle_choice(visits)),
+        },
+        "model_versions": {str(k): int(c) for k, c in zip(*np.unique(decisions.model_version.astype(str), return_counts=True), strict=True)},
+        "quality_minutes": q,
+    }
+    if rewards is not None:
+        summary["rewards"] = rewards
+    if lake_root is not None:
+        lake = Lake(lake_root)
+        if not chooser.logs_impressions:
+            summary["files"] = {"impressions": str(_write_impressions(lake, world, visits, decisions, chooser.name))}
+        else:
+            stale = lake.raw("impressions", ds) / "traffic-random.jsonl"
+            if stale.exists():
+                log.warning("removing %s: the endpoint logs this day's impressions", stale)
+                stale.unlink()
+        plays = {
+            "member_idx": all_members, "title_idx": all_titles, "ts": all_ts,
+            "minutes": all_minutes, "device": all_device,
+        }
+        summary.setdefault("files", {})["plays"] = [str(f) for f in _write_plays(lake, world, ds, plays, next_day)]
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if lake_root is not None:
+        io.write_json(Lake(lake_root).root / "sim" / "traffic" / f"ds={ds}.json", summary)
+    return summary
+
+
+def _organic_titles(world: World, visits: Visits, org_v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cat = world.catalog
+    m = visits.member_idx[org_v]
+    logit = world.truth.title_logit(m[:, None], np.arange(cat.n_titles)[None, :])
+    on_page = np.zeros(logit.shape, dtype=bool)
+    np.put_along_axis(on_page, visits.titles[org_v], True, 1)
+    keys = np.where(on_page, -np.inf, logit + rng.gumbel(size=logit.shape))
+    return keys.argmax(1) if keys.shape[0] else np.zeros(0, dtype=np.int64)
+
+
+def _write_impressions(lake: Lake, world: World, visits: Visits, d: Decisions, name: str) -> Path:
+    cat, mem = world.catalog, world.members
+    ts = io.iso_z(visits.ts)
+    cand_ids: dict[int, list[str]] = {}
+
+    def cands(i: int, j: int) -> list[str]:
+        t = int(visits.titles[i, j])
+        if t not in cand_ids:
+            c = visits.candidates[i, j]
+            cand_ids[t] = [cat.art_ids[a] for a in c[c >= 0].tolist()]
+        return cand_ids[t]
+
+    art, prop, eid = d.artwork_idx.tolist(), d.propensity.tolist(), d.event_id.tolist()
+    titles = visits.titles.tolist()
+    rows_, pos_ = visits.page_row.tolist(), visits.position.tolist()
+
+    def rows():
+        for i in range(visits.n_visits):
+            m = int(visits.member_idx[i])
+            base = {"device": DEVICES[int(visits.device[i])], "country": mem.country[m],
+                    "local_hour": int(visits.local_hour[i]), "day_of_week": int(visits.day_of_week[i])}
+            for j in range(len(titles[i])):
+                yield {
+                    "event_id": eid[i][j], "ts": ts[i], "member_id": mem.member_ids[m],
+                    "title_id": cat.title_ids[titles[i][j]], "artwork_id": cat.art_ids[art[i][j]],
+                    "candidates": cands(i, j), "propensity": prop[i][j],
+                    "model_version": str(d.model_version[i]), "policy": str(d.policy[i]),
+                    "context": {**base, "page_row": rows_[j], "position": pos_[j]},
+                }
+
+    path = lake.raw("impressions", visits.ds) / f"traffic-{name}.jsonl"
+    io.write_jsonl(path, rows())
+    return path
+
+
+def _write_plays(lake: Lake, world: World, ds: str, plays: dict[str, np.ndarray], next_day: np.ndarray) -> list[Path]:
+    cat, mem = world.catalog, world.members
+    order = np.argsort(plays["ts"], kind="stable")
+    ts = io.iso_z(plays["ts"][order])
+    member, title = plays["member_idx"][order].tolist(), plays["title_idx"][order].tolist()
+    minutes, device = plays["minutes"][order].tolist(), plays["device"][order].tolist()
+    later = next_day[order]
+    written = []
+    for target, mask in ((ds, ~later), (shift_ds(ds, 1), later)):
+        path = lake.raw("plays", target) / f"traffic-{ds}.jsonl"
+        idx = np.flatnonzero(mask).tolist()
+        if not idx:
+            if path.exists():
+                path.unlink()
+            continue
+        io.write_jsonl(path, (
+            {"member_id": mem.member_ids[member[i]], "title_id": cat.title_ids[title[i]], "ts": ts[i],
+             "minutes_played": minutes[i], "device": DEVICES[device[i]]}
+            for i in idx
+        ))
+        written.append(path)
+    return written
