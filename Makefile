@@ -49,5 +49,15 @@ serve: install
 bench: install
 	$(BIN)/keyart bench jobs && $(BIN)/keyart bench learning && $(BIN)/keyart bench serving && $(BIN)/keyart bench loop
 
+MLFLOW_PORT ?= 5000
+AIRFLOW_PORT ?= 8090
+
+## MLflow UI on the local tracking store (experiment keyart, registered model keyart-artwork).
+mlflow-ui: install
+	@mkdir -p "$(KEYART_HOME)/mlflow/artifacts"
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(KEYART_HOME)/mlflow/mlflow.db" \
+		--default-artifact-root "$(KEYART_HOME)/mlflow/artifacts" \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
 clean:
 	rm -rf var reports .pytest_cache

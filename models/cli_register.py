@@ -1,0 +1,290 @@
+"""``keyart register --ds D``: track the day's training as an MLflow run and register its bundle.
+
+Reads ``runs/ds=D/`` (``train.json``, ``evaluation.json``, ``model.txt``, ``bundle/``) and
+writes one run in the ``keyart`` experiment:
+
+* params: feature spec and bundle versions, LightGBM parameters (``lgb.*``), policy settings
+  (``policy.*``), the data window (``data.*``) and row counts (``rows.*``);
+* metrics: training metrics (``train.<split>.<metric>``), OPE estimates with bounds
+  (``ope.<policy>.<estimator>.{estimate,lo,hi}``), lift (``lift.*``), ONNX parity
+  (``onnx_parity_error``, ``parity.*``), row counts and step timings (``timing.<step>.*``);
+* artifacts: ``train.json``, ``evaluation.json``, ``bundle/manifest.json``,
+  ``feature_spec.json``, ``plots/*.png``, ``model_card.md`` (also the run description);
+* the bundle as logged model ``bundle`` (mlflow.onnx flavor), registered as a new version of
+  ``keyart-artwork`` with lineage tags and alias ``challenger``.
+
+Idempotent: a bundle already registered for the same ds (same manifest checksum) is not
+registered again, so Airflow retries and backfills are safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from keyart import bundle
+from keyart.config import Settings
+from keyart.config import settings as default_settings
+from keyart.lake import Lake, fmt_ds
+
+from . import registry, report
+
+log = logging.getLogger(__name__)
+
+PARITY_ERROR_KEYS = ("max_abs_diff", "max_abs_error", "max_abs_delta", "max_diff")
+POLICY_SETTING_FIELDS = ("policy", "policy_floor", "squarecb_gamma", "egreedy_epsilon", "prior_blend_n0")
+STATUS_REGISTERED = "registered"
+MAX_TAG_CHARS = 7900  # MLflow caps run tag values at 8000 characters
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_key(key: str) -> str:
+    """A key MLflow accepts for params and metrics (other characters become '_')."""
+    return _BAD_KEY_CHARS.sub("_", key)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float) and value == value and abs(value) != float("inf"):
+        return float(value)
+    return None
+
+
+def flatten_numeric(prefix: str, obj: Any, skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Numeric leaves of nested mappings as ``prefix.a.b`` -> value (lists are skipped)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if key not in skip:
+                out.update(flatten_numeric(f"{prefix}.{key}" if prefix else str(key), value, skip))
+    elif (num := _number(obj)) is not None:
+        out[metric_key(prefix)] = num
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run the step that writes it first") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def parity(manifest: Mapping[str, Any]) -> tuple[bool | None, float | None]:
+    """(passed, max |Δp|) from the manifest's ``parity`` figures; None where absent."""
+    par = manifest.get("parity")
+    if not isinstance(par, Mapping):
+        return None, None
+    err = next((float(par[k]) for k in PARITY_ERROR_KEYS if _number(par.get(k)) is not None), None)
+    passed = par.get("passed", par.get("ok"))
+    if passed is None and err is not None and _number(par.get("tolerance")) is not None:
+        passed = err <= float(par["tolerance"])
+    return (bool(passed) if passed is not None else None), err
+
+
+def data_window(train: Mapping[str, Any], manifest: Mapping[str, Any],
+                evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Training partitions, window bounds and held-out day, from whichever file has them."""
+    window = train.get("window") or train.get("data_window") or manifest.get("training_window") or {}
+    window = window if isinstance(window, Mapping) else {}
+    days = train.get("training_days") or window.get("days") or []
+    days = [str(d) for d in days] if isinstance(days, list) else []
+    start = window.get("first_ds") or window.get("start") or (days[0] if days else None)
+    end = window.get("last_ds") or window.get("end") or (days[-1] if days else None)
+    heldout = evaluation.get("heldout_ds") or train.get("heldout_ds")
+    return {"training_days": days, "start": start, "end": end, "heldout_ds": heldout}
+
+
+def policy_settings(manifest: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """Policy settings the bundle was built with (manifest), else the current configuration."""
+    pol = manifest.get("policy") or manifest.get("policy_settings")
+    if isinstance(pol, Mapping) and pol:
+        return dict(pol)
+    return {f: getattr(settings, f) for f in POLICY_SETTING_FIELDS}
+
+
+@dataclass
+class RunRecord:
+    """What register logs for one ds, read from its run directory."""
+
+    ds: str
+    run_dir: Path
+    checksum: str
+    manifest: dict[str, Any]
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    lineage: dict[str, str]
+
+
+def read_run_dir(run_dir: Path, ds: str, settings: Settings) -> RunRecord:
+    """Verify the bundle and collect params, metrics and lineage of ``run_dir``."""
+    manifest = bundle.verify(run_dir / "bundle").data
+    train = _read_json(run_dir / "train.json")
+    evaluation = _read_json(run_dir / "evaluation.json")
+    window = data_window(train, manifest, evaluation)
+    params: dict[str, Any] = {
+        "ds": ds,
+        "feature_spec_version": manifest.get("feature_spec_version"),
+        "bundle_version": manifest.get("bundle_version"),
+        "data.training_days": ",".join(window["training_days"]) or None,
+        "data.n_training_days": len(window["training_days"]),
+        "data.window_start": window["start"],
+        "data.window_end": window["end"],
+        "data.heldout_ds": window["heldout_ds"],
+    }
+    lgb_params = train.get("params") or train.get("lgb_params") or {}
+    params.update({f"lgb.{k}": v for k, v in lgb_params.items() if not isinstance(v, Mapping | list)})
+    params.update({f"policy.{k}": v for k, v in policy_settings(manifest, settings).items()
+                   if not isinstance(v, Mapping | list)})
+    rows = flatten_numeric("rows", train.get("rows"))
+    if _number(evaluation.get("n_impressions")) is not None:
+        rows["rows.heldout_impressions"] = float(evaluation["n_impressions"])
+    params.update({k: int(v) for k, v in rows.items()})
+
+    metrics = dict(rows)
+    metrics.update(flatten_numeric("train", train.get("metrics")))
+    for key in ("best_iteration",):
+        if _number(train.get(key)) is not None:
+            metrics[f"train.{key}"] = float(train[key])
+    metrics.update(flatten_numeric("ope", evaluation.get("policies")))
+    metrics.update(flatten_numeric("lift", evaluation.get("lift"), skip=("per_title",)))
+    passed, err = parity(manifest)
+    metrics.update(flatten_numeric("parity", manifest.get("parity")))
+    if err is not None:
+        metrics["onnx_parity_error"] = err
+    for step, source in (("train", train), ("evaluate", evaluation), ("export", manifest)):
+        metrics.update(flatten_numeric(f"timing.{step}", source.get("timings")))
+
+    logging_policy = (evaluation.get("logging_policies") or evaluation.get("logging_policy")
+                      or train.get("logging_policy") or manifest.get("logging_policy"))
+    champion_info = evaluation.get("champion")
+    eval_champion = champion_info.get("bundle_version") if isinstance(champion_info, Mapping) else None
+    lineage = {
+        "ds": ds,
+        "bundle_version": str(manifest.get("bundle_version")),
+        "feature_spec_version": str(manifest.get("feature_spec_version")),
+        "data_partitions": json.dumps({"training": window["training_days"],
+                                       "heldout": window["heldout_ds"]}),
+        "heldout_ds": str(window["heldout_ds"]),
+        "logging_policy": (json.dumps(logging_policy, sort_keys=True, default=str)
+                           if isinstance(logging_policy, Mapping | list) else str(logging_policy or "unknown")),
+        "parity_passed": "unknown" if passed is None else str(passed).lower(),
+    }
+    if eval_champion is not None:
+        lineage["eval_champion_bundle"] = str(eval_champion)
+    return RunRecord(ds=ds, run_dir=run_dir, checksum=registry.bundle_checksum(run_dir / "bundle"),
+                     manifest=manifest, train=train, evaluation=evaluation,
+                     params={metric_key(k): str(v) for k, v in params.items() if v is not None},
+                     metrics=metrics, lineage=lineage)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    version: str
+    run_id: str
+    created: bool
+
+
+def _maybe_set_challenger(version: str, ds: str, settings: Settings) -> None:
+    """Move ``challenger`` here unless it already marks a newer day (a backfill)."""
+    current = registry.get_challenger_version(settings)
+    if current is not None and current != version:
+        current_ds = registry.get_version(current, settings).tags.get(registry.TAG_DS, "")
+        if current_ds > ds:
+            log.info("challenger stays on version %s (ds=%s is newer than %s)", current, current_ds, ds)
+            return
+    registry.set_challenger(version, settings)
+
+
+def _finish(version: str, ds: str, settings: Settings) -> None:
+    _maybe_set_challenger(version, ds, settings)
+    registry.tag_version(version, {registry.TAG_STATUS: STATUS_REGISTERED}, settings)
+
+
+def _log_artifacts(rec: RunRecord, settings: Settings) -> list[str]:
+    """Log files, plots and the model card to the active run; return the plot notes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        made = report.make_plots(rec.run_dir, rec.train, rec.evaluation, out / "plots")
+        lineage = {**rec.lineage, "source_run": mlflow.active_run().info.run_id}
+        card = report.model_card(ds=rec.ds, manifest=rec.manifest, train=rec.train,
+                                 evaluation=rec.evaluation, lineage=lineage, notes=made.notes)
+        (out / "model_card.md").write_text(card)
+        mlflow.log_artifact(str(out / "model_card.md"))
+        if made.plots:
+            mlflow.log_artifacts(str(out / "plots"), artifact_path="plots")
+        mlflow.set_tag("mlflow.note.content", card[:MAX_TAG_CHARS])
+    for name in ("train.json", "evaluation.json"):
+        mlflow.log_artifact(str(rec.run_dir / name))
+    mlflow.log_artifact(str(rec.run_dir / "bundle" / bundle.MANIFEST), artifact_path="bundle")
+    mlflow.log_artifact(str(rec.run_dir / "bundle" / "feature_spec.json"))
+    return made.notes
+
+
+def register_run(ds: str, settings: Settings | None = None, run_dir: Path | None = None) -> RegisterResult:
+    """Log the run of ``ds`` and register its bundle (once per bundle); return the version."""
+    t0 = time.perf_counter()
+    settings = registry.configure(settings)
+    ds = fmt_ds(ds)
+    run_dir = Path(run_dir) if run_dir else Lake(settings.lake).run_dir(ds)
+    rec = read_run_dir(run_dir, ds, settings)
+    existing = registry.find_version(ds, rec.checksum, settings)
+    if existing is not None:
+        if existing.tags.get(registry.TAG_STATUS) != STATUS_REGISTERED:
+            _finish(str(existing.version), ds, settings)  # an earlier attempt died late
+        log.info("ds=%s bundle %s is already version %s; nothing to do",
+                 ds, rec.checksum[:12], str(existing.version))
+        return RegisterResult(str(existing.version), existing.run_id or "", created=False)
+
+    experiment_id = registry.ensure_experiment(settings)
+    run_tags = {"keyart.ds": ds, registry.TAG_SHA: rec.checksum,
+                "keyart.bundle_version": rec.lineage["bundle_version"]}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"ds={ds}", tags=run_tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(rec.params)
+        mlflow.log_metrics(rec.metrics)
+        notes = _log_artifacts(rec, settings)
+        if notes:
+            mlflow.set_tag("keyart.report_notes", "; ".join(notes)[:MAX_TAG_CHARS])
+        model_uri = registry.log_bundle_model(run_dir / "bundle", run_id,
+                                              model_tags={"keyart.ds": ds})
+        tags = {f"keyart.{k}": v for k, v in rec.lineage.items()}
+        tags.update({registry.TAG_SHA: rec.checksum, "keyart.source_run": run_id})
+        version = str(registry.register_version(model_uri, tags, settings).version)
+        mlflow.set_tag("keyart.model_version", version)
+        mlflow.log_metric("timing.register_s", time.perf_counter() - t0)
+    _finish(version, ds, settings)
+    log.info("ds=%s registered as %s version %s (run %s)", ds, settings.registered_model, version, run_id)
+    return RegisterResult(version, run_id, created=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ds", required=True, help="partition date YYYY-MM-DD of the run to register")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run directory (default <lake>/runs/ds=D)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = register_run(args.ds, default_settings(), args.run_dir)
+    except (FileNotFoundError, ValueError, bundle.BundleError) as exc:
+        log.error("register: %s", exc)
+        return 1
+    print(json.dumps({"ds": fmt_ds(args.ds), "version": result.version, "run_id": result.run_id,
+                      "created": result.created}))
+    return 0

@@ -1,0 +1,230 @@
+"""Builders for MLflow tests: a real run directory ``runs/ds=D/`` as the model steps write it.
+
+A run directory holds ``model.txt`` (a small real LightGBM model), ``train.json``,
+``evaluation.json`` (docs/architecture.md shapes, figures computed on a synthetic held-out
+day) and ``bundle/`` (the model exported to ONNX by onnxmltools, real Parquet tables and a
+manifest written by :func:`keyart.bundle.write_manifest`).
+
+The synthetic world: every impression offers ``K`` candidate artworks with random
+features; the chance of a quality play rises with feature 0 and 1 of the candidate.
+Logging is uniform, so SNIPS/IPS of a greedy policy are unbiased and a model trained on
+shuffled labels (``quality="bad"``) is measurably worse than a good one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+from onnxmltools import convert_lightgbm
+from onnxmltools.convert.common.data_types import FloatTensorType
+
+from keyart import bundle, contracts, features
+from keyart.lake import Lake, shift_ds
+
+K = 4  # candidates per impression
+N_TRAIN = 3000
+N_HELDOUT = 1500
+PARAMS = {"objective": "binary", "learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 20,
+          "num_threads": 1, "seed": 7, "deterministic": True, "force_col_wise": True, "verbose": -1}
+
+
+def _p_true(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(-2.0 + 2.5 * x[..., 0] - 2.0 * x[..., 1])))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A uniformly logged held-out day: candidates [n, K, F], shown arm and reward [n]."""
+
+    x: np.ndarray
+    shown: np.ndarray
+    reward: np.ndarray
+
+
+def heldout_day(seed: int = 99) -> HeldOut:
+    rng = np.random.default_rng(seed)
+    x = rng.random((N_HELDOUT, K, features.N_FEATURES), dtype=np.float32)
+    shown = rng.integers(0, K, N_HELDOUT)
+    p = _p_true(x[np.arange(N_HELDOUT), shown])
+    return HeldOut(x, shown, (rng.random(N_HELDOUT) < p).astype(float))
+
+
+def train_booster(seed: int, quality: str = "good") -> lgb.Booster:
+    """A small real reward model; ``quality='bad'`` learns from shuffled labels."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((N_TRAIN, features.N_FEATURES), dtype=np.float32)
+    y = (rng.random(N_TRAIN) < _p_true(x)).astype(float)
+    if quality == "bad":
+        y = rng.permutation(y)
+    data = lgb.Dataset(x, y, feature_name=list(features.FEATURE_NAMES))
+    return lgb.train(PARAMS, data, num_boost_round=30)
+
+
+def _estimate(values: np.ndarray, weights: np.ndarray, self_normalised: bool) -> dict[str, float]:
+    n = len(values)
+    if self_normalised:
+        est = float((weights * values).sum() / max(weights.sum(), 1e-12))
+        se = float(np.sqrt(((weights * (values - est)) ** 2).sum()) / max(weights.sum(), 1e-12))
+    else:
+        terms = weights * values
+        est, se = float(terms.mean()), float(terms.std(ddof=1) / np.sqrt(n))
+    return {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
+
+
+def _value(held: HeldOut, chosen: np.ndarray, on_policy: bool = False) -> dict[str, dict[str, float]]:
+    """Replay/IPS/SNIPS of a deterministic policy (chosen arm [n]) on uniform logs.
+
+    ``on_policy`` values the logging policy itself (importance weights 1).
+    """
+    match = (chosen == held.shown).astype(float)
+    w = np.ones_like(match) if on_policy else match * K
+    replay = _estimate(held.reward[match > 0], np.ones(int(match.sum())), self_normalised=True)
+    return {"replay": replay, "ips": _estimate(held.reward, w, False),
+            "snips": _estimate(held.reward, w, True)}
+
+
+def greedy_choice(booster: lgb.Booster, held: HeldOut) -> np.ndarray:
+    n = len(held.shown)
+    scores = booster.predict(held.x.reshape(n * K, -1)).reshape(n, K)
+    return scores.argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The champion a day is evaluated against: its model and its bundle version."""
+
+    booster: lgb.Booster
+    bundle_version: str
+
+
+def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
+               heldout_ds: str, rich: bool = False) -> dict:
+    """evaluation.json for a candidate (and the champion, when there is one).
+
+    ``rich`` adds the optional plot inputs (calibration, per-title lift, artwork share).
+    """
+    n = len(held.shown)
+    rng = np.random.default_rng(3)
+    cand = greedy_choice(booster, held)
+    policies = {
+        "candidate": _value(held, cand),
+        "logging": _value(held, held.shown, on_policy=True),
+        "random": _value(held, rng.integers(0, K, n)),
+        "noncontextual": _value(held, np.zeros(n, dtype=int)),
+    }
+    info: dict = {"source": "no champion registered"}
+    if champion is not None:
+        policies["champion"] = _value(held, greedy_choice(champion.booster, held))
+        info = {"source": "registry", "bundle_version": champion.bundle_version}
+    base = policies["logging"]["snips"]["estimate"]
+    lift = {p: {e: {k: v / base - 1.0 for k, v in iv.items()} for e, iv in by_est.items()}
+            for p, by_est in policies.items() if p != "logging"}
+    out = {
+        "ds": shift_ds(heldout_ds, 1), "heldout_ds": heldout_ds, "n_impressions": n,
+        "logging_policies": ["random"], "champion": info, "policies": policies, "lift": lift,
+        "timings": {"load_s": 0.2, "score_s": 0.1, "ope_s": 0.4},
+    }
+    if rich:
+        p = booster.predict(held.x[np.arange(n), held.shown])
+        bins = np.clip((p * 5).astype(int), 0, 4)
+        used = [b for b in range(5) if (bins == b).any()]
+        out["calibration"] = {"predicted": [float(p[bins == b].mean()) for b in used],
+                              "observed": [float(held.reward[bins == b].mean()) for b in used],
+                              "count": [int((bins == b).sum()) for b in used]}
+        out["per_title_lift"] = {f"t{i:04d}": {"estimate": 0.1 * (i - 1), "lo": 0.1 * (i - 2),
+                                               "hi": 0.1 * i} for i in range(3)}
+        out["artwork_share"] = {pol: {f"t0000-a{j}": float(np.mean(ch == j)) for j in range(K)}
+                                for pol, ch in (("candidate", cand), ("logging", held.shown))}
+    return out
+
+
+def export_onnx(booster: lgb.Booster, path: Path) -> float:
+    """Write model.onnx (input 'features', output 'probabilities'); return max |Δp|."""
+    onx = convert_lightgbm(booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, features.N_FEATURES]))],
+                           zipmap=False, target_opset=15)
+    graph = onx.graph
+    prob = next(o for o in graph.output if o.name != "label")
+    for out in [o for o in graph.output if o.name == "label"]:
+        graph.output.remove(out)
+    for node in graph.node:
+        node.output[:] = [bundle.OUTPUT_NAME if o == prob.name else o for o in node.output]
+    prob.name = bundle.OUTPUT_NAME
+    path.write_bytes(onx.SerializeToString())
+    x = np.random.default_rng(0).random((256, features.N_FEATURES), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_p = sess.run([bundle.OUTPUT_NAME], {bundle.INPUT_NAME: x})[0][:, 1]
+    return float(np.abs(onnx_p - booster.predict(x)).max())
+
+
+def _tables(bundle_dir: Path, ds: str) -> None:
+    titles = [f"t{i:04d}" for i in range(3)]
+    arts = [(t, f"{t}-a{j}") for t in titles for j in range(K)]
+    pq.write_table(pa.Table.from_pylist(
+        [{"title_id": t, "artwork_id": a, "segment": "all", "alpha": 2.0, "beta": 18.0,
+          "n_impressions": 20.0} for t, a in arts], schema=contracts.PRIORS.arrow_schema()),
+        bundle_dir / "priors.parquet")
+    pq.write_table(pa.table({"member_id": ["m000001", "m000002"], "member_is_kids": [0, 1],
+                             "member_log_plays_28d": [1.2, 0.0],
+                             "member_days_since_last_play": [2.0, 365.0],
+                             "affinity_tags": [["genre:drama"], []], "affinity_values": [[1.0], []]}),
+                   bundle_dir / "members.parquet")
+    pq.write_table(pa.table({"artwork_id": [a for _, a in arts], "title_id": [t for t, _ in arts],
+                             "tags": [["tone:drama"] for _ in arts],
+                             "is_default": [a.endswith("a0") for _, a in arts],
+                             "title_genres": [["drama"] for _ in arts]}),
+                   bundle_dir / "artworks.parquet")
+
+
+def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
+                  champion: Champion | None = None, parity_passed: bool = True,
+                  held: HeldOut | None = None, rich: bool = False) -> tuple[Path, Champion]:
+    """Write ``runs/ds=<ds>/`` under ``lake_root``; return it and (model, bundle version)."""
+    lake = Lake(lake_root)
+    run_dir = lake.run_dir(ds)
+    bdir = lake.bundle_dir(ds)
+    bdir.mkdir(parents=True, exist_ok=True)
+    booster = train_booster(seed, quality)
+    booster.save_model(str(run_dir / "model.txt"))
+    heldout_ds = shift_ds(ds, -1)
+    days = [shift_ds(heldout_ds, -i) for i in range(3, 0, -1)]
+    imp = booster.feature_importance("gain")
+    train = {
+        "params": {**PARAMS, "num_boost_round": 30},
+        "feature_spec_version": features.FEATURE_SPEC_VERSION,
+        "feature_names": list(features.FEATURE_NAMES),
+        "metrics": {"train": {"auc": 0.7, "logloss": 0.5}, "valid": {"auc": 0.68, "logloss": 0.52}},
+        "rows": {"train": N_TRAIN, "valid": 500},
+        "best_iteration": 30,
+        "ds": ds,
+        "window": {"days": days, "first_ds": days[0], "last_ds": days[-1], "window_days": 3},
+        "heldout_ds": heldout_ds,
+        "feature_importance": dict(zip(features.FEATURE_NAMES, map(float, imp), strict=True)),
+        "timings": {"fit_s": 1.5, "read_s": 0.3},
+    }
+    (run_dir / "train.json").write_text(json.dumps(train, indent=2))
+    ev = evaluation(booster, champion, held or heldout_day(), heldout_ds, rich=rich)
+    (run_dir / "evaluation.json").write_text(json.dumps(ev, indent=2))
+    max_diff = export_onnx(booster, bdir / bundle.MODEL_FILE)
+    (bdir / "feature_spec.json").write_text(json.dumps(features.spec_dict()))
+    _tables(bdir, ds)
+    manifest = bundle.write_manifest(
+        bdir,
+        bundle_version=f"{ds}.s{seed}{quality[0]}",
+        created_at=dt.datetime(2026, 11, 1, tzinfo=dt.UTC).isoformat(),
+        ds=ds,
+        training_window=train["window"],
+        heldout_ds=heldout_ds,
+        policy={"name": "squarecb", "gamma": 400.0, "floor": 0.02, "prior_blend_n0": 50.0},
+        metrics={"train": train["metrics"]},
+        parity={"rows": 256, "max_abs_diff": max_diff, "greedy_agreement": 1.0, "tolerance": 1e-5,
+                "passed": parity_passed},
+    )
+    return run_dir, Champion(booster, manifest.version)

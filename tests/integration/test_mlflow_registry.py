@@ -1,0 +1,156 @@
+"""MLflow tracking + registry + promotion gate, on SQLite and on an mlflow server over PostgreSQL.
+
+Two training days: day 1 is a good model (no champion yet, so it is promoted), day 2 a
+model trained on shuffled labels (measurably worse on the held-out day, so the gate keeps
+day 1). Then a reviewer promotes day 2 anyway and rolls back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow_fixtures import build_run_dir
+
+from keyart import bundle, cli
+from keyart.config import load_settings
+from keyart.models import registry
+from keyart.models.cli_gate import ALREADY, KEPT, PROMOTED, GateInputs, decide, gate
+from keyart.models.cli_promote import promote_version
+from keyart.models.cli_register import register_run
+from keyart.models.cli_rollback import rollback_champion
+
+pytestmark = pytest.mark.mlflow
+
+DAY1, DAY2 = "2026-11-02", "2026-11-03"
+
+
+@pytest.fixture(params=["sqlite", "postgres-server"])
+def backend(request, monkeypatch, _isolated_home: Path) -> str:
+    """Tracking URI configuration for the test: the sqlite default or a real server."""
+    if request.param == "postgres-server":
+        uri = request.getfixturevalue("mlflow_server")
+        monkeypatch.setenv("KEYART_MLFLOW_TRACKING_URI", uri)
+    from keyart import config
+
+    config.settings.cache_clear()
+    return request.param
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path) -> None:
+    settings = load_settings()
+    assert settings.tracking_uri.startswith("http" if backend == "postgres-server" else "sqlite:///")
+    lake = settings.lake
+
+    # Day 1: a good model, no champion yet -> promoted. Through the CLI, as the DAG calls it.
+    _, day1 = build_run_dir(lake, DAY1, seed=1, rich=True)
+    assert cli.main(["register", "--ds", DAY1]) == 0
+    assert cli.main(["gate", "--ds", DAY1]) == 0
+    assert registry.get_champion_version(settings) == "1"
+    assert registry.get_challenger_version(settings) == "1"
+
+    # Retry / backfill of the same ds: no second version, gate returns its recorded decision.
+    again = register_run(DAY1, settings)
+    assert (again.version, again.created) == ("1", False)
+    assert gate(DAY1, settings).recorded_earlier
+
+    # Day 2: a deliberately worse model, evaluated against day 1's champion -> kept.
+    build_run_dir(lake, DAY2, seed=2, quality="bad", champion=day1)
+    reg2 = register_run(DAY2, settings)
+    assert (reg2.version, reg2.created) == ("2", True)
+    result = gate(DAY2, settings)
+    assert result.decision == KEPT and "<=" in result.reason, result
+    assert registry.get_champion_version(settings) == "1"
+    assert registry.get_challenger_version(settings) == "2"
+    assert [str(v.version) for v in registry.versions(settings)] == ["2", "1"]
+
+    client = registry.client(settings)
+    mv2 = registry.get_version("2", settings)
+    run2 = client.get_run(reg2.run_id)
+    params, metrics, tags = run2.data.params, run2.data.metrics, run2.data.tags
+    assert params["feature_spec_version"] == "1"
+    assert params["lgb.learning_rate"] == "0.1" and params["policy.name"] == "squarecb"
+    assert params["data.window_start"] == "2026-10-30" and params["data.heldout_ds"] == "2026-11-02"
+    assert params["rows.train"] == "3000"
+    for key in ("ope.candidate.snips.lo", "ope.candidate.ips.hi",
+                "ope.champion.snips.estimate", "ope.logging.replay.estimate",
+                "ope.random.snips.estimate", "ope.noncontextual.snips.estimate",
+                "lift.candidate.snips.estimate", "onnx_parity_error", "train.valid.auc",
+                "timing.train.fit_s", "timing.evaluate.ope_s", "timing.register_s", "gate.promoted"):
+        assert key in metrics, key
+    assert metrics["gate.promoted"] == 0.0
+    assert metrics["ope.candidate.snips.lo"] <= metrics["ope.champion.snips.estimate"]
+    assert tags["keyart.gate.decision"] == KEPT and tags["keyart.gate.reason"] == result.reason
+    assert "per-title lift" in tags["keyart.report_notes"]  # day 2 lacks the optional fields
+    arts = _artifacts(client, reg2.run_id)
+    assert {"model_card.md", "train.json", "evaluation.json", "feature_spec.json",
+            "bundle/manifest.json", "plots/take_rate_by_policy.png",
+            "plots/feature_importance.png"} <= arts
+    run1_arts = _artifacts(client, registry.get_version("1", settings).run_id)
+    assert {"plots/calibration.png", "plots/per_title_lift.png", "plots/artwork_share.png"} <= run1_arts
+
+    # Lineage and gate decision on the version.
+    assert mv2.run_id == reg2.run_id and mv2.tags["keyart.source_run"] == reg2.run_id
+    assert json.loads(mv2.tags["keyart.data_partitions"]) == {
+        "training": ["2026-10-30", "2026-10-31", "2026-11-01"], "heldout": "2026-11-02"}
+    assert mv2.tags["keyart.logging_policy"] == '["random"]'
+    assert mv2.tags["keyart.eval_champion_bundle"] == day1.bundle_version
+    assert mv2.tags["keyart.gate.decision"] == KEPT
+
+    # What serving loads: the champion alias downloads to a complete, verified bundle.
+    champ_dir = mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model}@champion")
+    assert bundle.verify(Path(champ_dir)).version == day1.bundle_version
+    chall_dir = mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model}@challenger")
+    assert bundle.verify(Path(chall_dir)).version != day1.bundle_version
+    cached = registry.champion_bundle_path(settings)
+    assert cached is not None and bundle.verify(cached).version == day1.bundle_version
+    info = mlflow.models.get_model_info(f"models:/{settings.registered_model}/1")
+    assert "onnx" in info.flavors
+    assert info.signature.inputs.input_names() == [bundle.INPUT_NAME]
+    assert info.saved_input_example_info is not None
+
+    # Reviewer override, then rollback restores the previous champion.
+    assert promote_version("2", reason="online A/B favours it", by="reviewer", settings=settings) == "1"
+    assert registry.get_champion_version(settings) == "2"
+    assert registry.get_version("2", settings).tags["keyart.promoted_by"] == "reviewer"
+    assert cli.main(["rollback", "--reason", "take rate dropped", "--by", "oncall"]) == 0
+    assert registry.get_champion_version(settings) == "1"
+    assert registry.get_version("2", settings).tags["keyart.rollback_reason"] == "take rate dropped"
+    assert client.get_run(reg2.run_id).data.tags["keyart.override.rolled_back_by"] == "oncall"
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        rollback_champion("again", by="oncall", settings=settings)
+    assert cli.main(["promote", "2", "--reason", "retry"]) == 0
+    assert registry.champion_history(settings) == ["1", "2"]
+
+
+def _inputs(**kw) -> GateInputs:
+    base = dict(version="3", parity_passed="true", champion_version="2", challenger_lo=0.20,
+                champion_estimate=0.18, margin=0.0)
+    return GateInputs(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, decision, reason", [
+    ({}, PROMOTED, "lo 0.20000 > champion v2"),
+    ({"margin": 0.05}, KEPT, "+ margin 0.05"),
+    ({"challenger_lo": 0.18}, KEPT, "<="),
+    ({"champion_version": None}, PROMOTED, "no champion yet"),
+    ({"champion_version": None, "parity_passed": "false"}, KEPT, "parity did not pass"),
+    ({"parity_passed": "unknown"}, KEPT, "parity did not pass"),
+    ({"champion_version": "3"}, ALREADY, "already the champion"),
+    ({"challenger_lo": None}, KEPT, "no snips lower bound"),
+    ({"champion_estimate": None}, KEPT, "no snips estimate of champion"),
+    ({"eval_champion_bundle": "b1", "champion_bundle": "b2"}, KEPT, "re-run evaluate"),
+    ({"eval_champion_bundle": "b2", "champion_bundle": "b2"}, PROMOTED, "lo 0.20000"),
+])
+def test_gate_rule(kw, decision, reason) -> None:
+    got = decide(_inputs(**kw))
+    assert got.decision == decision and reason in got.reason, got
