@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     serve_log_fsync: Literal["always", "interval"] = "always"
     serve_log_fsync_interval_ms: int = Field(default=5, ge=0)
     serve_log_dir: Path | None = Field(default=None, description="Default <lake_root>/raw/impressions.")
+    serve_client_clock: bool = Field(default=False, description="Accept a request's `ts` as the decision/reward time (simulation and log replay only, never in production).")
 
     # --- simulator ------------------------------------------------------------------
     sim_seed: int = 7

@@ -166,17 +166,22 @@ class HttpChooser:
                     pass
         return Decisions(art, prop, eid, versions, policies)
 
-    def send_rewards(self, events: list[tuple[str, float]]) -> dict[str, int]:
-        """POST a reward of 1 for each (event_id, minutes); returns counts of accepted and rejected."""
+    def send_rewards(self, events: list[tuple[str, float, str]]) -> dict[str, int]:
+        """POST a reward of 1 for each (event_id, minutes, play ts ISO-8601); returns counts of
+        accepted and rejected. The play time is sent as ``ts`` when ``include_ts``, so an
+        endpoint on the client clock ages rewards in simulated time."""
         import httpx
 
         counts = {"sent": 0, "rejected": 0}
         if not events:
             return counts
         with self._client() as client:
-            def one(ev: tuple[str, float]) -> bool:
+            def one(ev: tuple[str, float, str]) -> bool:
                 try:
-                    resp = client.post("/v1/reward", json={"event_id": ev[0], "reward": 1, "minutes": float(ev[1])})
+                    body = {"event_id": ev[0], "reward": 1, "minutes": float(ev[1])}
+                    if self.include_ts:
+                        body["ts"] = ev[2]
+                    resp = client.post("/v1/reward", json=body)
                 except httpx.TransportError as exc:
                     raise self._unreachable(exc) from exc
                 return resp.status_code < 300

@@ -127,8 +127,10 @@ def simulate_day(
         sender = getattr(chooser, "send_rewards", None)
         if sender is None:
             raise ChooserError(f"chooser {chooser.name!r} cannot receive rewards (use an endpoint URL)")
-        sel = quality & in_window
-        rewards = sender(list(zip(decisions.event_id[vi[sel], si[sel]].tolist(), minutes[sel].tolist(), strict=True)))
+        sel = np.flatnonzero(quality & in_window)
+        sel = sel[np.argsort(play_ts[sel], kind="stable")]  # rewards arrive in play-time order
+        rewards = sender(list(zip(decisions.event_id[vi[sel], si[sel]].tolist(), minutes[sel].tolist(),
+                                  io.iso_z(play_ts[sel]), strict=True)))
 
     summary: dict[str, Any] = {
         "ds": ds,

@@ -1,0 +1,235 @@
+"""``keyart demo``: the closed loop on embedded defaults, ending in a report.
+
+1. a simulated world (catalog, members, 28 days of viewing history) is written to the lake
+   and the history is ingested;
+2. day 0 is served by uniform-random exploration (logged, as a production cold start);
+3. for each following day the real Airflow DAG (``airflow dags test keyart_daily``) runs
+   for the previous day, the running endpoint (``keyart serve``) picks up the new
+   ``@champion``, and ``keyart traffic`` sends the day's visits to it over HTTP, so the
+   impressions are the endpoint's own log and the plays land in the play log;
+4. a report (Markdown + PNG) under ``reports/`` compares, per day, the served policy with
+   random, the non-contextual bandit and the oracle (from the simulator's ground truth),
+   puts the OPE estimates beside true values, and shows which artwork each taste got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from keyart.config import load_settings
+from keyart.lake import Lake, shift_ds
+
+DEFAULT_DAYS = 5
+DEFAULT_VISITS = 8000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days served by the endpoint after day 0")
+    parser.add_argument("--visits", type=int, default=DEFAULT_VISITS, help="visits per day (10 titles each)")
+    parser.add_argument("--titles", type=int, default=None, help="catalog size (default: config sim_titles)")
+    parser.add_argument("--members", type=int, default=None, help="members (default: config sim_members)")
+    parser.add_argument("--seed", type=int, default=None, help="world seed (default: config sim_seed)")
+    parser.add_argument("--start", default="2026-11-01", help="day 0")
+    parser.add_argument("--port", type=int, default=0, help="endpoint port (0: a free one)")
+    parser.add_argument("--reports", default="reports", help="report folder")
+    parser.add_argument("--keep-state", action="store_true", help="do not wipe the lake, MLflow store and Airflow home first")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Progress:
+    """One progress bar over the demo's steps, naming the day and step."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.log: list[tuple[str, float]] = []
+
+    def step(self, label: str):
+        bar, log = self.bar, self.log
+
+        class _Step:
+            def __enter__(self_inner):
+                bar.set_description(label)
+                self_inner.t0 = time.perf_counter()
+                return self_inner
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                log.append((label, time.perf_counter() - self_inner.t0))
+                if exc_type is None:
+                    bar.update(1)
+                return False
+
+        return _Step()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run(argv: list[str], env: dict[str, str], what: str, log_path: Path) -> None:
+    """Run a command, output to a log file; raise with the log's tail when it fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+
+
+class Endpoint:
+    """``keyart serve`` in a subprocess, polling the registry's champion alias."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        bin_dir = Path(sys.executable).parent
+        self.proc = subprocess.Popen(
+            [str(bin_dir / "keyart"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(self.url + "/readyz", timeout=2.0)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"keyart serve exited with {self.proc.returncode}; see {self.log.name}")
+            h = self.health()
+            if h is not None:
+                return h
+            time.sleep(0.5)
+        raise TimeoutError(f"keyart serve not healthy after {timeout:.0f} s; see {self.log.name}")
+
+    def wait_version(self, source: str | None, timeout: float = 180.0) -> dict[str, Any]:
+        """Wait until the endpoint serves the bundle from ``source`` (models:/<name>/<version>; None: no model)."""
+        deadline = time.monotonic() + timeout
+        h: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            h = self.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+            if h.get("source") == source:
+                return h
+            time.sleep(0.5)
+        raise TimeoutError(f"endpoint serves {h.get('source')!r}, not {source!r}; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _champion_source(settings) -> str | None:
+    from keyart.models import registry
+
+    v = registry.get_champion_version(settings)
+    return None if v is None else f"models:/{settings.registered_model}/{v}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from keyart import airflow_env
+    from keyart.demo_report import DayResult, noncontextual_value, write_report
+    from keyart.sim.choosers import HttpChooser, RandomChooser
+    from keyart.sim.traffic import simulate_day
+    from keyart.sim.world import World
+
+    settings = load_settings()
+    lake = Lake(settings.lake)
+    home = settings.home
+    logs = home / "demo-logs"
+    if not args.keep_state:
+        for sub in (settings.lake, home / "mlflow", home / "airflow", home / "serving", logs):
+            shutil.rmtree(sub, ignore_errors=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    titles = args.titles or settings.sim_titles
+    members = args.members or settings.sim_members
+    seed = settings.sim_seed if args.seed is None else args.seed
+    days = [shift_ds(args.start, k) for k in range(args.days + 1)]
+    port = args.port or _free_port()
+
+    env = dict(os.environ)
+    env.update({"KEYART_HOME": str(home), "KEYART_LAKE_ROOT": str(settings.lake),
+                "KEYART_SERVE_POLL_SECONDS": env.get("KEYART_SERVE_POLL_SECONDS", "2"),
+                # simulated days keep simulated time: the endpoint stamps decisions and ages
+                # rewards with the simulator's clock
+                "KEYART_SERVE_CLIENT_CLOCK": "true",
+                "PYSPARK_PYTHON": sys.executable})
+    bin_dir = Path(sys.executable).parent
+    keyart_bin = str(bin_dir / "keyart")
+    progress = Progress(total=4 + 3 * args.days)
+    results: list[DayResult] = []
+    endpoint: Endpoint | None = None
+    t_start = time.perf_counter()
+    try:
+        with progress.step("world: catalog, members, viewing history"):
+            world = World.build(seed=seed, n_titles=titles, n_members=members, start=args.start)
+            world.save(settings.lake)
+        with progress.step("ingest the 28-day viewing history (Spark)"):
+            _run([keyart_bin, "job", "ingest", "--ds", shift_ds(args.start, -world.config.history_days),
+                  "--through", shift_ds(args.start, -1)], env, "history ingest", logs / "ingest-history.log")
+        with progress.step(f"day 0 {days[0]}: uniform-random exploration"):
+            visits = world.visits(days[0], args.visits, seed)
+            summary = simulate_day(world, days[0], RandomChooser(), visits=visits, seed=seed, lake_root=settings.lake,
+                                   attribution_window_hours=settings.attribution_window_hours)
+            results.append(DayResult.from_summary(summary, model_version="random", noncontextual=None))
+        airflow = airflow_env.prepared_environ(home / "airflow", base=env)
+        with progress.step("start the endpoint"):
+            endpoint = Endpoint(env, port, logs / "serve.log")
+            endpoint.wait_ready()
+        for k in range(1, args.days + 1):
+            ds_prev, ds = days[k - 1], days[k]
+            with progress.step(f"day {k} {ds}: airflow dags test keyart_daily {ds_prev}"):
+                proc = airflow_env.dags_test(ds_prev, airflow, capture=True)
+                (logs / f"dag-{ds_prev}.log").write_text((proc.stdout or "") + (proc.stderr or ""))
+                states = airflow_env.task_states(ds_prev, airflow)
+                failed = {t: s for t, s in states.items() if s != "success"}
+                if proc.returncode != 0 or failed or not states:
+                    raise RuntimeError(f"DAG run for {ds_prev} failed: {failed or proc.returncode}; log {logs / f'dag-{ds_prev}.log'}")
+            with progress.step(f"day {k} {ds}: endpoint picks up @champion"):
+                health = endpoint.wait_version(_champion_source(settings))
+            with progress.step(f"day {k} {ds}: traffic through the endpoint"):
+                visits = world.visits(ds, args.visits, seed)
+                summary = simulate_day(world, ds, HttpChooser(endpoint.url), visits=visits, seed=seed,
+                                       lake_root=settings.lake, send_rewards=True,
+                                       attribution_window_hours=settings.attribution_window_hours)
+                nc = noncontextual_value(world, visits, lake.priors(ds_prev), settings)
+                results.append(DayResult.from_summary(summary, model_version=str(health.get("model_version")), noncontextual=nc))
+        with progress.step("report"):
+            report = write_report(Path(args.reports), world, lake, results, days, endpoint_url=endpoint.url,
+                                  settings=settings, step_times=progress.log)
+    finally:
+        progress.close()
+        if endpoint is not None:
+            endpoint.stop()
+    minutes = (time.perf_counter() - t_start) / 60
+    print(report.read_text())
+    print(f"\nDemo finished in {minutes:.1f} min. Report: {report}")
+    print(json.dumps({"report": str(report), "minutes": round(minutes, 2)}))
+    return 0

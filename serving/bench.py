@@ -1,0 +1,275 @@
+"""``keyart bench serving``: endpoint throughput and latency against the in-process floor.
+
+One page of 40 titles x 8 candidate artworks is sent over loopback to ``keyart serve``
+subprocess(es) (uvicorn, uvloop, httptools, impression log fsynced per the default
+policy) by a raw keep-alive HTTP/1.1 client at several concurrencies (closed loop), then
+at half the saturation throughput (open loop, latency measured from the scheduled send
+time so queueing counts). In the same run the *in-process floor* times the same page's
+preparation, feature assembly, onnxruntime call and policy without HTTP, JSON or logging.
+
+    keyart bench serving [--bundle PATH] [--workers 1] [--concurrency 1,2,4,8,16] [--json]
+
+Without ``--bundle`` a synthetic bundle is built (200 titles, 200 trees of 32 leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 25.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", help="bundle folder to serve (default: a synthetic bundle)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="closed-loop concurrencies")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each load level")
+    parser.add_argument("--titles", type=int, default=40)
+    parser.add_argument("--artworks", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _page(bundle_dir: Path, n_titles: int, n_art: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    arts = pq.read_table(bundle_dir / "artworks.parquet", columns=["artwork_id", "title_id"]).to_pylist()
+    by_title: dict[str, list[str]] = {}
+    for a in arts:
+        by_title.setdefault(a["title_id"], []).append(a["artwork_id"])
+    titles = [t for t, a in sorted(by_title.items()) if len(a) >= n_art][:n_titles]
+    if len(titles) < n_titles:
+        raise SystemExit(f"bundle has only {len(titles)} titles with {n_art} artworks")
+    member = pq.read_table(bundle_dir / "members.parquet", columns=["member_id"]).column(0)[0].as_py()
+    return {"member_id": member, "context": {"device": "tv", "country": "US", "local_hour": 21, "day_of_week": 5},
+            "titles": [{"title_id": t, "candidates": sorted(by_title[t])[:n_art], "page_row": i // 10,
+                        "position": i % 10} for i, t in enumerate(titles)]}
+
+
+def _stats(latencies: list[float], seconds: float, decisions_per_page: int) -> dict[str, float]:
+    lat = np.asarray(latencies) * 1000.0
+    pages = len(lat) / seconds if seconds > 0 else 0.0
+    return {"pages_per_s": round(pages, 1), "decisions_per_s": round(pages * decisions_per_page, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else float("nan"),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else float("nan"),
+            "requests": len(lat)}
+
+
+def floor(bundle_dir: Path, page: dict[str, Any], seconds: float) -> dict[str, float]:
+    """Prepare + features + one ONNX call + policy for the page, in this process."""
+    from keyart.config import load_settings
+    from keyart.serving.bundle_store import BundleStore
+    from keyart.serving.rewards import EventSigner
+    from keyart.serving.schemas import ArtworkRequest
+    from keyart.serving.service import Service
+
+    settings = load_settings()
+    store = BundleStore(settings, str(bundle_dir))
+    store.poll_once()
+    if store.current is None:
+        raise SystemExit(f"bundle {bundle_dir} refused: {store.bad}")
+    svc = Service(store, EventSigner(settings.serve_event_secret), settings)
+    req = ArtworkRequest.model_validate(page)
+    for _ in range(50):
+        svc.choose(svc.prepare(req))
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while (t0 := time.perf_counter()) < end:
+        svc.choose(svc.prepare(req))
+        lat.append(time.perf_counter() - t0)
+    return _stats(lat, sum(lat), len(page["titles"]))
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection sending the same pre-built request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
+        self.reader, self.writer, self.request = reader, writer, request
+
+    async def send(self) -> int:
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        low = head.lower()
+        i = low.index(b"content-length:") + 15
+        length = int(low[i:low.index(b"\r\n", i)])
+        await self.reader.readexactly(length)
+        return status
+
+
+async def _connect(port: int, request: bytes) -> _Conn:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return _Conn(reader, writer, request)
+
+
+async def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> tuple[list[float], float, int]:
+    conns = [await _connect(port, request) for _ in range(concurrency)]
+    lat: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def worker(c: _Conn) -> None:
+        nonlocal errors
+        while (t0 := time.perf_counter()) < end:
+            if await c.send() != 200:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - start
+    for c in conns:
+        c.writer.close()
+    return lat, elapsed, errors
+
+
+async def open_loop(port: int, request: bytes, rate: float, seconds: float, pool: int = 64) -> tuple[list[float], float, int]:
+    """Send at a fixed rate; latency from the scheduled time (queueing included)."""
+    free: asyncio.Queue[_Conn] = asyncio.Queue()
+    for _ in range(pool):
+        free.put_nowait(await _connect(port, request))
+    lat: list[float] = []
+    errors = 0
+    n = int(rate * seconds)
+    start = time.perf_counter()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        c = await free.get()
+        if await c.send() != 200:
+            errors += 1
+        lat.append(time.perf_counter() - scheduled)
+        free.put_nowait(c)
+
+    tasks = []
+    for i in range(n):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    while not free.empty():
+        free.get_nowait().writer.close()
+    return lat, elapsed, errors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(bundle_dir: Path, workers: int, home: Path) -> tuple[subprocess.Popen, int]:
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ, KEYART_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "keyart.cli", "serve", "--bundle", str(bundle_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("keyart serve exited during start-up")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("keyart serve did not become ready")
+
+
+def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+    from keyart.serving import synthetic
+
+    bundle_dir = Path(args.bundle) if args.bundle else home / "bundle"
+    if not args.bundle:
+        synthetic.write_bundle(bundle_dir, seed=7, version="bench", n_titles=max(200, args.titles),
+                               per_title=args.artworks, n_members=2000, n_trees=200)
+    page = _page(bundle_dir, args.titles, args.artworks)
+    decisions = len(page["titles"])
+    result: dict[str, Any] = {"page": {"titles": decisions, "artworks_per_title": args.artworks},
+                              "workers": args.workers, "cpus": os.cpu_count(), "bundle": str(bundle_dir)}
+    result["floor"] = floor(bundle_dir, page, args.seconds)
+    body = orjson.dumps(page)
+    request = (b"POST /v1/artwork HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body)) + body
+    proc, port = _start_server(bundle_dir, args.workers, home)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        runner(closed_loop(port, request, 4, 1.0))  # warm-up
+        levels = []
+        for c in [int(x) for x in str(args.concurrency).split(",") if x.strip()]:
+            lat, elapsed, errors = runner(closed_loop(port, request, c, args.seconds))
+            levels.append({"concurrency": c, **_stats(lat, elapsed, decisions), "errors": errors})
+        result["endpoint"] = levels
+        best = max(levels, key=lambda r: r["pages_per_s"])
+        rate = best["pages_per_s"] / 2
+        lat, elapsed, errors = runner(open_loop(port, request, rate, max(args.seconds, 4.0)))
+        result["half_saturation"] = {"offered_pages_per_s": round(rate, 1), **_stats(lat, elapsed, decisions),
+                                     "errors": errors}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ratio = best["pages_per_s"] / result["floor"]["pages_per_s"]
+    result["throughput_ratio"] = round(ratio, 3)
+    result["targets"] = {"throughput_ratio_min": TARGET_RATIO, "throughput_ok": ratio >= TARGET_RATIO,
+                         "p99_at_half_saturation_max_ms": TARGET_P99_MS,
+                         "p99_ok": result["half_saturation"]["p99_ms"] <= TARGET_P99_MS}
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    head = f"{'run':<28}{'pages/s':>10}{'decisions/s':>13}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    lines = [f"serving bench: {r['page']['titles']} titles x {r['page']['artworks_per_title']} artworks per page, "
+             f"{r['workers']} worker(s), {r['cpus']} CPUs", head, "-" * len(head)]
+    f = r["floor"]
+    lines.append(f"{'in-process floor':<28}{f['pages_per_s']:>10.1f}{f['decisions_per_s']:>13.1f}{f['p50_ms']:>9.2f}{f['p99_ms']:>9.2f}{'':>8}")
+    for e in r["endpoint"]:
+        lines.append(f"{'endpoint c=' + str(e['concurrency']):<28}{e['pages_per_s']:>10.1f}{e['decisions_per_s']:>13.1f}"
+                     f"{e['p50_ms']:>9.2f}{e['p99_ms']:>9.2f}{e['errors']:>8}")
+    h = r["half_saturation"]
+    lines.append(f"{'open loop @ ' + str(h['offered_pages_per_s']) + '/s':<28}{h['pages_per_s']:>10.1f}"
+                 f"{h['decisions_per_s']:>13.1f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}{h['errors']:>8}")
+    t = r["targets"]
+    lines.append(f"endpoint / floor throughput = {r['throughput_ratio']:.2f} (target >= {t['throughput_ratio_min']}: "
+                 f"{'ok' if t['throughput_ok'] else 'MISSED'}); p99 at half saturation = {h['p99_ms']:.2f} ms "
+                 f"(target <= {t['p99_at_half_saturation_max_ms']:g}: {'ok' if t['p99_ok'] else 'MISSED'})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="keyart-bench-serving-") as tmp:
+        os.environ["KEYART_HOME"] = tmp
+        from keyart import config
+
+        config.settings.cache_clear()
+        result = measure(args, Path(tmp))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0

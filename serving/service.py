@@ -1,0 +1,213 @@
+"""The decision service: pre-process -> one ONNX call for the page -> policy -> post-process.
+
+:meth:`Service.prepare` checks the page against the limits and the serving catalog
+(every problem named in the error), :meth:`Service.choose` assembles the feature matrix,
+scores every candidate of every title in one model call and applies
+:mod:`keyart.policy` (the same code offline evaluation uses), and :meth:`Service.decide`
+signs event ids and renders the response and the impression-log lines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from keyart import features, policy
+from keyart.config import Settings
+from keyart.serving.bundle_store import BundleStore, LoadedBundle
+from keyart.serving.page import page_matrix
+from keyart.serving.rewards import EventSigner
+from keyart.serving.schemas import ArtworkRequest
+from keyart.serving.tables import ArtworkTable, Member
+
+DEFAULT = "default"
+MAX_NAMED = 10
+
+
+class PageRefused(Exception):
+    """A request the service will not decide; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+@dataclass
+class Prepared:
+    """A validated page resolved against the serving catalog."""
+
+    request: ArtworkRequest
+    bundle: LoadedBundle | None
+    table: ArtworkTable
+    member: Member
+    rows: np.ndarray          # [R] artwork rows of all candidates
+    offsets: np.ndarray       # [T + 1]
+    title_rows: np.ndarray    # [T] title index of every slot
+    page_row: np.ndarray      # [T]
+    position: np.ndarray      # [T]
+
+
+@dataclass
+class Choice:
+    """The policy's pick for every title of a page."""
+
+    chosen: np.ndarray        # [T] global candidate row index
+    propensity: np.ndarray    # [T]
+    policy: str
+    model_version: str
+    fallback: bool
+
+
+def _names(ids: list[str]) -> str:
+    more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+    return ", ".join(repr(i) for i in ids[:MAX_NAMED]) + more
+
+
+class Service:
+    """Decides pages against the store's current bundle (or the fallback catalog)."""
+
+    def __init__(self, store: BundleStore, signer: EventSigner, settings: Settings,
+                 rng: np.random.Generator | None = None):
+        self.store = store
+        self.signer = signer
+        self.settings = settings
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def prepare(self, req: ArtworkRequest) -> Prepared:
+        """Resolve the page; :class:`PageRefused` names every title or artwork that is wrong."""
+        s = self.settings
+        if req.ts is not None and not s.serve_client_clock:
+            raise PageRefused(422, "ts_not_accepted",
+                              "ts is accepted only when the server runs with serve_client_clock (simulation/replay); omit it")
+        if len(req.titles) > s.serve_max_titles:
+            raise PageRefused(413, "too_many_titles",
+                              f"page has {len(req.titles)} titles; the limit is {s.serve_max_titles} (serve_max_titles)")
+        bundle = self.store.current
+        table = bundle.artworks if bundle is not None else self.store.fallback
+        if table is None:
+            raise PageRefused(503, "no_catalog", "no model and no catalog loaded: cannot decide")
+        unknown_titles: list[str] = []
+        problems: list[str] = []
+        too_many: list[str] = []
+        seen: set[str] = set()
+        chunks: list[np.ndarray] = []
+        title_rows = np.empty(len(req.titles), dtype=np.int64)
+        for i, slot in enumerate(req.titles):
+            tid = slot.title_id
+            if tid in seen:
+                problems.append(f"title {tid!r} appears twice on the page")
+            seen.add(tid)
+            t = table.title_index.get(tid)
+            if t is None:
+                unknown_titles.append(tid)
+                continue
+            title_rows[i] = t
+            if slot.candidates is None:
+                chunks.append(table.title_rows[t])
+                continue
+            if len(slot.candidates) > s.serve_max_artworks:
+                too_many.append(tid)
+                continue
+            rows = [table.index.get(a, -1) for a in slot.candidates]
+            bad = [a for a, r in zip(slot.candidates, rows, strict=True) if r < 0 or table.title_of[r] != t]
+            if bad:
+                problems.append(f"title {tid!r}: unknown or inactive artwork ids {_names(bad)}")
+            elif len(set(rows)) != len(rows):
+                problems.append(f"title {tid!r}: candidates repeat an artwork")
+            chunks.append(np.asarray(rows, dtype=np.int64))
+        if too_many:
+            raise PageRefused(413, "too_many_artworks", f"titles {_names(too_many)} have more than "
+                              f"{s.serve_max_artworks} candidates (serve_max_artworks)")
+        if unknown_titles:
+            problems.insert(0, f"unknown title ids {_names(unknown_titles)}")
+        if problems:
+            raise PageRefused(422, "unknown_ids" if unknown_titles else "bad_candidates", "; ".join(problems))
+        sizes = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+        if np.any(sizes > s.serve_max_artworks):
+            big = [req.titles[i].title_id for i in np.flatnonzero(sizes > s.serve_max_artworks)]
+            raise PageRefused(413, "too_many_artworks", f"titles {_names(big)} have more than "
+                              f"{s.serve_max_artworks} active artworks (serve_max_artworks)")
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        member = bundle.members.get(req.member_id) if bundle is not None else _UNKNOWN
+        return Prepared(
+            request=req, bundle=bundle, table=table, member=member,
+            rows=np.concatenate(chunks), offsets=offsets, title_rows=title_rows,
+            page_row=np.fromiter((t.page_row for t in req.titles), np.int64, len(req.titles)),
+            position=np.fromiter((t.position for t in req.titles), np.int64, len(req.titles)),
+        )
+
+    def features(self, p: Prepared) -> np.ndarray:
+        """The page's feature matrix [R, N_FEATURES] (needs a bundle)."""
+        ctx = p.request.context
+        return page_matrix(p.table, p.member, ctx.device, ctx.local_hour, ctx.day_of_week,
+                           p.page_row, p.position, p.rows, p.offsets)
+
+    def choose(self, p: Prepared) -> Choice:
+        """One model call for the whole page, then the exploration policy."""
+        b = p.bundle
+        if b is None:
+            is_default = (p.rows == p.table.default_row[p.title_rows][policy.group_ids(p.offsets)]).astype(np.float64)
+            chosen = policy.group_argmax(is_default, p.offsets)  # the default, else the first candidate
+            return Choice(chosen, np.ones(len(chosen)), DEFAULT, DEFAULT, True)
+        scores = b.score(self.features(p))
+        alpha = b.prior_alpha if b.prior_alpha is not None else p.table.policy_alpha
+        beta = b.prior_beta if b.prior_beta is not None else p.table.policy_beta
+        n = b.prior_n if b.prior_n is not None else p.table.policy_n
+        probs = policy.probabilities(b.policy, scores, p.offsets, alpha[p.rows], beta[p.rows], n[p.rows], rng=self.rng)
+        chosen, propensity = policy.draw(probs, p.offsets, self.rng)
+        return Choice(chosen, propensity, b.policy.name, b.version, False)
+
+    def decide(self, req: ArtworkRequest) -> tuple[dict[str, Any], str, bytes]:
+        """(response body, ds, impression-log lines) for a page."""
+        p = self.prepare(req)
+        c = self.choose(p)
+        ts_ms = client_clock_ms(req.ts) if req.ts is not None else int(time.time() * 1000)
+        now = dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC)
+        ts = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+        ctx = req.context
+        ids = p.table.artwork_ids
+        decisions = []
+        lines = []
+        rows, offsets = p.rows.tolist(), p.offsets.tolist()
+        chosen, propensities = c.chosen.tolist(), c.propensity.tolist()
+        shown = [ids[rows[i]] for i in chosen]
+        event_ids = self.signer.issue_many(ts_ms, p.member.segment, shown)
+        for t, slot in enumerate(req.titles):
+            lo, hi = offsets[t], offsets[t + 1]
+            artwork_id, event_id, propensity = shown[t], event_ids[t], propensities[t]
+            decisions.append({"title_id": slot.title_id, "artwork_id": artwork_id, "propensity": propensity,
+                              "event_id": event_id, "model_version": c.model_version})
+            candidates = slot.candidates if slot.candidates is not None else [ids[r] for r in rows[lo:hi]]
+            lines.append(orjson.dumps({
+                "event_id": event_id, "ts": ts, "member_id": req.member_id, "title_id": slot.title_id,
+                "artwork_id": artwork_id, "candidates": candidates, "propensity": propensity,
+                "model_version": c.model_version, "policy": c.policy,
+                "context": {"device": ctx.device, "country": ctx.country, "local_hour": ctx.local_hour,
+                            "day_of_week": ctx.day_of_week, "page_row": slot.page_row, "position": slot.position},
+            }))
+        body = {"model_version": c.model_version, "policy": c.policy, "fallback": c.fallback, "decisions": decisions}
+        lines.append(b"")
+        return body, now.strftime("%Y-%m-%d"), b"\n".join(lines)
+
+
+def client_clock_ms(ts: dt.datetime) -> int:
+    """Milliseconds since the epoch of a client-supplied time (naive = UTC)."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.UTC)
+    return int(ts.timestamp() * 1000)
+
+
+def _unknown_member() -> Member:
+    u = features.UNKNOWN_MEMBER
+    block = features.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
+                                  [u["member_days_since_last_play"]])[0]
+    return Member(block, features.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0))
+
+
+_UNKNOWN = _unknown_member()

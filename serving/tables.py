@@ -1,0 +1,212 @@
+"""In-memory tables serving keeps per bundle: artworks (with cached feature blocks) and members.
+
+Everything that does not depend on the request is computed once at bundle load: the
+tag-derived artwork block (:func:`keyart.features.artwork_static`), the prior inputs
+(:func:`keyart.features.prior_inputs` over the catalog), the member block of every member
+and index arrays that turn member x artwork matching into numpy gathers. The page
+assembly in :mod:`keyart.serving.page` reproduces :func:`keyart.features.feature_matrix`
+exactly from these caches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from keyart import features
+
+SEGMENTS = (features.member_segment(0), features.member_segment(1))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file, a folder of Parquet files, or JSON-lines files."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".jsonl":
+        return pq.read_table(path).to_pylist()
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet")) or sorted(path.glob("*.jsonl"))
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        if f.suffix == ".parquet":
+            rows.extend(pq.read_table(f).to_pylist())
+        else:
+            import orjson
+
+            rows.extend(orjson.loads(line) for line in f.read_bytes().splitlines() if line.strip())
+    return rows
+
+
+def _padded(lists: Sequence[Sequence[int]], pad: int) -> np.ndarray:
+    width = max((len(x) for x in lists), default=0) or 1
+    out = np.full((len(lists), width), pad, dtype=np.int64)
+    for i, x in enumerate(lists):
+        out[i, : len(x)] = x
+    return out
+
+
+@dataclass
+class ArtworkTable:
+    """Active artworks grouped by title, with every per-artwork feature cached.
+
+    Attributes (N artworks, V tags in the matching vocabulary)
+    ----------------------------------------------------------
+    artwork_ids, index : ids and id -> row
+    title_ids, title_index, title_rows : titles, id -> title index, rows of each title
+    default_row : [n_titles] row of each title's default artwork (its first if none)
+    static : [N, 15] float32 artwork_static blocks
+    prior_mean, prior_log_n : [N] float64 segment-'all' prior inputs
+    prior_mean_seg : segment -> [N] float64 ``art_prior_mean_seg``
+    policy_alpha, policy_beta, policy_n : [N] the segment-'all' Beta posterior for the policy
+    vocab : tag -> column of the member affinity vector (column V is a constant 0)
+    cast_idx, tone_idx, genre_idx : [N, *] padded vocabulary columns for match_row
+    cast_count, genre_count : [N] number of real entries in cast_idx / genre_idx
+    """
+
+    artwork_ids: list[str]
+    index: dict[str, int]
+    title_of: np.ndarray
+    title_ids: list[str]
+    title_index: dict[str, int]
+    title_rows: list[np.ndarray]
+    default_row: np.ndarray
+    static: np.ndarray
+    prior_mean: np.ndarray
+    prior_log_n: np.ndarray
+    prior_mean_seg: dict[str, np.ndarray]
+    policy_alpha: np.ndarray
+    policy_beta: np.ndarray
+    policy_n: np.ndarray
+    vocab: dict[str, int]
+    cast_idx: np.ndarray
+    cast_count: np.ndarray
+    tone_idx: np.ndarray
+    genre_idx: np.ndarray
+    genre_count: np.ndarray
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.vocab)
+
+    @classmethod
+    def build(cls, artworks: Iterable[Mapping[str, Any]], priors: Iterable[Mapping[str, Any]] = ()) -> ArtworkTable:
+        """From artwork rows (artwork_id, title_id, tags, is_default[, title_genres]) and PRIORS rows."""
+        arts = sorted(artworks, key=lambda r: (str(r["title_id"]), str(r["artwork_id"])))
+        ids = [str(a["artwork_id"]) for a in arts]
+        if len(set(ids)) != len(ids):
+            raise ValueError("artworks table has duplicate artwork ids")
+        index = {a: i for i, a in enumerate(ids)}
+        title_ids: list[str] = []
+        title_index: dict[str, int] = {}
+        title_of = np.empty(len(arts), dtype=np.int64)
+        for i, a in enumerate(arts):
+            tid = str(a["title_id"])
+            if tid not in title_index:
+                title_index[tid] = len(title_ids)
+                title_ids.append(tid)
+            title_of[i] = title_index[tid]
+        title_rows = [np.flatnonzero(title_of == t) for t in range(len(title_ids))]
+        default_row = np.array([
+            next((int(r) for r in rows if arts[r].get("is_default")), int(rows[0])) for rows in title_rows
+        ], dtype=np.int64)
+        tags = [list(a.get("tags") or ()) for a in arts]
+        genres = [list(a.get("title_genres") or ()) for a in arts]
+        static = (np.vstack([features.artwork_static(t, bool(a.get("is_default"))) for t, a in zip(tags, arts, strict=True)])
+                  if arts else np.zeros((0, 2 + len(features.FLAGS) + len(features.TONES)), np.float32))
+
+        # priors: NaN where missing, exactly as the features job hands them to prior_inputs
+        post: dict[tuple[str, str], tuple[float, float, float]] = {
+            (str(p["artwork_id"]), str(p["segment"])): (float(p["alpha"]), float(p["beta"]), float(p["n_impressions"]))
+            for p in priors
+        }
+        nan3 = (np.nan, np.nan, np.nan)
+        all_p = np.array([post.get((a, features.SEGMENT_ALL), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
+        seg_mean: dict[str, np.ndarray] = {}
+        inputs: dict[str, np.ndarray] = {}
+        for seg in SEGMENTS:
+            seg_p = np.array([post.get((a, seg), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
+            inputs = features.prior_inputs(all_p[:, 0], all_p[:, 1], all_p[:, 2], seg_p[:, 0], seg_p[:, 1], title_of)
+            seg_mean[seg] = inputs["art_prior_mean_seg"]
+        mean = inputs["art_prior_mean"] if ids else np.zeros(0)
+        n = inputs["art_prior_n"] if ids else np.zeros(0)
+        missing = ~(np.isfinite(all_p[:, 0]) & np.isfinite(all_p[:, 1])) | (all_p[:, 0] + all_p[:, 1] <= 0)
+        alpha = np.where(missing, features.DEFAULT_PRIOR[0], all_p[:, 0])
+        beta = np.where(missing, features.DEFAULT_PRIOR[1], all_p[:, 1])
+
+        vocab: dict[str, int] = {}
+
+        def col(tag: str) -> int:
+            return vocab.setdefault(tag, len(vocab))
+
+        cast = [[col(t) for t in ts if t.startswith("cast:")] for ts in tags]
+        tone = [[col("genre:" + t[5:]) for t in ts if t.startswith("tone:")] for ts in tags]
+        genre = [[col("genre:" + g) for g in gs] for gs in genres]
+        pad = len(vocab)
+        return cls(
+            artwork_ids=ids, index=index, title_of=title_of, title_ids=title_ids, title_index=title_index,
+            title_rows=title_rows, default_row=default_row, static=static,
+            prior_mean=np.asarray(mean, np.float64), prior_log_n=np.log1p(np.asarray(n, np.float64)),
+            prior_mean_seg=seg_mean, policy_alpha=alpha, policy_beta=beta, policy_n=np.asarray(n, np.float64),
+            vocab=vocab, cast_idx=_padded(cast, pad), cast_count=np.array([len(c) for c in cast], np.int64),
+            tone_idx=_padded(tone, pad), genre_idx=_padded(genre, pad),
+            genre_count=np.array([len(g) for g in genres], np.int64),
+        )
+
+
+def active_on(row: Mapping[str, Any], day: dt.date) -> bool:
+    """Whether a catalog artwork row is active on ``day`` (rows without dates are)."""
+    start, end = row.get("active_from"), row.get("active_to")
+    start = dt.date.fromisoformat(start) if isinstance(start, str) else start
+    end = dt.date.fromisoformat(end) if isinstance(end, str) else end
+    return (start is None or start <= day) and (end is None or day <= end)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member's request-independent inputs."""
+
+    block: np.ndarray          # [4] float32 member_block row
+    segment: str
+    aff_cols: np.ndarray       # vocabulary columns of the member's affinities
+    aff_vals: np.ndarray       # their values (float64)
+
+
+class MemberTable:
+    """The member snapshot shipped with the bundle, keyed by member_id."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], vocab: Mapping[str, int]):
+        self._rows: dict[str, int] = {}
+        n = len(rows)
+        self._block = features.member_block(
+            np.ones(n), [r.get("member_is_kids") or 0 for r in rows],
+            [r.get("member_log_plays_28d") for r in rows],
+            [r.get("member_days_since_last_play") for r in rows],
+        ) if n else np.zeros((0, len(features.MEMBER_FEATURES)), np.float32)
+        self._kids = [bool(r.get("member_is_kids")) for r in rows]
+        self._aff: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, r in enumerate(rows):
+            self._rows[str(r["member_id"])] = i
+            # affinity_map semantics: the last value of a repeated tag wins
+            amap = features.affinity_map(r.get("affinity_tags"), r.get("affinity_values"))
+            known = [(vocab[t], v) for t, v in amap.items() if t in vocab]
+            self._aff.append((np.array([c for c, _ in known], np.int64), np.array([v for _, v in known], np.float64)))
+        u = features.UNKNOWN_MEMBER
+        self.unknown = Member(
+            features.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
+                                  [u["member_days_since_last_play"]])[0],
+            features.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, member_id: str) -> Member:
+        """The member's inputs, or :data:`keyart.features.UNKNOWN_MEMBER`'s."""
+        i = self._rows.get(member_id)
+        if i is None:
+            return self.unknown
+        cols, vals = self._aff[i]
+        return Member(self._block[i], features.member_segment(self._kids[i]), cols, vals)

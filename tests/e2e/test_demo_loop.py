@@ -1,0 +1,47 @@
+"""The whole loop, shortened: world -> random day 0 -> DAG -> endpoint -> traffic -> DAG -> ... -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+def test_demo_runs_two_days_through_the_real_dag_and_endpoint(tmp_path):
+    home = tmp_path / "home"
+    reports = tmp_path / "reports"
+    env = dict(os.environ, KEYART_HOME=str(home), KEYART_SPARK_MASTER="local[2]")
+    env.pop("KEYART_LAKE_ROOT", None)
+    keyart = str(Path(sys.executable).parent / "keyart")
+    proc = subprocess.run(
+        [keyart, "demo", "--days", "2", "--visits", "1500", "--titles", "30", "--members", "800",
+         "--reports", str(reports)],
+        env=env, capture_output=True, text=True, timeout=1400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((reports / "demo.json").read_text())
+    days = result["days"]
+    assert [d["ds"] for d in days] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert days[0]["model_version"] == "random"
+    # after the first DAG run a registered model serves, not the default-artwork fallback
+    assert all(d["model_version"] not in ("random", "default", "None") for d in days[1:]), days
+    for d in days:
+        assert d["random"] <= d["oracle"]
+        assert 0 < d["served"] <= d["oracle"] + 1e-12
+    # the impressions of served days are the endpoint's own log
+    lake = home / "lake"
+    for d in days[1:]:
+        logged = list((lake / "raw" / "impressions" / f"ds={d['ds']}").glob("*.jsonl"))
+        assert logged and not any(p.name == "traffic-random.jsonl" for p in logged)
+    report = (reports / "demo.md").read_text()
+    assert "Take rate per day" in report and "take_rate.png" in report
+    assert (reports / "take_rate.png").stat().st_size > 0
+    # the DAG ran for both served days' previous days and a champion exists
+    assert (lake / "runs" / "ds=2026-11-01" / "bundle" / "manifest.json").exists()
+    assert (lake / "runs" / "ds=2026-11-02" / "bundle" / "manifest.json").exists()
