@@ -59,5 +59,9 @@ mlflow-ui: install
 		--default-artifact-root "$(KEYART_HOME)/mlflow/artifacts" \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
+## The Airflow UI on http://localhost:$(AIRFLOW_PORT) (AIRFLOW_HOME=$(KEYART_HOME)/airflow, SQLite, this repo's dags/).
+airflow-ui: install
+	AIRFLOW__API__PORT=$(AIRFLOW_PORT) $(BIN)/python -m keyart.airflow_env run -- airflow standalone
+
 clean:
 	rm -rf var reports .pytest_cache

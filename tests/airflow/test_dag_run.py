@@ -1,0 +1,166 @@
+"""Real runs of keyart_daily: ``airflow dags test`` on SQLite over a small simulated world.
+
+Day D1 is the lake's first day of traffic: its Spark tasks run and the model steps skip (no
+labelled day to train on yet). Day D2 runs every task. Then D1..D2 run again, as a backfill
+with ``--reprocess-behavior completed`` would: the registry must end as it was.
+
+    pytest tests/airflow/test_dag_run.py      # a few minutes on two cores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from airflow_helpers import run_python
+
+from keyart import airflow_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.timeout(1800)]
+
+HISTORY_START, D1, D2 = "2026-11-25", "2026-12-01", "2026-12-02"
+HISTORY_END = "2026-11-30"
+VISITS = 150
+SPARK_TASKS = ("ingest", "rewards", "features", "priors")
+MODEL_TASKS = ("train", "evaluate", "export", "register", "promote")
+ALL_TASKS = ("partition_date", "check_data_quality", "training_window", *SPARK_TASKS, *MODEL_TASKS)
+
+
+def keyart(env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyart.cli", *args],
+        env=env, text=True, capture_output=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"keyart {' '.join(args)} failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def dags_test(ds: str, env: dict[str, str], log_dir: Path) -> dict[str, str]:
+    """One real DAG run for ``ds``; returns task_id -> state (the output is kept in log_dir)."""
+    proc = airflow_env.dags_test(ds, env, timeout=1500, capture=True)
+    log = log_dir / f"dags-test-{ds}-{len(list(log_dir.glob('dags-test-*')))}.log"
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    states = airflow_env.task_states(ds, env)
+    failed = {t: s for t, s in states.items() if s not in ("success", "skipped")}
+    assert proc.returncode == 0 and not failed, (
+        f"airflow dags test keyart_daily {ds} -> rc {proc.returncode}, states {states}; "
+        f"log {log}:\n{_failure_excerpt(proc.stdout + proc.stderr)}"
+    )
+    return states
+
+
+def _failure_excerpt(text: str, width: int = 6000) -> str:
+    marks = [i for i in (text.find("Traceback"), text.find("[error")) if i >= 0]
+    start = max(min(marks) - 500, 0) if marks else max(len(text) - width, 0)
+    return text[start : start + width]
+
+
+REGISTRY_STATE = """
+import json
+from keyart.config import load_settings
+from keyart.models import registry
+s = load_settings()
+c = registry.client(s)
+versions = c.search_model_versions(f"name = '{s.registered_model}'")
+model = c.get_registered_model(s.registered_model)
+print("REGISTRY=" + json.dumps({
+    "versions": sorted((int(v.version), v.tags.get("keyart.ds")) for v in versions),
+    "aliases": dict(sorted(model.aliases.items())),
+}))
+"""
+
+
+def registry_state(env: dict[str, str]) -> dict:
+    out = run_python(REGISTRY_STATE, env, timeout=180).stdout
+    return json.loads(next(ln for ln in out.splitlines() if ln.startswith("REGISTRY="))[9:])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A small world with a week of history and two days of random-policy traffic."""
+    home = tmp_path_factory.mktemp("keyart-dag")
+    lake = home / "lake"
+    env = {
+        **os.environ,
+        "KEYART_HOME": str(home),
+        "KEYART_SPARK_MASTER": "local[2]",
+        "KEYART_SPARK_SHUFFLE_PARTITIONS": "2",
+        "KEYART_SPARK_DRIVER_MEMORY": "1g",
+        "PYSPARK_PYTHON": sys.executable,
+    }
+    env.pop("KEYART_CONFIG", None)
+    keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
+           "--history-days", "6", "--start", D1)  # fmt: skip
+    keyart(env, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
+    for ds in (D1, D2):
+        keyart(env, "traffic", "--lake", str(lake), "--ds", ds, "--policy", "random",
+               "--visits", str(VISITS))  # fmt: skip
+    af_env = airflow_env.prepared_environ(home / "airflow", base=env)
+    return {"home": home, "lake": lake, "env": af_env, "logs": home}
+
+
+@pytest.fixture(scope="module")
+def day1(world) -> dict[str, str]:
+    return dags_test(D1, world["env"], world["logs"])
+
+
+@pytest.fixture(scope="module")
+def day2(world, day1) -> dict[str, str]:
+    return dags_test(D2, world["env"], world["logs"])
+
+
+def _has_parquet(path: Path) -> bool:
+    return path.is_dir() and any(path.rglob("*.parquet"))
+
+
+def test_first_day_runs_spark_and_skips_model_steps(day1):
+    states = day1
+    assert set(states) == set(ALL_TASKS)
+    for task_id in ("partition_date", "check_data_quality", "training_window", *SPARK_TASKS):
+        assert states[task_id] == "success", (task_id, states)
+    for task_id in MODEL_TASKS:
+        assert states[task_id] == "skipped", (task_id, states)
+
+
+def test_every_task_succeeds_and_writes_its_outputs(world, day2):
+    states = day2
+    assert states == {task_id: "success" for task_id in ALL_TASKS}
+
+    lake = world["lake"]
+    for log in ("impressions", "plays"):
+        assert _has_parquet(lake / "clean" / log / f"ds={D2}"), log
+    metrics = json.loads((lake / "metrics" / "ingest" / f"ds={D2}" / "metrics.json").read_text())
+    assert metrics["impressions"]["read"] > 0
+    assert _has_parquet(lake / "rewards" / f"ds={D2}")
+    assert _has_parquet(lake / "features" / "training" / f"ds={D2}")
+    assert _has_parquet(lake / "features" / "members" / f"ds={D2}")
+    assert _has_parquet(lake / "priors" / f"ds={D2}")
+    run_dir = lake / "runs" / f"ds={D2}"
+    for name in ("model.txt", "train.json", "evaluation.json", "bundle/manifest.json", "bundle/model.onnx"):
+        assert (run_dir / name).is_file(), name
+
+    state = registry_state(world["env"])
+    assert [ds for _, ds in state["versions"]] == [D2], state
+    assert "champion" in state["aliases"], state  # the first version has no champion to beat
+
+
+def test_backfill_rerun_leaves_the_registry_as_it_was(world, day2):
+    before = registry_state(world["env"])
+    for ds in (D1, D2):  # what `airflow backfill create ... --reprocess-behavior completed` runs
+        dags_test(ds, world["env"], world["logs"])
+    assert registry_state(world["env"]) == before
+
+
+def test_backfill_plans_the_days_oldest_first(world, day1):
+    proc = subprocess.run(
+        [airflow_env.airflow_bin(), "backfill", "create", "--dag-id", "keyart_daily",
+         "--from-date", D1, "--to-date", D2, "--reprocess-behavior", "completed", "--dry-run"],
+        env=world["env"], text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned = [ln.split("|")[1].strip()[:10] for ln in proc.stdout.splitlines() if ln.startswith("| 20")]
+    assert planned == [D1, D2]
