@@ -18,8 +18,9 @@ partition_date → ingest → check_data_quality → rewards → features → pr
   so re-running or backfilling a day is safe.
 * **check_data_quality** stops the run (no retries) when the day's impressions are missing or
   the quarantined share passes `max_quarantine_rate`.
-* **training_window** skips the model steps while there is no labelled day before the
-  held-out day (the first day of a new lake): the run succeeds with them *skipped*.
+* **training_window** skips the model steps while no impression is labelled yet: the run
+  succeeds with them *skipped*. On the first labelled day the model trains on the early
+  part of that day and is evaluated on the late part (keyart.models.data).
 * XCom holds only the partition date, output paths, the ingest counts, the training days,
   and the registered version / gate decision.
 
@@ -254,7 +255,7 @@ def keyart_daily():
 
     @task.short_circuit(retries=0)
     def training_window(day: str) -> list[str]:
-        """The labelled days the model would train on; none (the first days) skips the model steps."""
+        """The labelled days the model would train on; none (nothing labelled yet) skips the model steps."""
         from keyart.config import load_settings
         from keyart.lake import Lake
 

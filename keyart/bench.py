@@ -1,7 +1,8 @@
 """``keyart bench NAME``: benchmarks that print their figures (``--json`` for JSON).
 
 Benchmarks are not tests: they measure on this machine and print ratios against a
-baseline measured in the same run. Each lives beside the code it measures.
+baseline measured in the same run. Each lives beside the code it measures and is
+imported only when asked for, so one benchmark's dependencies never slow another.
 """
 
 from __future__ import annotations
@@ -18,20 +19,14 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            p.set_defaults(_missing=True)
-            continue
-        module.add_arguments(p)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS),
+                        help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (--help lists them)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "_missing", False):
-        print(f"keyart bench {args.benchmark}: not available in this build ({args._module} is missing)")
-        return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    module_name, help_text = BENCHMARKS[args.benchmark]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"keyart bench {args.benchmark}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

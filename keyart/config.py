@@ -55,8 +55,8 @@ class Settings(BaseSettings):
 
     # --- policy ---------------------------------------------------------------------
     policy: PolicyName = Field(default="squarecb", description="Exploration policy used by serving and valued offline.")
-    policy_floor: float = Field(default=0.02, ge=0, lt=1, description="Minimum probability of every candidate (total floor mass <= 0.5).")
-    squarecb_gamma: float = Field(default=400.0, gt=0, description="SquareCB / inverse-gap-weighting learning rate.")
+    policy_floor: float = Field(default=0.01, ge=0, lt=1, description="Minimum probability of every candidate (total floor mass <= 0.5).")
+    squarecb_gamma: float = Field(default=3000.0, gt=0, description="SquareCB / inverse-gap-weighting learning rate.")
     egreedy_epsilon: float = Field(default=0.1, ge=0, le=1)
     prior_blend_n0: float = Field(default=50.0, ge=0, description="Model-vs-prior blend: weight on prior grows as the artwork's data shrinks below this.")
 

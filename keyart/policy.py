@@ -43,8 +43,8 @@ class PolicyConfig:
     """Validated policy settings."""
 
     name: str = "squarecb"
-    floor: float = 0.02
-    gamma: float = 400.0
+    floor: float = 0.01
+    gamma: float = 3000.0
     epsilon: float = 0.1
     prior_blend_n0: float = 50.0
     thompson_samples: int = 1024
@@ -117,15 +117,27 @@ def _apply_floor(p: np.ndarray, offsets: np.ndarray, floor: float) -> np.ndarray
 
 
 def _thompson_argmax_probs(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, samples: int,
-                           rng: np.random.Generator) -> np.ndarray:
-    draws = rng.beta(np.maximum(a, 1e-6), np.maximum(b, 1e-6), size=(samples, len(a)))
-    gid = group_ids(offsets)
-    gmax = np.maximum.reduceat(draws, offsets[:-1], axis=1)
-    wins = draws >= gmax[:, gid]
-    # ties (measure zero) would double count; normalise per title
-    p = wins.mean(axis=0)
-    sums = np.add.reduceat(p, offsets[:-1])
-    return p / sums[gid]
+                           rng: np.random.Generator, max_draws: int = 1 << 22) -> np.ndarray:
+    """Monte Carlo P(arm is its title's argmax) [n]; titles are processed in chunks so at
+    most ``max_draws`` Beta draws are held at once (a day of logs fits in memory)."""
+    n_titles = len(offsets) - 1
+    rows_per_chunk = max(1, max_draws // samples)
+    p = np.empty(len(a))
+    t0 = 0
+    while t0 < n_titles:
+        # as many whole titles as fit in rows_per_chunk (at least one)
+        t1 = int(np.searchsorted(offsets, offsets[t0] + rows_per_chunk, side="right")) - 1
+        t1 = min(max(t1, t0 + 1), n_titles)
+        lo, hi = int(offsets[t0]), int(offsets[t1])
+        sub = offsets[t0:t1 + 1] - lo
+        draws = rng.beta(np.maximum(a[lo:hi], 1e-6), np.maximum(b[lo:hi], 1e-6), size=(samples, hi - lo))
+        gid = group_ids(sub)
+        gmax = np.maximum.reduceat(draws, sub[:-1], axis=1)
+        wins = (draws >= gmax[:, gid]).mean(axis=0)
+        # ties (measure zero) would double count; normalise per title
+        p[lo:hi] = wins / np.add.reduceat(wins, sub[:-1])[gid]
+        t0 = t1
+    return p
 
 
 def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarray,

@@ -1,0 +1,91 @@
+"""``keyart train --ds D``: fit the reward model on the training window of D.
+
+Reads ``features/training`` for the window (see :mod:`keyart.models.data`), writes
+``runs/ds=D/model.txt`` (LightGBM, best iteration only) and ``runs/ds=D/train.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from keyart.config import settings
+from keyart.lake import Lake, fmt_ds
+from keyart.models.data import (
+    feature_array,
+    heldout_day,
+    is_cold_start,
+    read_training,
+    time_split_rows,
+    training_days,
+)
+from keyart.models.reward_model import TrainConfig, TrainResult, train_reward_model
+
+log = logging.getLogger(__name__)
+TRAIN_COLUMNS = ("event_id", "ts", "is_logged", "reward", "propensity", "features")
+
+
+def logged_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Features and labels of the shown rows, with each impression's candidate count."""
+    events = table.column("event_id").to_numpy()
+    _, inverse, counts = np.unique(events, return_inverse=True, return_counts=True)
+    logged = table.column("is_logged").to_numpy(zero_copy_only=False).astype(bool)
+    shown = table.filter(pa.array(logged))
+    ts = pc.cast(shown.column("ts"), pa.int64()) if pa.types.is_timestamp(shown.column("ts").type) else shown.column("ts")
+    return {"X": feature_array(shown.column("features")),
+            "y": shown.column("reward").to_numpy().astype(np.float64),
+            "ts": np.asarray(ts.to_numpy()),
+            "propensity": shown.column("propensity").to_numpy().astype(np.float64),
+            "n_candidates": counts[inverse[logged]]}
+
+
+def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = None,
+              run_dir: Path | None = None) -> dict[str, Any]:
+    """Train on the window of ``ds`` and write model.txt and train.json; return train.json."""
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    days = training_days(lake, ds, window_days)
+    if not days:
+        raise FileNotFoundError(f"no labelled days in the {window_days}-day window before the held-out day of {ds}")
+    heldout = heldout_day(lake, ds)
+    table = read_training(lake, days, columns=TRAIN_COLUMNS)
+    if is_cold_start(days, heldout):
+        table = time_split_rows(table, "train")
+    arrays = logged_arrays(table)
+    load_s = time.perf_counter() - t0
+    result: TrainResult = train_reward_model(cfg=cfg, **arrays)
+    run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result.booster.save_model(str(run_dir / "model.txt"), num_iteration=result.booster.best_iteration or None)
+    info = result.train_json(cfg)
+    info.update(ds=ds, heldout_ds=heldout, cold_start_split=is_cold_start(days, heldout),
+                window={"days": days, "first_ds": days[0], "last_ds": days[-1], "window_days": window_days})
+    info["timings"]["load_s"] = round(load_s, 3)
+    (run_dir / "train.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ds", required=True, type=fmt_ds, help="run date YYYY-MM-DD")
+    parser.add_argument("--lake", type=Path, default=None, help="lake root (default: config)")
+    parser.add_argument("--window-days", type=int, default=None, help="default: training_window_days")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: <lake>/runs/ds=D")
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings()
+    lake = Lake(args.lake or s.lake)
+    info = train_run(lake, args.ds, args.window_days or s.training_window_days, run_dir=args.run_dir)
+    v = info["metrics"]["valid"]
+    print(f"trained on {info['window']['first_ds']}..{info['window']['last_ds']} "
+          f"({info['rows']['train']} + {info['rows']['valid']} rows, {info['best_iteration']} trees): "
+          f"valid logloss {v['logloss']:.4f} AUC {v['auc']:.4f} ECE {v['ece']:.4f}")
+    return 0

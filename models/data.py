@@ -1,0 +1,182 @@
+"""Reading the features job's tables for the model steps.
+
+The training table ``features/training/ds=D/`` has one row per (labelled impression,
+candidate artwork); see docs/architecture.md. This module picks the partitions a run
+uses (training window, held-out day), reads them with Arrow and turns the ``features``
+list column into the float32 matrix the reward model takes.
+
+Days
+----
+The *held-out day* of a run for ``ds=D`` is the newest labelled partition on or before D;
+offline evaluation values policies on it and training never sees it. The *training
+window* is the labelled partitions dated in ``[H - training_window_days, H - 1]`` for the
+held-out day H, so a run trains on ``training_window_days`` days when all exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from keyart.features import N_FEATURES
+from keyart.lake import Lake, fmt_ds, parse_ds
+
+# Columns every model step reads from the training table (``features`` is added on demand).
+PAGE_COLUMNS = (
+    "event_id", "impression_ds", "ts", "member_id", "title_id", "artwork_id", "is_logged",
+    "propensity", "policy", "model_version", "reward",
+    "prior_alpha", "prior_beta", "prior_n",
+)
+
+
+def labelled_days(lake: Lake, through: str | dt.date) -> list[str]:
+    """Dates of the training partitions on or before ``through``, oldest first."""
+    root = lake.training()
+    if not root.is_dir():
+        return []
+    last = parse_ds(through)
+    days = []
+    for child in root.iterdir():
+        if child.is_dir() and child.name.startswith("ds=") and any(child.glob("*.parquet")):
+            try:
+                day = parse_ds(child.name[3:])
+            except ValueError:
+                continue
+            if day <= last:
+                days.append(day)
+    return [fmt_ds(d) for d in sorted(days)]
+
+
+def heldout_day(lake: Lake, ds: str | dt.date) -> str:
+    """The newest labelled day on or before ``ds`` (never used for training)."""
+    days = labelled_days(lake, ds)
+    if not days:
+        raise FileNotFoundError(f"no training partitions under {lake.training()} on or before {fmt_ds(ds)}")
+    return days[-1]
+
+
+COLD_START_TRAIN_SHARE = 0.7
+"""On a lake's first labelled day, the earliest 70% of its impressions (by time) train the
+model and the rest are held out, so the first daily run already yields a model."""
+
+
+def training_days(lake: Lake, ds: str | dt.date, window_days: int) -> list[str]:
+    """Labelled days in ``[H - window_days, H - 1]`` for the held-out day H of ``ds``.
+
+    With no labelled day before H (a cold start) this is ``[H]``: the model trains on the
+    early part of H and is evaluated on the late part (:func:`time_split_rows`).
+    """
+    if window_days < 1:
+        raise ValueError(f"window_days must be >= 1, got {window_days}")
+    held = parse_ds(heldout_day(lake, ds))
+    first = held - dt.timedelta(days=window_days)
+    older = [d for d in labelled_days(lake, held - dt.timedelta(days=1)) if parse_ds(d) >= first]
+    return older or [fmt_ds(held)]
+
+
+def is_cold_start(days: Sequence[str], heldout: str) -> bool:
+    """True when the training days are the held-out day itself."""
+    return list(days) == [heldout]
+
+
+def time_split_rows(table: pa.Table, part: str) -> pa.Table:
+    """The ``"train"`` (earliest :data:`COLD_START_TRAIN_SHARE` of impressions by ``ts``) or
+    ``"heldout"`` (the rest) rows of a cold-start day. Every candidate row of an impression
+    shares its ``ts``, so pages are never split."""
+    if part not in ("train", "heldout"):
+        raise ValueError(f"part must be 'train' or 'heldout', got {part!r}")
+    ts = pc.cast(table.column("ts"), pa.int64()) if pa.types.is_timestamp(table.column("ts").type) else table.column("ts")
+    values = np.asarray(ts.to_numpy())
+    if values.size == 0:
+        return table
+    cutoff = np.quantile(values, COLD_START_TRAIN_SHARE, method="lower")
+    mask = values <= cutoff if part == "train" else values > cutoff
+    return table.filter(pa.array(mask))
+
+
+def read_training(lake: Lake, days: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """Concatenate the training partitions of ``days`` (one Arrow table, ``ds`` column added)."""
+    if not days:
+        raise ValueError("no days to read")
+    tables = []
+    for day in days:
+        part = lake.training(day)
+        files = sorted(part.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{part}: no Parquet files")
+        t = pq.read_table(files, columns=list(columns) if columns else None) if len(files) > 1 \
+            else pq.read_table(files[0], columns=list(columns) if columns else None)
+        tables.append(t.append_column("ds", pa.array([day] * t.num_rows, pa.string())))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def feature_array(column: pa.ChunkedArray | pa.Array | pd.Series | Sequence) -> np.ndarray:
+    """The float32 feature matrix [n, N_FEATURES] of a ``features`` list column."""
+    if isinstance(column, pd.Series | list | tuple):
+        if len(column) == 0:
+            return np.zeros((0, N_FEATURES), np.float32)
+        out = np.asarray(np.stack([np.asarray(v, dtype=np.float32) for v in column]), dtype=np.float32)
+    else:
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if len(arr) == 0:
+            return np.zeros((0, N_FEATURES), np.float32)
+        if arr.null_count:
+            raise ValueError(f"features column has {arr.null_count} null rows")
+        lengths = pa.compute.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if np.any(lengths != N_FEATURES):
+            bad = int(lengths[lengths != N_FEATURES][0])
+            raise ValueError(f"feature rows must have {N_FEATURES} values, found one with {bad}")
+        out = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, N_FEATURES)
+    if out.ndim != 2 or out.shape[1] != N_FEATURES:
+        raise ValueError(f"features must be [n, {N_FEATURES}], got {out.shape}")
+    return out
+
+
+def read_table_dir(path: Path) -> pd.DataFrame:
+    """A small dimension table stored as Parquet files or JSON lines under ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    parquet = sorted(path.glob("*.parquet"))
+    if parquet:
+        return pd.concat([pd.read_parquet(f) for f in parquet], ignore_index=True)
+    jsonl = sorted(path.glob("*.jsonl"))
+    if jsonl:
+        return pd.concat([pd.read_json(f, lines=True) for f in jsonl], ignore_index=True)
+    raise FileNotFoundError(f"{path}: no Parquet or JSON-lines files")
+
+
+def pages_from_frame(frame: pd.DataFrame, group_by: str | None = "member_id"):
+    """Group candidate rows into :class:`keyart.models.ope.LoggedPages`.
+
+    ``frame`` has one row per (impression, candidate) with ``event_id``, ``artwork_id``,
+    ``is_logged``, ``reward`` and ``propensity``. Returns ``(pages, rows)``: ``rows`` is
+    ``frame`` sorted by (event_id, artwork_id) so row i of it is candidate row i of pages.
+    """
+    from keyart.models.ope import LoggedPages
+
+    if len(frame) == 0:
+        raise ValueError("no candidate rows")
+    rows = frame.sort_values(["event_id", "artwork_id"], kind="stable").reset_index(drop=True)
+    event = rows["event_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, event[1:] != event[:-1]])
+    offsets = np.r_[starts, len(rows)]
+    logged = rows["is_logged"].to_numpy(dtype=bool)
+    per_event = np.add.reduceat(logged.astype(np.int64), starts)
+    if np.any(per_event != 1):
+        bad = event[starts[np.flatnonzero(per_event != 1)[0]]]
+        raise ValueError(f"impression {bad!r} has {per_event[per_event != 1][0]} is_logged rows; expected 1")
+    logged_row = np.flatnonzero(logged)
+    groups = rows[group_by].to_numpy()[logged_row] if group_by and group_by in rows.columns else None
+    pages = LoggedPages(offsets=offsets, logged_row=logged_row,
+                        reward=rows["reward"].to_numpy(dtype=np.float64)[logged_row],
+                        propensity=rows["propensity"].to_numpy(dtype=np.float64)[logged_row],
+                        groups=groups)
+    return pages, rows

@@ -1,0 +1,330 @@
+"""Offline policy evaluation on logged pages: replay, IPS, SNIPS, doubly robust.
+
+Logged data (:class:`LoggedPages`): n impressions; impression i had candidate rows
+``offsets[i]:offsets[i+1]`` (a flat array of all candidates), showed row ``logged_row[i]``
+with logging propensity ``propensity[i]`` and got ``reward[i]``. A *target policy* is given
+by its probability for every candidate row (``target`` [n_rows], summing to 1 per
+impression), as :func:`keyart.policy.probabilities` returns it. The value V of a policy
+is its expected reward per impression: the take rate (quality plays per impression).
+
+Every estimator reduces to per-impression terms (num_i, den_i) with V = sum num / sum den,
+so one bootstrap serves all of them and paired intervals (lift over logging) reuse the
+same resampling weights:
+
+==========  =================================================  =====================
+estimator   num_i / den_i                                      reference
+==========  =================================================  =====================
+replay      r_i * a_i / a_i, a_i = [draw from target matches   Li, Chu, Langford & Wang,
+            the logged row] * [coin with P = p_min / p_i]      WSDM 2011 (rejection form)
+ips         w_i r_i / 1,  w_i = target(logged_i) / p_i         Horvitz & Thompson 1952
+snips       w_i r_i / w_i                                      Swaminathan & Joachims 2015
+dr          sum_a target(a) q(a) + w_i (r_i - q(logged_i)) / 1 Dudik, Langford & Li, ICML 2011
+==========  =================================================  =====================
+
+Replay is Li et al.'s estimator: keep the events where the target policy's (seeded) draw
+equals the logged artwork. It is unbiased when logging was uniform over a constant number
+of candidates; the extra coin (accept with probability ``p_min / p_i``) makes the kept
+events independent of the logging policy in general, so it stays unbiased for any logging
+and any candidate count, at the price of fewer kept events. Under uniform logging with
+constant K the coin always accepts and this is exactly Li et al.
+
+Intervals: Poisson(1) bootstrap (each impression, or each ``groups`` cluster, gets an
+independent Poisson(1) weight per replicate) and percentile bounds. Clustering by member
+accounts for the correlation between the titles of one page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from keyart.policy import draw
+
+ESTIMATORS = ("replay", "ips", "snips", "dr")
+
+
+@dataclass(frozen=True)
+class LoggedPages:
+    """Logged impressions with all their candidates.
+
+    Parameters
+    ----------
+    offsets : [n + 1] int, candidate rows of impression i are ``offsets[i]:offsets[i+1]``.
+    logged_row : [n] int, global index of the shown candidate.
+    reward : [n] float, the observed reward (0/1 for quality plays).
+    propensity : [n] float in (0, 1], logging probability of the shown candidate.
+    groups : [n] optional cluster ids for the bootstrap (e.g. member ids).
+    """
+
+    offsets: np.ndarray
+    logged_row: np.ndarray
+    reward: np.ndarray
+    propensity: np.ndarray
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        off = np.asarray(self.offsets, dtype=np.int64)
+        n = len(off) - 1
+        if off.ndim != 1 or n < 1 or off[0] != 0:
+            raise ValueError("offsets must be a 1-d array starting at 0 with at least one impression")
+        if np.any(np.diff(off) < 1):
+            raise ValueError("every impression needs at least one candidate")
+        row = np.asarray(self.logged_row, dtype=np.int64)
+        r = np.asarray(self.reward, dtype=np.float64)
+        p = np.asarray(self.propensity, dtype=np.float64)
+        for name, arr in (("logged_row", row), ("reward", r), ("propensity", p)):
+            if arr.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+        if np.any(row < off[:-1]) or np.any(row >= off[1:]):
+            raise ValueError("logged_row must lie inside its impression's candidate rows")
+        if not np.isfinite(r).all():
+            raise ValueError("reward must be finite")
+        if not (np.isfinite(p).all() and np.all(p > 0) and np.all(p <= 1)):
+            raise ValueError("propensity must be in (0, 1]")
+        object.__setattr__(self, "offsets", off)
+        object.__setattr__(self, "logged_row", row)
+        object.__setattr__(self, "reward", r)
+        object.__setattr__(self, "propensity", p)
+        if self.groups is not None:
+            g = np.asarray(self.groups)
+            if g.shape != (n,):
+                raise ValueError(f"groups must have shape ({n},), got {g.shape}")
+            object.__setattr__(self, "groups", np.unique(g, return_inverse=True)[1])
+
+    @property
+    def n_impressions(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def check_target(self, target: np.ndarray, atol: float = 1e-6) -> np.ndarray:
+        """Validate a target policy's probabilities [n_rows]; return them as float64."""
+        t = np.asarray(target, dtype=np.float64)
+        if t.shape != (self.n_rows,):
+            raise ValueError(f"target must have shape ({self.n_rows},), got {t.shape}")
+        if not np.isfinite(t).all() or np.any(t < 0):
+            raise ValueError("target probabilities must be finite and >= 0")
+        sums = np.add.reduceat(t, self.offsets[:-1])
+        if np.any(np.abs(sums - 1.0) > atol):
+            raise ValueError(f"target probabilities must sum to 1 per impression (worst {sums[np.argmax(np.abs(sums - 1))]:.6f})")
+        return t
+
+    def weights(self, target: np.ndarray) -> np.ndarray:
+        """Importance weights target(logged) / propensity: [n]."""
+        return self.check_target(target)[self.logged_row] / self.propensity
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """Base of the estimators: per-impression terms (num [n], den [n])."""
+
+    name: ClassVar[str] = ""
+
+    def terms(self, pages: LoggedPages, target: np.ndarray,
+              q_hat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def estimate(self, pages: LoggedPages, target: np.ndarray, q_hat: np.ndarray | None = None) -> float:
+        num, den = self.terms(pages, target, q_hat)
+        total = den.sum()
+        return float(num.sum() / total) if total > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Replay(Estimator):
+    """Li et al. (2011) replay with a rejection coin for non-uniform logging.
+
+    Parameters
+    ----------
+    seed : seeds the target policy's draws and the acceptance coins.
+    """
+
+    name: ClassVar[str] = "replay"
+    seed: int = 0
+
+    def terms(self, pages, target, q_hat=None):
+        t = pages.check_target(target)
+        rng = np.random.default_rng(self.seed)
+        chosen, _ = draw(t, pages.offsets, rng)
+        accept_p = pages.propensity.min() / pages.propensity
+        kept = (chosen == pages.logged_row) & (rng.random(pages.n_impressions) < accept_p)
+        den = kept.astype(np.float64)
+        return den * pages.reward, den
+
+
+@dataclass(frozen=True)
+class IPS(Estimator):
+    """Inverse propensity scoring: mean of w_i r_i (unbiased, high variance)."""
+
+    name: ClassVar[str] = "ips"
+
+    def terms(self, pages, target, q_hat=None):
+        w = pages.weights(target)
+        return w * pages.reward, np.ones_like(w)
+
+
+@dataclass(frozen=True)
+class SNIPS(Estimator):
+    """Self-normalised IPS: sum w_i r_i / sum w_i (consistent, lower variance)."""
+
+    name: ClassVar[str] = "snips"
+
+    def terms(self, pages, target, q_hat=None):
+        w = pages.weights(target)
+        return w * pages.reward, w
+
+
+@dataclass(frozen=True)
+class DoublyRobust(Estimator):
+    """Doubly robust: the reward model's value of the target plus an IPS correction.
+
+    ``q_hat`` [n_rows] is the reward model's prediction for every candidate row.
+    """
+
+    name: ClassVar[str] = "dr"
+
+    def terms(self, pages, target, q_hat=None):
+        if q_hat is None:
+            raise ValueError("dr needs q_hat, the reward model's prediction per candidate row")
+        q = np.asarray(q_hat, dtype=np.float64)
+        if q.shape != (pages.n_rows,) or not np.isfinite(q).all():
+            raise ValueError(f"q_hat must be finite with shape ({pages.n_rows},), got {q.shape}")
+        t = pages.check_target(target)
+        direct = np.add.reduceat(t * q, pages.offsets[:-1])
+        w = t[pages.logged_row] / pages.propensity
+        num = direct + w * (pages.reward - q[pages.logged_row])
+        return num, np.ones_like(num)
+
+
+def make_estimators(names: Sequence[str] = ESTIMATORS, seed: int = 0) -> dict[str, Estimator]:
+    """Estimators by name (``replay`` is seeded with ``seed``)."""
+    table = {"replay": Replay(seed=seed), "ips": IPS(), "snips": SNIPS(), "dr": DoublyRobust()}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown estimators {unknown}; choose from {ESTIMATORS}")
+    return {n: table[n] for n in names}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a bootstrap interval."""
+
+    estimate: float
+    lo: float
+    hi: float
+
+    def covers(self, value: float) -> bool:
+        return bool(self.lo <= value <= self.hi)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "lo": self.lo, "hi": self.hi}
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Poisson(1) bootstrap settings.
+
+    Parameters
+    ----------
+    n_boot : replicates.
+    level : two-sided confidence level of the percentile interval.
+    chunk : replicates drawn at a time (memory: chunk * n floats).
+    """
+
+    n_boot: int = 200
+    level: float = 0.95
+    seed: int = 0
+    chunk: int = 16
+    _q: tuple[float, float] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.n_boot < 10:
+            raise ValueError(f"n_boot must be >= 10, got {self.n_boot}")
+        if not 0.5 <= self.level < 1.0:
+            raise ValueError(f"level must be in [0.5, 1), got {self.level}")
+        if self.chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        a = (1.0 - self.level) / 2.0
+        object.__setattr__(self, "_q", (a, 1.0 - a))
+
+    def replicates(self, nums: np.ndarray, dens: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """Bootstrap values [n_boot, m] of m ratio estimators given terms [m, n]."""
+        nums = np.atleast_2d(np.asarray(nums, dtype=np.float64))
+        dens = np.atleast_2d(np.asarray(dens, dtype=np.float64))
+        if groups is not None:  # cluster bootstrap: one weight per group
+            g = np.asarray(groups)
+            n_g = int(g.max()) + 1
+            nums = np.stack([np.bincount(g, weights=row, minlength=n_g) for row in nums])
+            dens = np.stack([np.bincount(g, weights=row, minlength=n_g) for row in dens])
+        rng = np.random.default_rng(self.seed)
+        out = np.empty((self.n_boot, nums.shape[0]))
+        for start in range(0, self.n_boot, self.chunk):
+            b = min(self.chunk, self.n_boot - start)
+            w = rng.poisson(1.0, size=(b, nums.shape[1])).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[start:start + b] = (w @ nums.T) / (w @ dens.T)
+        return out
+
+    def interval(self, point: float, reps: np.ndarray) -> Interval:
+        reps = reps[np.isfinite(reps)]
+        if len(reps) == 0:
+            return Interval(point, float("nan"), float("nan"))
+        lo, hi = np.quantile(reps, self._q)
+        return Interval(float(point), float(lo), float(hi))
+
+
+def evaluate_policies(pages: LoggedPages, targets: Mapping[str, np.ndarray], q_hat: np.ndarray | None = None,
+                      estimators: Sequence[str] = ESTIMATORS, bootstrap: Bootstrap | None = None,
+                      replay_seed: int = 0) -> dict[str, dict]:
+    """Value every target policy with every estimator, plus the logging policy and lifts.
+
+    Parameters
+    ----------
+    pages : the logged impressions.
+    targets : policy name -> probabilities [n_rows].
+    q_hat : [n_rows] reward-model predictions (needed for ``dr``; skipped without it).
+
+    Returns
+    -------
+    ``{"policies": {name: {estimator: Interval}}, "lift": {name: {estimator: Interval}}}``
+    where ``policies["logging"]`` is the on-policy mean reward (the same under every
+    estimator key) and lift = V / V_logging - 1 with paired bootstrap intervals.
+    """
+    bootstrap = bootstrap or Bootstrap()
+    names = [e for e in estimators if e != "dr" or q_hat is not None]
+    ests = make_estimators(names, seed=replay_seed)
+    labels, nums, dens = [("logging", "on_policy")], [pages.reward], [np.ones(pages.n_impressions)]
+    for policy, target in targets.items():
+        if policy == "logging":
+            raise ValueError("'logging' is valued on-policy; do not pass it as a target")
+        for name, est in ests.items():
+            num, den = est.terms(pages, target, q_hat)
+            labels.append((policy, name))
+            nums.append(num)
+            dens.append(den)
+    nums_a, dens_a = np.vstack(nums), np.vstack(dens)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        points = nums_a.sum(axis=1) / dens_a.sum(axis=1)
+    reps = bootstrap.replicates(nums_a, dens_a, pages.groups)
+    policies: dict[str, dict[str, Interval]] = {"logging": {}}
+    lift: dict[str, dict[str, Interval]] = {}
+    log_iv = bootstrap.interval(points[0], reps[:, 0])
+    for name in ests:
+        policies["logging"][name] = log_iv
+    for j, (policy, name) in enumerate(labels[1:], start=1):
+        policies.setdefault(policy, {})[name] = bootstrap.interval(points[j], reps[:, j])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lift_reps = reps[:, j] / reps[:, 0] - 1.0
+        lift.setdefault(policy, {})[name] = bootstrap.interval(points[j] / points[0] - 1.0, lift_reps)
+    return {"policies": policies, "lift": lift}
+
+
+def to_json(result: Mapping[str, Mapping[str, Mapping[str, Interval]]]) -> dict:
+    """Intervals -> plain dicts (evaluation.json layout)."""
+    return {section: {p: {e: iv.to_dict() for e, iv in by_est.items()} for p, by_est in by_policy.items()}
+            for section, by_policy in result.items()}

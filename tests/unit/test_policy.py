@@ -1,0 +1,175 @@
+"""Invariants of the exploration policies (keyart.policy)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from keyart.policy import POLICIES, PolicyConfig, blend_scores, draw, group_argmax, probabilities
+
+RNG_POLICIES = ("thompson", "beta_ts")
+
+
+def page(seed: int = 0, titles: int = 40, kmin: int = 1, kmax: int = 8):
+    """A random page: (scores [n], offsets [T+1], alpha, beta, n)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(kmin, kmax + 1, size=titles)
+    offsets = np.r_[0, np.cumsum(sizes)]
+    n = int(offsets[-1])
+    scores = rng.uniform(0.01, 0.4, n)
+    alpha = rng.uniform(1, 40, n)
+    return scores, offsets, alpha, alpha * rng.uniform(3, 12, n), rng.uniform(0, 500, n)
+
+
+def probs_of(cfg: PolicyConfig, seed: int = 0, **kw):
+    scores, offsets, a, b, n = page(seed, **kw)
+    return probabilities(cfg, scores, offsets, a, b, n, rng=np.random.default_rng(seed)), offsets, scores, a, b, n
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"name": "ucb"}, "policy must be one of"),
+    ({"floor": -0.1}, "floor must be in"),
+    ({"floor": 1.0}, "floor must be in"),
+    ({"gamma": 0.0}, "gamma must be > 0"),
+    ({"epsilon": 1.5}, "epsilon must be in"),
+    ({"prior_blend_n0": -1}, "prior_blend_n0 must be >= 0"),
+    ({"thompson_samples": 0}, "thompson_samples must be >= 1"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("offsets", "match"), [
+    ([0, 2, 2, 5], "at least one candidate"),
+    ([1, 5], "offsets must start at 0"),
+    ([0, 3], "offsets must start at 0 and end at 5"),
+    ([0], "offsets must start at 0"),
+])
+def test_bad_offsets_are_refused(offsets, match):
+    z = np.full(5, 0.1)
+    with pytest.raises(ValueError, match=match):
+        probabilities(PolicyConfig(), z, np.array(offsets), z + 1, z + 9, z)
+
+
+def test_sampled_policies_need_an_rng():
+    scores, offsets, a, b, n = page()
+    with pytest.raises(ValueError, match="pass rng"):
+        probabilities(PolicyConfig(name="thompson"), scores, offsets, a, b, n)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("floor", [0.0, 0.02, 0.1])
+def test_probabilities_sum_to_one_and_respect_the_floor(name, floor):
+    p, offsets, *_ = probs_of(PolicyConfig(name=name, floor=floor))
+    sums = np.add.reduceat(p, offsets[:-1])
+    np.testing.assert_allclose(sums, 1.0, atol=1e-12)
+    assert np.all(p >= 0)
+    if name != "greedy":
+        k = np.repeat(np.diff(offsets), np.diff(offsets))
+        assert np.all(p >= np.minimum(floor, 0.5 / k) - 1e-12)
+
+
+def test_floor_mass_is_capped_at_one_half():
+    p = probabilities(PolicyConfig(name="egreedy", epsilon=0.0, floor=0.1), *page(kmin=8, kmax=8))
+    # K * floor = 0.8 > 0.5: the floor shrinks to 0.5 / K = 0.0625
+    assert p.min() == pytest.approx(0.0625)
+    assert p.max() == pytest.approx(0.0625 + 0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_always_takes_the_argmax(seed):
+    p, offsets, scores, a, b, n = probs_of(PolicyConfig(name="greedy"), seed)
+    blended = blend_scores(scores, a, b, n, PolicyConfig().prior_blend_n0)
+    best = group_argmax(blended, offsets)
+    assert set(np.flatnonzero(p == 1.0)) == set(best)
+    assert p.sum() == len(offsets) - 1
+    chosen, prop = draw(p, offsets, np.random.default_rng(seed))
+    np.testing.assert_array_equal(chosen, best)
+    np.testing.assert_array_equal(prop, 1.0)
+
+
+def test_greedy_breaks_ties_on_the_first_candidate():
+    offsets = np.array([0, 3])
+    p = probabilities(PolicyConfig(name="greedy", prior_blend_n0=0), np.array([0.2, 0.3, 0.3]),
+                      offsets, np.ones(3), np.ones(3), np.zeros(3))
+    np.testing.assert_array_equal(p, [0, 1, 0])
+
+
+def test_egreedy_without_epsilon_or_floor_is_greedy():
+    cfg = PolicyConfig(name="egreedy", epsilon=0.0, floor=0.0)
+    p, *_ = probs_of(cfg)
+    g, *_ = probs_of(replace(cfg, name="greedy"))
+    np.testing.assert_array_equal(p, g)
+
+
+def test_squarecb_is_inverse_gap_weighting():
+    cfg = PolicyConfig(name="squarecb", gamma=100.0, floor=0.0, prior_blend_n0=0.0)
+    s = np.array([0.10, 0.20, 0.15, 0.20])
+    p = probabilities(cfg, s, np.array([0, 4]), np.ones(4), np.ones(4), np.zeros(4))
+    expect = np.array([1 / (4 + 100 * 0.10), 0.0, 1 / (4 + 100 * 0.05), 1 / 4])
+    expect[1] = 1 - expect.sum()
+    np.testing.assert_allclose(p, expect)
+    assert p.argmax() == 1  # the first of the tied best
+
+
+@pytest.mark.parametrize("name", ["squarecb", "egreedy", "random", "thompson", "beta_ts"])
+def test_100k_seeded_draws_match_the_reported_propensities(name):
+    """Chi-square goodness of fit of 100k draws per title against the probabilities."""
+    scores, offsets, a, b, n = page(3, titles=4, kmin=3, kmax=6)
+    cfg = PolicyConfig(name=name, floor=0.02)
+    p = probabilities(cfg, scores, offsets, a, b, n, rng=np.random.default_rng(1))
+    reps = 100_000
+    tiled = np.tile(p, reps)
+    tiled_offsets = np.r_[0, np.cumsum(np.tile(np.diff(offsets), reps))]
+    chosen, prop = draw(tiled, tiled_offsets, np.random.default_rng(2))
+    np.testing.assert_allclose(prop, tiled[chosen])
+    local = chosen - tiled_offsets[:-1]
+    for t in range(len(offsets) - 1):
+        k = offsets[t + 1] - offsets[t]
+        counts = np.bincount(local[t::len(offsets) - 1], minlength=k)
+        expected = p[offsets[t]:offsets[t + 1]] * reps
+        assert stats.chisquare(counts, expected).pvalue > 1e-4, (t, counts, expected)
+
+
+def _exact_two_arm(a1, b1, a2, b2) -> float:
+    f = lambda x: stats.beta.pdf(x, a1, b1) * stats.beta.cdf(x, a2, b2)  # noqa: E731
+    return integrate.quad(f, 0, 1, limit=200)[0]
+
+
+@pytest.mark.parametrize(("a1", "b1", "a2", "b2"), [(2, 8, 3, 7), (20, 80, 25, 75), (1, 1, 1, 1)])
+def test_thompson_monte_carlo_error_is_within_its_stated_bound(a1, b1, a2, b2):
+    """P(argmax) is estimated with S draws: error ~ sqrt(p(1-p)/S) <= 1/(2 sqrt(S))."""
+    cfg = PolicyConfig(name="beta_ts", floor=0.0, thompson_samples=1024)
+    p = probabilities(cfg, np.zeros(2), np.array([0, 2]), np.array([a1, a2], float),
+                      np.array([b1, b2], float), np.zeros(2), rng=np.random.default_rng(0))
+    assert abs(p[0] - _exact_two_arm(a1, b1, a2, b2)) < 4 / (2 * np.sqrt(1024))
+
+
+def test_thompson_chunking_keeps_whole_titles():
+    from keyart.policy import _thompson_argmax_probs
+
+    scores, offsets, a, b, n = page(5, titles=300)
+    p = _thompson_argmax_probs(a, b, offsets, 64, np.random.default_rng(0), max_draws=64 * 7)
+    np.testing.assert_allclose(np.add.reduceat(p, offsets[:-1]), 1.0)
+
+
+def test_blend_falls_back_on_priors_where_the_model_knows_little():
+    model, alpha, beta = np.array([0.9]), np.array([1.0]), np.array([9.0])
+    assert blend_scores(model, alpha, beta, np.array([0.0]), 50.0)[0] == pytest.approx(0.1)
+    assert blend_scores(model, alpha, beta, np.array([1e9]), 50.0)[0] == pytest.approx(0.9, abs=1e-6)
+    assert blend_scores(model, alpha, beta, np.array([50.0]), 50.0)[0] == pytest.approx(0.5)
+
+
+def test_real_time_prior_updates_move_the_choice():
+    """A new artwork (n small) the model rates low wins once its prior collects plays."""
+    cfg = PolicyConfig(name="greedy")
+    offsets, scores = np.array([0, 2]), np.array([0.20, 0.05])
+    alpha, beta, n = np.array([20.0, 1.0]), np.array([80.0, 9.0]), np.array([1000.0, 0.0])
+    assert probabilities(cfg, scores, offsets, alpha, beta, n)[0] == 1.0
+    # 10 impressions, 8 quality plays arrive for the new artwork during the day
+    alpha2, beta2, n2 = alpha + [0, 8], beta + [0, 2], n + [0, 10]
+    assert probabilities(cfg, scores, offsets, alpha2, beta2, n2)[1] == 1.0
