@@ -19,6 +19,7 @@ Every promotion and rollback is also written as tags on the versions concerned.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -113,8 +114,11 @@ def ensure_experiment(settings: Settings | None = None) -> str:
 # ---------------------------------------------------------------------------------------
 
 def bundle_checksum(bundle_dir: Path) -> str:
-    """Identity of a bundle: sha256 of its manifest (which checksums every file)."""
-    return bundle.sha256(Path(bundle_dir) / bundle.MANIFEST)
+    """Identity of a bundle: sha256 over the checksums of its files (model, priors, members,
+    artworks, spec). The manifest's own bytes are left out on purpose: they carry the export
+    time, and re-exporting the same day (a retry, a backfill) must not look like a new model."""
+    files = bundle.read_manifest(Path(bundle_dir))["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def signature() -> ModelSignature:
