@@ -1,0 +1,320 @@
+"""features: the member feature snapshot of day D and the training rows of the impressions labelled on D.
+
+    spark-submit jobs/features.py --ds 2026-03-01 [--lake LAKE] [--master URL]
+    keyart job features --ds 2026-03-01
+
+Reads ``clean/plays`` (``history_days`` back), ``members``, ``catalog/{titles,artworks}``,
+``rewards/ds=D``, ``features/members/ds=X`` and ``priors/ds=X`` for X = each labelled
+impression's day - 1. Writes ``features/members/ds=D/`` and ``features/training/ds=D/``
+(columns in docs/architecture.md) and ``metrics/features/ds=D/metrics.json``.
+
+Member snapshot as of the end of D: per member, from plays in the ``history_days`` ending
+D, each play weighted by ``minutes_played * 0.5 ** (age_days / affinity_half_life_days)``;
+a tag's affinity is the weighted share of minutes on titles carrying it (``genre:<g>``,
+``cast:<c>``). Training rows join each labelled impression's candidates with the snapshot
+and priors of the day before the impression (what serving had) and compute the ``features``
+array with :func:`keyart.features.feature_matrix` inside ``mapInPandas``: the same
+arithmetic serving runs. A snapshot that was never written is computed from the plays.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from keyart import features as spec
+from keyart.config import Settings
+from keyart.contracts import ARTWORKS, MEMBERS, PLAYS, PRIORS, TITLES
+from keyart.jobs.common import (
+    has_data,
+    main_for,
+    read_days,
+    read_range,
+    read_table,
+    write_day,
+    write_metrics,
+)
+from keyart.lake import Lake, parse_ds, shift_ds
+
+MEMBER_COLUMNS = ("member_id", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play", "affinity_tags", "affinity_values")
+SNAPSHOT_SCHEMA = T.StructType([
+    T.StructField("member_id", T.StringType(), False),
+    T.StructField("member_is_kids", T.IntegerType(), False),
+    T.StructField("member_log_plays_28d", T.DoubleType(), False),
+    T.StructField("member_days_since_last_play", T.DoubleType(), False),
+    T.StructField("affinity_tags", T.ArrayType(T.StringType(), False), False),
+    T.StructField("affinity_values", T.ArrayType(T.DoubleType(), False), False),
+])
+ROW_COLUMNS = (
+    "event_id", "impression_ds", "ts", "member_id", "title_id", "artwork_id", "is_logged",
+    "logged_artwork_id", "propensity", "policy", "model_version", "reward", "minutes", "played",
+    "segment", "prior_alpha", "prior_beta", "prior_n",
+)
+_DAY_US = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class SnapshotParams:
+    ds: str
+    history_days: int
+    affinity_half_life_days: float
+
+    @classmethod
+    def from_settings(cls, ds: str, settings: Settings) -> SnapshotParams:
+        return cls(ds, settings.history_days, settings.affinity_half_life_days)
+
+
+def _end_us(ds: str) -> Column:
+    """Microseconds since the epoch at the end of day ``ds`` (UTC)."""
+    return F.unix_micros(F.to_timestamp(F.lit(shift_ds(ds, 1))))
+
+
+def _segment(is_kids: Column) -> Column:
+    return F.when(is_kids == 1, F.lit(spec.member_segment(True))).otherwise(F.lit(spec.member_segment(False)))
+
+
+# ----------------------------------------------------------------------------------------
+# member snapshot
+# ----------------------------------------------------------------------------------------
+
+def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams) -> DataFrame:
+    """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``. Pure."""
+    end = _end_us(params.ds)
+    age_days = (end - F.unix_micros("ts")) / F.lit(float(_DAY_US))
+    recent = plays.where((age_days > 0) & (age_days <= params.history_days)).select(
+        "member_id", "title_id", "minutes_played", age_days.alias("age_days")
+    )
+    weighted = recent.withColumn("w", F.col("minutes_played") * F.pow(F.lit(0.5), F.col("age_days") / F.lit(params.affinity_half_life_days)))
+    activity = weighted.groupBy("member_id").agg(
+        F.sum(F.when(F.col("age_days") <= 28, 1).otherwise(0)).alias("plays_28d"),
+        F.min("age_days").alias("days_since"),
+        F.sum("w").alias("w_total"),
+    )
+    tags = titles.select(
+        "title_id",
+        F.array_distinct(F.concat(
+            F.transform("genres", lambda g: F.concat(F.lit("genre:"), g)),
+            F.transform(F.coalesce("cast", F.array().cast("array<string>")), lambda c: F.concat(F.lit("cast:"), c)),
+        )).alias("tags"),
+    )
+    per_tag = (
+        weighted.join(F.broadcast(tags), "title_id")
+        .select("member_id", F.explode("tags").alias("tag"), "w")
+        .groupBy("member_id", "tag").agg(F.sum("w").alias("w"))
+        .join(activity.select("member_id", "w_total"), "member_id")
+        .select("member_id", "tag", F.when(F.col("w_total") > 0, F.col("w") / F.col("w_total")).otherwise(0.0).alias("value"))
+        .groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", "value"))).alias("aff"))
+    )
+    empty_str = F.array().cast("array<string>")
+    empty_dbl = F.array().cast("array<double>")
+    snap = members.select("member_id", (F.col("profile") == "kids").cast("int").alias("member_is_kids")).join(activity, "member_id", "left").join(per_tag, "member_id", "left")
+    return snap.select(
+        "member_id",
+        F.coalesce("member_is_kids", F.lit(0)).alias("member_is_kids"),
+        F.log1p(F.coalesce("plays_28d", F.lit(0)).cast("double")).alias("member_log_plays_28d"),
+        F.least(F.coalesce("days_since", F.lit(spec.DAYS_SINCE_CAP)), F.lit(spec.DAYS_SINCE_CAP)).cast("double").alias("member_days_since_last_play"),
+        F.coalesce(F.col("aff.tag"), empty_str).alias("affinity_tags"),
+        F.coalesce(F.col("aff.value"), empty_dbl).alias("affinity_values"),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# training rows
+# ----------------------------------------------------------------------------------------
+
+def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame) -> DataFrame:
+    """One row per (labelled impression, candidate) with every feature input, before the matrix. Pure.
+
+    ``snapshots`` has SNAPSHOT_SCHEMA columns plus ``snapshot_ds``; ``priors`` has the
+    PRIORS columns plus ``prior_ds``. Missing priors stay null (filled in :func:`add_features`).
+    """
+    base = rewards.select(
+        "event_id", "impression_ds", "ts", "member_id", "title_id",
+        F.explode("candidates").alias("artwork_id"),
+        F.col("artwork_id").alias("logged_artwork_id"),
+        "propensity", "policy", "model_version", "reward", "minutes", "played",
+        *[F.col(f"context.{c}").alias(c) for c in ("device", "local_hour", "day_of_week", "page_row", "position")],
+    ).withColumn("is_logged", F.col("artwork_id") == F.col("logged_artwork_id")).withColumn("known_ds", F.date_sub("impression_ds", 1))
+    snap = snapshots.select(*MEMBER_COLUMNS, F.col("snapshot_ds").alias("known_ds"), F.lit(1).alias("member_known"))
+    rows = base.join(snap, ["member_id", "known_ds"], "left").withColumn("member_known", F.coalesce("member_known", F.lit(0)))
+    rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(spec.UNKNOWN_MEMBER["member_is_kids"])))
+    rows = rows.withColumn("segment", _segment(F.col("member_is_kids")))
+    pri = priors.select(F.col("prior_ds").alias("known_ds"), "artwork_id", "segment", "alpha", "beta", "n_impressions")
+    all_rows = pri.where(F.col("segment") == spec.SEGMENT_ALL).select(
+        "known_ds", "artwork_id", F.col("alpha").alias("prior_alpha"), F.col("beta").alias("prior_beta"), F.col("n_impressions").alias("prior_n")
+    )
+    seg_rows = pri.where(F.col("segment") != spec.SEGMENT_ALL).select(
+        "known_ds", "artwork_id", "segment", F.col("alpha").alias("seg_alpha"), F.col("beta").alias("seg_beta")
+    )
+    rows = rows.join(all_rows, ["known_ds", "artwork_id"], "left").join(seg_rows, ["known_ds", "artwork_id", "segment"], "left")
+    art = artworks.select("artwork_id", F.col("tags").alias("art_tags"), F.col("is_default").cast("int").alias("art_is_default"))
+    rows = rows.join(F.broadcast(art), "artwork_id", "left").join(F.broadcast(titles.select("title_id", F.col("genres").alias("title_genres"))), "title_id", "left")
+    return rows.select(
+        *ROW_COLUMNS, "seg_alpha", "seg_beta", "member_known", *MEMBER_COLUMNS[1:],
+        "device", "local_hour", "day_of_week", "page_row", "position",
+        F.coalesce("art_tags", F.array().cast("array<string>")).alias("art_tags"),
+        F.coalesce("art_is_default", F.lit(0)).alias("art_is_default"),
+        F.coalesce("title_genres", F.array().cast("array<string>")).alias("title_genres"),
+    )
+
+
+def features_pandas(batch: pd.DataFrame) -> pd.DataFrame:
+    """Feature inputs -> output rows with filled priors and the ``features`` array.
+
+    ``batch`` must hold every candidate of each impression it holds: title_prior_mean is
+    the mean over the impression's candidates (what serving computes over a page).
+    """
+    df = batch.copy()
+    unknown = df["member_known"] == 0
+    for name in ("member_log_plays_28d", "member_days_since_last_play"):
+        df[name] = df[name].where(~unknown, spec.UNKNOWN_MEMBER[name]).astype("float64")
+    for name in ("affinity_tags", "affinity_values"):
+        df[name] = [spec.UNKNOWN_MEMBER[name] if u or v is None else v for u, v in zip(unknown, df[name], strict=True)]
+    priors = spec.prior_inputs(
+        df["prior_alpha"].astype("float64"), df["prior_beta"].astype("float64"), df["prior_n"].astype("float64"),
+        df["seg_alpha"].astype("float64"), df["seg_beta"].astype("float64"), df["event_id"],
+    )
+    for name, values in priors.items():
+        df[name] = values
+    missing = df["prior_alpha"].isna() | df["prior_beta"].isna()
+    df["prior_alpha"] = df["prior_alpha"].where(~missing, spec.DEFAULT_PRIOR[0]).astype("float64")
+    df["prior_beta"] = df["prior_beta"].where(~missing, spec.DEFAULT_PRIOR[1]).astype("float64")
+    df["prior_n"] = df["prior_n"].where(~missing, 0.0).astype("float64")
+    matrix = spec.feature_matrix(df)
+    out = df[list(ROW_COLUMNS)].copy()
+    out["features"] = list(matrix)
+    return out
+
+
+def training_schema(inputs_schema: T.StructType) -> T.StructType:
+    fields = {f.name: f for f in inputs_schema.fields}
+    out = [T.StructField(c, fields[c].dataType, True) for c in ROW_COLUMNS]
+    return T.StructType(out + [T.StructField("features", T.ArrayType(T.FloatType(), False), False)])
+
+
+def add_features(inputs: DataFrame) -> DataFrame:
+    """Training rows: ``features`` computed by keyart.features through mapInPandas. Pure."""
+    grouped = inputs.withColumn("ts_us", F.unix_micros("ts")).drop("ts").repartition("event_id").sortWithinPartitions("event_id", "artwork_id")
+    schema = training_schema(inputs.schema)
+    py_schema = T.StructType([T.StructField("ts_us", T.LongType()) if f.name == "ts" else f for f in schema.fields])
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        pending: pd.DataFrame | None = None
+        for batch in batches:
+            if pending is not None:
+                batch = pd.concat([pending, batch], ignore_index=True)
+            if batch.empty:
+                continue
+            # Keep the last impression for the next batch: its candidates may continue there.
+            last = batch["event_id"].iloc[-1]
+            tail = (batch["event_id"] == last).to_numpy()
+            pending = batch[tail]
+            done = batch[~tail]
+            if len(done):
+                yield _with_ts(features_pandas(done.rename(columns={"ts_us": "ts"})))
+        if pending is not None and len(pending):
+            yield _with_ts(features_pandas(pending.rename(columns={"ts_us": "ts"})))
+
+    out = grouped.mapInPandas(run, py_schema)
+    return out.select(*[F.timestamp_micros("ts_us").alias("ts") if c == "ts" else F.col(c) for c in ROW_COLUMNS], "features")
+
+
+def _with_ts(df: pd.DataFrame) -> pd.DataFrame:
+    return df.rename(columns={"ts": "ts_us"}).astype({"ts_us": "int64"})
+
+
+def transform(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame) -> DataFrame:
+    """Training rows (docs/architecture.md, features/training). Pure."""
+    return add_features(feature_inputs(rewards, snapshots, priors, artworks, titles))
+
+
+# ----------------------------------------------------------------------------------------
+# extract / load / run
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    plays: DataFrame
+    titles: DataFrame
+    artworks: DataFrame
+    members: DataFrame
+    rewards: DataFrame
+    priors: DataFrame
+    snapshot_days: list[str]
+
+
+def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int) -> Inputs:
+    from keyart.contracts import REWARDS
+
+    rewards = read_days(spark, lake.rewards, [ds], REWARDS.spark_schema())
+    days = sorted({r[0].isoformat() for r in rewards.select("impression_ds").distinct().collect()})
+    known_days = sorted({shift_ds(d, -1) for d in days})
+    first = min([ds, *known_days])
+    plays = read_range(spark, lake.clean("plays"), shift_ds(first, -history_days), ds, PLAYS.spark_schema())
+    priors = read_days(spark, lake.priors, known_days, PRIORS.spark_schema(), ds_column="prior_ds")
+    return Inputs(
+        plays=plays, titles=read_table(spark, lake.titles, TITLES), artworks=read_table(spark, lake.artworks, ARTWORKS),
+        members=read_table(spark, lake.members, MEMBERS), rewards=rewards, priors=priors, snapshot_days=known_days,
+    )
+
+
+def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: SnapshotParams) -> DataFrame:
+    """Snapshots of ``inputs.snapshot_days``: the written one, else computed from the plays."""
+    frames = []
+    for day in inputs.snapshot_days:
+        if has_data(lake.member_features(day)):
+            snap = spark.read.schema(SNAPSHOT_SCHEMA).parquet(str(lake.member_features(day)))
+        else:
+            snap = member_snapshot(inputs.plays, inputs.titles, inputs.members, SnapshotParams(day, params.history_days, params.affinity_half_life_days))
+        frames.append(snap.withColumn("snapshot_ds", F.lit(day).cast("date")))
+    if not frames:
+        return spark.createDataFrame([], T.StructType(SNAPSHOT_SCHEMA.fields + [T.StructField("snapshot_ds", T.DateType())]))
+    out = frames[0]
+    for df in frames[1:]:
+        out = out.unionByName(df)
+    return out
+
+
+def load(snapshot: DataFrame, training: DataFrame, lake: Lake, ds: str) -> None:
+    write_day(snapshot, lake.member_features(ds))
+    write_day(training, lake.training(ds))
+
+
+def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    params = SnapshotParams.from_settings(args.ds, settings)
+    parse_ds(args.ds)
+    inputs = extract(spark, lake, args.ds, params.history_days)
+    snapshot = member_snapshot(inputs.plays, inputs.titles, inputs.members, params)
+    training = transform(inputs.rewards, snapshots_for(spark, lake, inputs, params), inputs.priors, inputs.artworks, inputs.titles)
+    load(snapshot, training, lake, args.ds)
+    written = spark.read.parquet(str(lake.training(args.ds)))
+    row = written.agg(
+        F.count(F.lit(1)).alias("rows"), F.sum(F.col("is_logged").cast("int")).alias("impressions"),
+    ).first()
+    figures = {
+        "members": spark.read.parquet(str(lake.member_features(args.ds))).count(),
+        "training_rows": int(row["rows"] or 0),
+        "training_impressions": int(row["impressions"] or 0),
+        "snapshot_days_used": inputs.snapshot_days,
+        "n_features": spec.N_FEATURES,
+        "feature_spec_version": spec.FEATURE_SPEC_VERSION,
+    }
+    write_metrics(lake, "features", args.ds, figures)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for("features", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+

@@ -1,0 +1,203 @@
+"""priors: the Beta posterior of the quality-play rate per (title, artwork, segment) at the end of D.
+
+    spark-submit jobs/priors.py --ds 2026-03-01 [--lake LAKE] [--master URL]
+    keyart job priors --ds 2026-03-01
+
+Reads ``priors/ds=D-1`` (absent on the first day), ``rewards/ds=D``, ``catalog/artworks``
+and ``members``; writes ``priors/ds=D/`` (contracts.PRIORS) and ``metrics/priors/ds=D``.
+
+For every active artwork a and segment s in {all, profile=adult, profile=kids}, with
+d = 0.5 ** (1 / prior_half_life_days):
+
+1. warm start: yesterday's (alpha, beta, n) times d;
+2. evidence: today's labelled impressions of a in s, each weighted w = 1 / (K * propensity)
+   (K candidates; w = 1 under a uniform logging policy), self-normalised so the weights of
+   (a, s) sum to its count c: S = c * sum(w r) / sum(w), F = c - S;
+   alpha += S, beta += F, n += c;
+3. an artwork without yesterday's ``all`` row starts from an empirical-Bayes prior: the
+   method of moments over the posterior means p_i of its title's artworks with data
+   (catalog-wide when the title has fewer than two): mean m, variance v,
+   alpha + beta = m (1 - m) / v - 1, clipped to [1, EB_MAX_ESS] (DEFAULT_PRIOR when nothing
+   has data), so a new artwork gets a row before it has a single impression;
+4. a segment row exists once the segment has data; while its alpha + beta is below
+   ``prior_min_segment_impressions`` the missing mass is filled with the artwork's ``all``
+   mean, so a thin segment falls back to the artwork prior and a rich one follows its data;
+5. alpha + beta is capped at ``prior_max_ess`` (alpha, beta and n scaled together).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from keyart import features as spec
+from keyart.config import Settings
+from keyart.contracts import ARTWORKS, MEMBERS, PRIORS, REWARDS
+from keyart.jobs.common import conform, main_for, read_days, read_table, write_day, write_metrics
+from keyart.lake import Lake, shift_ds
+
+EB_MAX_ESS = 20.0
+"""Cap on the strength of an empirical-Bayes prior: a new artwork must be able to move fast."""
+_MEAN_CLIP = (1e-3, 1.0 - 1e-3)
+
+
+@dataclass(frozen=True)
+class PriorParams:
+    ds: str
+    half_life_days: float
+    max_ess: float
+    min_segment_impressions: float
+    eb_max_ess: float = EB_MAX_ESS
+
+    @property
+    def decay(self) -> float:
+        return 0.5 ** (1.0 / self.half_life_days)
+
+    @classmethod
+    def from_settings(cls, ds: str, settings: Settings) -> PriorParams:
+        return cls(ds, settings.prior_half_life_days, settings.prior_max_ess, float(settings.prior_min_segment_impressions))
+
+
+def active_artworks(artworks: DataFrame, ds: str) -> DataFrame:
+    """``title_id, artwork_id`` of the artworks that may be shown on ``ds``."""
+    day = F.lit(ds).cast("date")
+    live = (F.col("active_from") <= day) & (F.col("active_to").isNull() | (F.col("active_to") >= day))
+    return artworks.where(live).select("title_id", "artwork_id")
+
+
+def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
+    """Self-normalised importance-weighted ``(artwork_id, segment, s, f, n)`` of the day's labels. Pure."""
+    seg = F.when(F.col("profile") == "kids", F.lit(spec.member_segment(True))).otherwise(F.lit(spec.member_segment(False)))
+    rows = rewards.join(members.select("member_id", "profile"), "member_id", "left").select(
+        "artwork_id", "reward",
+        (F.lit(1.0) / (F.size("candidates") * F.col("propensity"))).alias("w"),
+        F.explode(F.array(F.lit(spec.SEGMENT_ALL), seg)).alias("segment"),
+    )
+    agg = rows.groupBy("artwork_id", "segment").agg(
+        F.count(F.lit(1)).cast("double").alias("n"), F.sum("w").alias("sw"), F.sum(F.col("w") * F.col("reward")).alias("swr")
+    )
+    s = F.col("n") * F.col("swr") / F.col("sw")
+    return agg.select("artwork_id", "segment", s.alias("s"), (F.col("n") - s).alias("f"), "n")
+
+
+def _mean(alpha: str = "alpha", beta: str = "beta") -> Column:
+    return F.col(alpha) / (F.col(alpha) + F.col(beta))
+
+
+def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams) -> DataFrame:
+    """Empirical-Bayes ``(title_id, eb_alpha, eb_beta)`` for ``titles`` from the ``all`` posteriors with data.
+
+    Moments over the title's artworks; the catalog's where the title has fewer than two. Pure.
+    """
+    src = posteriors.where(F.col("n_impressions") > 0).select("title_id", _mean().alias("p"))
+
+    def moments(df: DataFrame, *keys: str) -> DataFrame:
+        grouped = df.groupBy(*keys) if keys else df.groupBy()
+        return grouped.agg(F.count(F.lit(1)).alias("c"), F.avg("p").alias("m"), F.var_pop("p").alias("v"))
+
+    def ess(c: Column, m: Column, v: Column) -> Column:
+        raw = F.when(v > 0, m * (1 - m) / v - 1).otherwise(F.lit(params.eb_max_ess))
+        return F.when(c >= 2, F.least(F.greatest(raw, F.lit(1.0)), F.lit(params.eb_max_ess)))
+
+    title = moments(src, "title_id").select("title_id", F.col("c").alias("tc"), F.col("m").alias("tm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("tess"))
+    cat = moments(src).select(F.col("c").alias("cc"), F.col("m").alias("cm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("cess"))
+    default_mean = spec.DEFAULT_PRIOR[0] / sum(spec.DEFAULT_PRIOR)
+    default_ess = min(sum(spec.DEFAULT_PRIOR), params.eb_max_ess)
+    titles = titles.select("title_id").distinct().join(title, "title_id", "left").crossJoin(cat)
+    m = F.coalesce(F.when(F.col("tc") >= 1, F.col("tm")), F.when(F.col("cc") >= 1, F.col("cm")), F.lit(default_mean))
+    m = F.least(F.greatest(m, F.lit(_MEAN_CLIP[0])), F.lit(_MEAN_CLIP[1]))
+    e = F.coalesce(F.col("tess"), F.col("cess"), F.lit(default_ess))
+    return titles.select("title_id", (m * e).alias("eb_alpha"), ((1 - m) * e).alias("eb_beta"))
+
+
+def cap(df: DataFrame, max_ess: float) -> DataFrame:
+    """Scale alpha, beta and n_impressions so alpha + beta <= max_ess."""
+    k = F.least(F.lit(1.0), F.lit(max_ess) / (F.col("alpha") + F.col("beta")))
+    return df.withColumn("_k", k).select(
+        *[c for c in df.columns if c not in ("alpha", "beta", "n_impressions")],
+        (F.col("alpha") * F.col("_k")).alias("alpha"), (F.col("beta") * F.col("_k")).alias("beta"),
+        (F.col("n_impressions") * F.col("_k")).alias("n_impressions"),
+    )
+
+
+def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, members: DataFrame, params: PriorParams) -> DataFrame:
+    """Today's priors (contracts.PRIORS) from yesterday's, today's labels and the catalog. Pure."""
+    d = params.decay
+    active = active_artworks(artworks, params.ds)
+    carried = previous.join(active.select("artwork_id"), "artwork_id").select(
+        "artwork_id", "segment", (F.col("alpha") * d).alias("ca"), (F.col("beta") * d).alias("cb"), (F.col("n_impressions") * d).alias("cn")
+    )
+    ev = evidence(rewards, members)
+
+    def updated(df: DataFrame) -> DataFrame:
+        return df.select(
+            "title_id", "artwork_id", "segment",
+            (F.col("ca") + F.coalesce("s", F.lit(0.0))).alias("alpha"),
+            (F.col("cb") + F.coalesce("f", F.lit(0.0))).alias("beta"),
+            (F.col("cn") + F.coalesce("n", F.lit(0.0))).alias("n_impressions"),
+        )
+
+    all_ev = ev.where(F.col("segment") == spec.SEGMENT_ALL).drop("segment")
+    all_rows = active.join(carried.where(F.col("segment") == spec.SEGMENT_ALL).drop("segment"), "artwork_id", "left").join(all_ev, "artwork_id", "left")
+    all_rows = all_rows.withColumn("segment", F.lit(spec.SEGMENT_ALL))
+    known = cap(updated(all_rows.where(F.col("ca").isNotNull())), params.max_ess)
+    eb = eb_priors(known, active, params)
+    new = all_rows.where(F.col("ca").isNull()).join(eb, "title_id", "left").select(
+        "title_id", "artwork_id", "segment", "s", "f", "n",
+        F.col("eb_alpha").alias("ca"), F.col("eb_beta").alias("cb"), F.lit(0.0).alias("cn"),
+    )
+    all_post = known.unionByName(cap(updated(new), params.max_ess))
+
+    seg_ev = ev.where(F.col("segment") != spec.SEGMENT_ALL)
+    seg_carried = carried.where(F.col("segment") != spec.SEGMENT_ALL)
+    seg_rows = seg_carried.join(seg_ev, ["artwork_id", "segment"], "full").join(active, "artwork_id").select(
+        "title_id", "artwork_id", "segment", F.coalesce("ca", F.lit(0.0)).alias("ca"), F.coalesce("cb", F.lit(0.0)).alias("cb"),
+        F.coalesce("cn", F.lit(0.0)).alias("cn"), "s", "f", "n",
+    )
+    seg_post = updated(seg_rows).join(all_post.select("artwork_id", _mean().alias("m_all")), "artwork_id")
+    fill = F.greatest(F.lit(0.0), F.lit(params.min_segment_impressions) - F.col("alpha") - F.col("beta"))
+    seg_post = seg_post.select(
+        "title_id", "artwork_id", "segment",
+        (F.col("alpha") + fill * F.col("m_all")).alias("alpha"),
+        (F.col("beta") + fill * (1 - F.col("m_all"))).alias("beta"),
+        "n_impressions",
+    )
+    return conform(all_post.unionByName(cap(seg_post, params.max_ess)), PRIORS)
+
+
+def extract(spark: SparkSession, lake: Lake, ds: str) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    previous = read_days(spark, lake.priors, [shift_ds(ds, -1)], PRIORS.spark_schema())
+    rewards = read_days(spark, lake.rewards, [ds], REWARDS.spark_schema())
+    return previous, rewards, read_table(spark, lake.artworks, ARTWORKS), read_table(spark, lake.members, MEMBERS)
+
+
+def load(priors: DataFrame, lake: Lake, ds: str) -> None:
+    write_day(priors, lake.priors(ds))
+
+
+def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    params = PriorParams.from_settings(args.ds, settings)
+    previous, rewards, artworks, members = extract(spark, lake, args.ds)
+    load(transform(previous, rewards, artworks, members, params), lake, args.ds)
+    written = spark.read.schema(PRIORS.spark_schema()).parquet(str(lake.priors(args.ds)))
+    by_seg = {r["segment"]: {"rows": int(r["rows"]), "mean": float(r["mean"] or 0.0), "ess": float(r["ess"] or 0.0)}
+              for r in written.groupBy("segment").agg(F.count(F.lit(1)).alias("rows"), F.avg(_mean()).alias("mean"), F.avg(F.col("alpha") + F.col("beta")).alias("ess")).collect()}
+    figures = {"segments": by_seg, "warm_started": has_previous(lake, args.ds), "decay": params.decay, "max_ess": params.max_ess}
+    write_metrics(lake, "priors", args.ds, figures)
+    return figures
+
+
+def has_previous(lake: Lake, ds: str) -> bool:
+    return lake.priors(shift_ds(ds, -1)).is_dir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for("priors", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""priors: decay, ESS cap, importance weighting, empirical Bayes, segments, reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jobs_fixtures import args, artwork, frame, impression, member, prior, reward_row
+from pyspark.testing import assertDataFrameEqual
+
+from keyart import features as spec
+from keyart.jobs import priors
+from keyart.jobs.common import write_day
+
+DS = "2026-03-02"
+
+
+def params(**kw):
+    base = {"ds": DS, "half_life_days": 1.0, "max_ess": 500.0, "min_segment_impressions": 0.0}
+    return priors.PriorParams(**{**base, **kw})
+
+
+def labels(artwork_id, outcomes, propensity=0.5, member_id="m1", candidates=("t1-a0", "t1-a1")):
+    """Reward rows for ``artwork_id``, one per outcome."""
+    title = artwork_id.split("-")[0]
+    return [reward_row(impression(f"{artwork_id}-{member_id}-{i}-{propensity}", "2026-03-02 08:00", member=member_id, title=title,
+                                  artwork=artwork_id, candidates=list(candidates), propensity=propensity), r, 30.0 * r)
+            for i, r in enumerate(outcomes)]
+
+
+def arts(spark, *ids, **kw):
+    return frame(spark, "artworks", [artwork(a, a.split("-")[0], **kw) for a in ids])
+
+
+def members(spark):
+    return frame(spark, "members", [member("m1"), member("k1", "kids")])
+
+
+def test_decay_update_and_ess_cap(spark):
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 20, 80, 100), prior("t1", "t1-a1", 900, 1100, 2000)])
+    rewards = frame(spark, "rewards", labels("t1-a0", [1, 1, 1] + [0] * 7))
+    got = priors.transform(previous, rewards, arts(spark, "t1-a0", "t1-a1"), members(spark), params())
+    expected = [
+        prior("t1", "t1-a0", 10 + 3, 40 + 7, 50 + 10),          # decayed by 0.5 (half-life 1 day) plus the day
+        prior("t1", "t1-a1", 225, 275, 500),                    # decayed to (450, 550, 1000), capped at ESS 500
+        prior("t1", "t1-a0", 3, 7, 10, "profile=adult"),        # segment with data, no fill (min 0)
+    ]
+    assertDataFrameEqual(got, frame(spark, "priors", expected))
+
+
+def test_importance_weights_are_self_normalised_per_artwork(spark):
+    rewards = frame(spark, "rewards", labels("t1-a0", [1, 1], propensity=0.8) + labels("t1-a0", [0, 0], propensity=0.2))
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 0.0, 0.0, 0.0)])
+    row = priors.transform(previous, rewards, arts(spark, "t1-a0"), members(spark), params()).where("segment = 'all'").first()
+    # w = 1/(2*0.8) = 0.625 on the successes, 1/(2*0.2) = 2.5 on the failures; sum of weights rescaled to 4
+    assert row["alpha"] == pytest.approx(4 * 1.25 / 6.25)
+    assert row["beta"] == pytest.approx(4 - 4 * 1.25 / 6.25)
+    assert row["n_impressions"] == 4.0
+
+
+def test_uniform_logging_policy_gives_plain_counts(spark):
+    rewards = frame(spark, "rewards", labels("t1-a0", [1, 0, 0, 0], propensity=0.5))
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 0.0, 0.0, 0.0)])
+    row = priors.transform(previous, rewards, arts(spark, "t1-a0"), members(spark), params()).where("segment = 'all'").first()
+    assert (row["alpha"], row["beta"], row["n_impressions"]) == (1.0, 3.0, 4.0)
+
+
+def test_new_artwork_gets_empirical_bayes_prior_from_its_title(spark):
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 2, 8, 10), prior("t1", "t1-a1", 4, 6, 10)])
+    got = priors.transform(previous, frame(spark, "rewards", []), arts(spark, "t1-a0", "t1-a1", "t1-a2", "t2-a0"),
+                           members(spark), params(half_life_days=1e9))
+    rows = {r["artwork_id"]: r for r in got.collect()}
+    m, v = 0.3, 0.01                                 # means 0.2 and 0.4
+    ess = min(m * (1 - m) / v - 1, priors.EB_MAX_ESS)  # 20.0
+    for new in ("t1-a2", "t2-a0"):                   # t2 has no artwork with data: the catalog's moments
+        assert rows[new]["alpha"] == pytest.approx(m * ess)
+        assert rows[new]["beta"] == pytest.approx((1 - m) * ess)
+        assert rows[new]["n_impressions"] == 0.0
+
+
+def test_first_day_without_any_data_gives_every_active_artwork_the_default(spark):
+    artworks = frame(spark, "artworks", [artwork("t1-a0", "t1"), artwork("t1-a1", "t1", active_to="2026-03-01"),
+                                          artwork("t1-a2", "t1", active_from="2026-03-03")])
+    got = priors.transform(frame(spark, "priors", []), frame(spark, "rewards", []), artworks, members(spark), params())
+    assertDataFrameEqual(got, frame(spark, "priors", [prior("t1", "t1-a0", *spec.DEFAULT_PRIOR, 0.0)]))
+
+
+def test_thin_segment_is_filled_with_the_artwork_mean(spark):
+    rewards = frame(spark, "rewards", labels("t1-a0", [1] * 5 + [0] * 5, member_id="k1") + labels("t1-a0", [1] * 10 + [0] * 30))
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 0.0, 0.0, 0.0)])
+    got = priors.transform(previous, rewards, arts(spark, "t1-a0"), members(spark), params(min_segment_impressions=100.0))
+    rows = {r["segment"]: r for r in got.collect()}
+    m_all = 15 / 50
+    assert rows["profile=kids"]["alpha"] == pytest.approx(5 + 90 * m_all)
+    assert rows["profile=kids"]["beta"] == pytest.approx(5 + 90 * (1 - m_all))
+    assert rows["profile=kids"]["n_impressions"] == 10.0
+    assert rows["profile=adult"]["alpha"] + rows["profile=adult"]["beta"] == pytest.approx(100.0)
+
+
+def test_run_warm_starts_from_yesterday_and_rerun_is_identical(spark, lake, settings):
+    arts(spark, "t1-a0", "t1-a1").write.parquet(str(lake.artworks))
+    members(spark).write.parquet(str(lake.members))
+    write_day(frame(spark, "priors", [prior("t1", "t1-a0", 2, 8, 10)]), lake.priors("2026-03-01"))
+    write_day(frame(spark, "rewards", labels("t1-a0", [1, 0])), lake.rewards(DS))
+    priors.run(spark, lake, args(DS, lake.root), settings)
+    first = spark.read.parquet(str(lake.priors(DS))).collect()
+    d = 0.5 ** (1 / settings.prior_half_life_days)
+    row = next(r for r in first if r["artwork_id"] == "t1-a0" and r["segment"] == "all")
+    assert row["alpha"] == pytest.approx(2 * d + 1) and row["n_impressions"] == pytest.approx(10 * d + 2)
+    assert json.loads(lake.metrics("priors", DS).read_text())["warm_started"] is True
+    priors.run(spark, lake, args(DS, lake.root), settings)
+    assertDataFrameEqual(spark.read.parquet(str(lake.priors(DS))), first)
