@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
     from keyart.sim.traffic import simulate_day
     from keyart.sim.world import World
 
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     settings = load_settings()
     lake = Lake(settings.lake)
     home = settings.home

@@ -137,9 +137,10 @@ def active_artworks(lake: Lake, ds: str) -> pd.DataFrame:
     arts = read_table_dir(lake.artworks)
     titles = read_table_dir(lake.titles)[["title_id", "genres"]].rename(columns={"genres": "title_genres"})
     day, nxt = parse_ds(ds), parse_ds(shift_ds(ds, 1))
-    start = pd.to_datetime(arts["active_from"]).dt.date
-    end = pd.to_datetime(arts["active_to"]).dt.date
-    active = (start <= nxt) & (end.isna() | (end >= day))
+    # Compare as timestamps: an all-null active_to column has no .dt.date to compare with dates.
+    start = pd.to_datetime(arts["active_from"])
+    end = pd.to_datetime(arts["active_to"])
+    active = (start <= pd.Timestamp(nxt)) & (end.isna() | (end >= pd.Timestamp(day)))
     out = arts[active.to_numpy()].merge(titles, on="title_id", how="left")
     if out["title_genres"].isna().any():
         raise ValueError("artworks reference titles missing from the catalog")
