@@ -257,12 +257,15 @@ def register_run(ds: str, settings: Settings | None = None, run_dir: Path | None
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ds={ds}", tags=run_tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(rec.params)
+        # The model is logged before the run's metrics: MLflow 3.7's Model.log re-logs every
+        # metric already on the run (to link it to the model) with its original timestamp,
+        # which the SQL stores reject as a duplicate key.
+        model_uri = registry.log_bundle_model(run_dir / "bundle", run_id,
+                                              model_tags={"keyart.ds": ds})
         mlflow.log_metrics(rec.metrics)
         notes = _log_artifacts(rec, settings)
         if notes:
             mlflow.set_tag("keyart.report_notes", "; ".join(notes)[:MAX_TAG_CHARS])
-        model_uri = registry.log_bundle_model(run_dir / "bundle", run_id,
-                                              model_tags={"keyart.ds": ds})
         tags = {f"keyart.{k}": v for k, v in rec.lineage.items()}
         tags.update({registry.TAG_SHA: rec.checksum, "keyart.source_run": run_id})
         version = str(registry.register_version(model_uri, tags, settings).version)

@@ -1,7 +1,7 @@
 """Real runs of keyart_daily: ``airflow dags test`` on SQLite over a small simulated world.
 
-Day D1 is the lake's first day of traffic: its Spark tasks run and the model steps skip (no
-labelled day to train on yet). Day D2 runs every task. Then D1..D2 run again, as a backfill
+Day D1 is the lake's first day of traffic: every task runs, the model training on the early
+part of D1 and evaluated on the late part (a cold start). Day D2 runs every task. Then D1..D2 run again, as a backfill
 with ``--reprocess-behavior completed`` would: the registry must end as it was.
 
     pytest tests/airflow/test_dag_run.py      # a few minutes on two cores
@@ -117,13 +117,10 @@ def _has_parquet(path: Path) -> bool:
     return path.is_dir() and any(path.rglob("*.parquet"))
 
 
-def test_first_day_runs_spark_and_skips_model_steps(day1):
-    states = day1
-    assert set(states) == set(ALL_TASKS)
-    for task_id in ("partition_date", "check_data_quality", "training_window", *SPARK_TASKS):
-        assert states[task_id] == "success", (task_id, states)
-    for task_id in MODEL_TASKS:
-        assert states[task_id] == "skipped", (task_id, states)
+def test_first_day_runs_every_task_on_a_cold_start(world, day1):
+    assert day1 == {task_id: "success" for task_id in ALL_TASKS}
+    train = json.loads((world["lake"] / "runs" / f"ds={D1}" / "train.json").read_text())
+    assert train["cold_start_split"] is True and train["window"]["days"] == [D1]
 
 
 def test_every_task_succeeds_and_writes_its_outputs(world, day2):
@@ -144,8 +141,8 @@ def test_every_task_succeeds_and_writes_its_outputs(world, day2):
         assert (run_dir / name).is_file(), name
 
     state = registry_state(world["env"])
-    assert [ds for _, ds in state["versions"]] == [D2], state
-    assert "champion" in state["aliases"], state  # the first version has no champion to beat
+    assert [ds for _, ds in state["versions"]] == [D1, D2], state
+    assert "champion" in state["aliases"], state  # D1's version had no champion to beat
 
 
 def test_backfill_rerun_leaves_the_registry_as_it_was(world, day2):
