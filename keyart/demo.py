@@ -154,13 +154,13 @@ def _champion_source(settings) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from keyart import airflow_env
     from keyart.demo_report import DayResult, noncontextual_value, write_report
     from keyart.sim.choosers import HttpChooser, RandomChooser
     from keyart.sim.traffic import simulate_day
     from keyart.sim.world import World
-
-    import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
     settings = load_settings()

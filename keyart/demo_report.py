@@ -111,12 +111,16 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def ope_rows(lake: Lake, results: list[DayResult]) -> list[dict[str, Any]]:
+def ope_rows(lake: Lake, results: list[DayResult], window_hours: float) -> list[dict[str, Any]]:
     """Per daily run: OPE estimates with intervals beside true values.
 
     The logging policy of run D is what served day D, so its true value is known exactly;
     the model promoted by run D served day D+1, so that day's exact value is its truth
-    (on the next day's visits)."""
+    (on the next day's visits). Logged rewards only see quality plays that start inside the
+    attribution window, so the truths are scaled by the exact share of plays that do."""
+    from keyart.sim.traffic import p_delay_within
+
+    seen = p_delay_within(window_hours)
     by_ds = {r.ds: r for r in results}
     out = []
     for i, r in enumerate(results[:-1]):
@@ -125,7 +129,7 @@ def ope_rows(lake: Lake, results: list[DayResult]) -> list[dict[str, Any]]:
             continue
         ev = json.loads(path.read_text())
         nxt = results[i + 1]
-        for who, truth in (("logging", by_ds[r.ds].served), ("candidate", nxt.served)):
+        for who, truth in (("logging", by_ds[r.ds].served * seen), ("candidate", nxt.served * seen)):
             est = ev.get("policies", {}).get(who, {})
             for estimator in ("replay", "ips", "snips", "dr"):
                 e = est.get(estimator)
@@ -199,7 +203,7 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                  settings, step_times: list[tuple[str, float]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shares = artwork_shares(world, lake, days[-1])
-    ope = ope_rows(lake, results)
+    ope = ope_rows(lake, results, settings.attribution_window_hours)
     plots = _plots(out, results, ope, shares)
     lines = ["# keyart demo report", "",
              f"World: {world.catalog.n_titles} titles, {world.catalog.n_artworks} artworks, "
@@ -215,7 +219,9 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
     if ope:
         lines += ["## Offline evaluation beside the truth", "",
                   "Each daily run values policies on its held-out logged day. The logging policy's true value is that "
-                  "day's exact served value; the candidate's is the exact value it earned when served the next day.", "",
+                  "day's exact served value; the candidate's is the exact value it earned when served the next day. "
+                  "Both are scaled by the exact share of plays that start inside the attribution window "
+                  f"({settings.attribution_window_hours:g} h), since logged rewards only see those.", "",
                   "| run | policy | estimator | estimate | 95% interval | true | covered |", "|---|---|---|---|---|---|---|"]
         for row in ope:
             lines.append(f"| {row['run']} | {row['policy']} | {row['estimator']} | {_fmt(row['estimate'])} | "

@@ -34,14 +34,29 @@ STREAM_CHOOSER, STREAM_PLAYS = 20, 21
 _EPOCH = dt.date(1970, 1, 1)
 
 
+DELAY_MIX = (0.65, 0.30, 0.05)
+"""Shares of play delays that are immediate (0.2 + Exp(2) min), browsing (5 + Exp(45) min) and
+later (uniform 3-8 h)."""
+
+
 def play_delays_ms(rng: np.random.Generator, n: int) -> np.ndarray:
     """Delay from impression to play start: mostly minutes, sometimes hours."""
-    kind = rng.choice(3, size=n, p=[0.65, 0.30, 0.05])
+    kind = rng.choice(3, size=n, p=list(DELAY_MIX))
     minutes = np.where(
         kind == 0, 0.2 + rng.exponential(2.0, n),
         np.where(kind == 1, 5.0 + rng.exponential(45.0, n), rng.uniform(180.0, 480.0, n)),
     )
     return (minutes * 60_000).astype(np.int64)
+
+
+def p_delay_within(hours: float) -> float:
+    """Exact P(play delay <= ``hours``) under :func:`play_delays_ms`: the share of quality plays
+    an attribution window of that length can see."""
+    m = hours * 60.0
+    immediate = 1.0 - np.exp(-max(m - 0.2, 0.0) / 2.0)
+    browsing = 1.0 - np.exp(-max(m - 5.0, 0.0) / 45.0)
+    later = min(max((m - 180.0) / 300.0, 0.0), 1.0)
+    return float(np.dot(DELAY_MIX, (immediate, browsing, later)))
 
 
 def _check_decisions(world: World, visits: Visits, d: Decisions) -> None:

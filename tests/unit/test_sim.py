@@ -258,3 +258,14 @@ def test_simulate_day_in_memory(world):
 def test_traffic_without_world_fails_clearly(tmp_path, capsys):
     assert main(["traffic", "--lake", str(tmp_path), "--ds", DS, "--policy", "random"]) == 1
     assert "keyart world" in capsys.readouterr().err
+
+
+def test_p_delay_within_matches_sampled_delays():
+    import numpy as np
+
+    from keyart.sim.traffic import p_delay_within, play_delays_ms
+
+    delays = play_delays_ms(np.random.default_rng(3), 400_000)
+    for hours in (0.5, 4.0, 6.0, 9.0):
+        assert p_delay_within(hours) == pytest.approx((delays <= hours * 3_600_000).mean(), abs=3e-3)
+    assert p_delay_within(9.0) == pytest.approx(1.0, abs=1e-4)  # exponential tails never quite end
