@@ -38,7 +38,7 @@ class Settings(BaseSettings):
 
     # --- Spark ---------------------------------------------------------------------
     spark_master: str = Field(default="local[*]", description="Spark master URL.")
-    spark_shuffle_partitions: int = Field(default=8, ge=1)
+    spark_shuffle_partitions: int = Field(default=4, ge=1, description="Shuffle partitions; raise on a cluster (a few per core).")
     spark_driver_memory: str = "4g"
 
     # --- rewards and features -------------------------------------------------------
