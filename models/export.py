@@ -132,11 +132,17 @@ def parity_sample(lake: Lake, ds: str, n_impressions: int = 2000, seed: int = 0)
     return X, pages.offsets, rows
 
 
+EXPORT_HORIZON_DAYS = 7
+"""A bundle also carries the artworks that start within this many days after its serving day,
+so a champion that stays in place (the gate kept it) still knows them; serving resolves which
+are active on each request's day."""
+
+
 def active_artworks(lake: Lake, ds: str) -> pd.DataFrame:
-    """Artworks active on ds or ds+1 (the serving day), with their title's genres."""
+    """Artworks active on any day from ds to ds + 1 + EXPORT_HORIZON_DAYS, with their title's genres."""
     arts = read_table_dir(lake.artworks)
     titles = read_table_dir(lake.titles)[["title_id", "genres"]].rename(columns={"genres": "title_genres"})
-    day, nxt = parse_ds(ds), parse_ds(shift_ds(ds, 1))
+    day, nxt = parse_ds(ds), parse_ds(shift_ds(ds, 1 + EXPORT_HORIZON_DAYS))
     # Compare as timestamps: an all-null active_to column has no .dt.date to compare with dates.
     start = pd.to_datetime(arts["active_from"])
     end = pd.to_datetime(arts["active_to"])

@@ -36,7 +36,7 @@ from keyart import features
 from keyart.config import Settings
 from keyart.lake import Lake
 from keyart.policy import PolicyConfig
-from keyart.serving.tables import ArtworkTable, MemberTable, active_on, read_rows
+from keyart.serving.tables import ArtworkTable, MemberTable, not_expired, read_rows
 
 log = logging.getLogger("keyart.serving.bundle")
 PROBE_TOLERANCE = 1e-4
@@ -105,7 +105,8 @@ def load_bundle(path: Path, source: str, settings: Settings) -> LoadedBundle:
     path = Path(path)
     manifest = kbundle.verify(path)
     try:
-        arts = [r for r in read_rows(path / "artworks.parquet") if active_on(r, dt.datetime.now(dt.UTC).date())]
+        # keep artworks that start later (resolved per request); drop only the retired ones
+        arts = [r for r in read_rows(path / "artworks.parquet") if not_expired(r, dt.datetime.now(dt.UTC).date())]
         table = ArtworkTable.build(arts, read_rows(path / "priors.parquet"))
         members = MemberTable(read_rows(path / "members.parquet"), table.vocab)
         session = make_session(path / kbundle.MODEL_FILE)
@@ -259,7 +260,7 @@ class BundleStore:
         try:
             rows = read_rows(path) if path.exists() else []
             today = dt.datetime.now(dt.UTC).date()
-            self.fallback = ArtworkTable.build([r for r in rows if active_on(r, today)]) if rows else None
+            self.fallback = ArtworkTable.build([r for r in rows if not_expired(r, today)]) if rows else None
         except Exception as exc:
             self._on_event("catalog_unreadable", {"path": str(path), "error": str(exc)[:300]})
             self.fallback = None

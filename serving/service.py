@@ -91,6 +91,8 @@ class Service:
         table = bundle.artworks if bundle is not None else self.store.fallback
         if table is None:
             raise PageRefused(503, "no_catalog", "no model and no catalog loaded: cannot decide")
+        day = (dt.datetime.fromtimestamp(client_clock_ms(req.ts) / 1000, dt.UTC) if req.ts is not None
+               else dt.datetime.now(dt.UTC)).date()
         unknown_titles: list[str] = []
         problems: list[str] = []
         too_many: list[str] = []
@@ -108,7 +110,11 @@ class Service:
                 continue
             title_rows[i] = t
             if slot.candidates is None:
-                chunks.append(table.title_rows[t])
+                rows = table.active_rows(t, day)
+                if len(rows) == 0:
+                    problems.append(f"title {tid!r}: no artwork is active on {day.isoformat()}")
+                    continue
+                chunks.append(rows)
                 continue
             if len(slot.candidates) > s.serve_max_artworks:
                 too_many.append(tid)

@@ -87,6 +87,16 @@ class ArtworkTable:
     tone_idx: np.ndarray
     genre_idx: np.ndarray
     genre_count: np.ndarray
+    # [N] first day (date ordinal) each artwork may be shown; 0 = always. A bundle carries the
+    # artworks that start within its export horizon, so "all active" is resolved per request.
+    active_from_day: np.ndarray | None = None
+
+    def active_rows(self, title: int, day: dt.date) -> np.ndarray:
+        """Rows of ``title`` that may be shown on ``day``."""
+        rows = self.title_rows[title]
+        if self.active_from_day is None:
+            return rows
+        return rows[self.active_from_day[rows] <= day.toordinal()]
 
     @property
     def n_vocab(self) -> int:
@@ -154,15 +164,21 @@ class ArtworkTable:
             vocab=vocab, cast_idx=_padded(cast, pad), cast_count=np.array([len(c) for c in cast], np.int64),
             tone_idx=_padded(tone, pad), genre_idx=_padded(genre, pad),
             genre_count=np.array([len(g) for g in genres], np.int64),
+            active_from_day=np.array([_ordinal(a.get("active_from")) for a in arts], np.int64),
         )
 
 
-def active_on(row: Mapping[str, Any], day: dt.date) -> bool:
-    """Whether a catalog artwork row is active on ``day`` (rows without dates are)."""
-    start, end = row.get("active_from"), row.get("active_to")
-    start = dt.date.fromisoformat(start) if isinstance(start, str) else start
+def _ordinal(day: Any) -> int:
+    if day is None:
+        return 0
+    return (dt.date.fromisoformat(day) if isinstance(day, str) else day).toordinal()
+
+
+def not_expired(row: Mapping[str, Any], day: dt.date) -> bool:
+    """Whether a catalog artwork row may still be shown on ``day`` or later."""
+    end = row.get("active_to")
     end = dt.date.fromisoformat(end) if isinstance(end, str) else end
-    return (start is None or start <= day) and (end is None or day <= end)
+    return end is None or day <= end
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ def _lake(tmp_path, active_to):
          "active_from": dt.date(2026, 11, 5), "active_to": active_to[1]},
         {"artwork_id": "tomorrow", "title_id": "t", "tags": [], "is_default": False,
          "active_from": dt.date(2026, 11, 2), "active_to": active_to[2]},
+        {"artwork_id": "far", "title_id": "t", "tags": [], "is_default": False,  # past the export horizon
+         "active_from": dt.date(2026, 11, 20), "active_to": None},
     ]
     pq.write_table(pa.Table.from_pylist(rows, ARTWORKS.arrow_schema()), lake.artworks / "p.parquet")
     return lake
@@ -30,12 +32,13 @@ def _lake(tmp_path, active_to):
 @pytest.mark.parametrize(
     "active_to, expected",
     [
-        ((None, None, None), ["old", "tomorrow"]),  # all open-ended (an all-null column)
-        ((dt.date(2026, 10, 31), None, None), ["tomorrow"]),  # retired before ds
-        ((dt.date(2026, 11, 1), None, dt.date(2026, 11, 2)), ["old", "tomorrow"]),  # last day is ds
+        # "later" starts within the export horizon: a bundle that stays champion must know it
+        ((None, None, None), ["old", "later", "tomorrow"]),  # open-ended: active_to all null
+        ((dt.date(2026, 10, 31), None, None), ["later", "tomorrow"]),  # retired before ds
+        ((dt.date(2026, 11, 1), None, dt.date(2026, 11, 2)), ["old", "later", "tomorrow"]),  # last day is ds
     ],
 )
-def test_active_artworks_on_ds_or_the_serving_day(tmp_path, active_to, expected):
+def test_active_artworks_from_ds_through_the_export_horizon(tmp_path, active_to, expected):
     out = active_artworks(_lake(tmp_path, active_to), "2026-11-01")
     assert sorted(out["artwork_id"]) == sorted(expected)
     assert all(list(g) == ["drama"] for g in out["title_genres"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 
@@ -9,8 +10,8 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_bundle, page
 from fastapi.testclient import TestClient
+from serving_fixtures import make_bundle, page
 
 from keyart import contracts, policy
 from keyart.config import load_settings
@@ -254,3 +255,28 @@ def test_bad_bundle_refused_old_keeps_serving(tmp_path, bundle_dir, lgbm_model_b
     assert "checksum" in cases["corrupt"] and "feature spec" in cases["spec"] and "parity probe" in cases["model"]
     assert 'keyart_bundle_loads_total{outcome="refused"} 3.0' in metrics
     assert 'keyart_model_info{source=' in metrics and 'version="v2"' in metrics
+
+
+def test_artworks_that_start_later_are_resolved_per_request_day(_isolated_home):
+    rows = synthetic.artwork_rows(np.random.default_rng(0), 2, 3)
+    for r in rows:
+        if r["artwork_id"] == "t0001-a2":
+            r["active_from"] = "2026-11-05"  # starts after the first request's day
+        if r["artwork_id"] == "t0002-a1":
+            r["active_to"] = dt.date(2020, 1, 1)  # long retired: never served
+    lake = Lake(_isolated_home / "lake")
+    lake.artworks.mkdir(parents=True)
+    pq.write_table(synthetic.catalog_rows(rows), lake.artworks / "part-0.parquet")
+    ctx = {"device": "web", "country": "DE", "local_hour": 3, "day_of_week": 0}
+    titles = [{"title_id": "t0001", "page_row": 0, "position": 0}, {"title_id": "t0002", "page_row": 0, "position": 1}]
+    with client(None, serve_client_clock=True) as c:
+        for ts in ("2026-11-04T10:00:00Z", "2026-11-05T10:00:00Z"):
+            assert c.post("/v1/artwork", json={"member_id": "m1", "context": ctx, "titles": titles, "ts": ts}).status_code == 200
+        retired = c.post("/v1/artwork", json={"member_id": "m1", "context": ctx, "ts": "2026-11-05T10:00:00Z",
+                                              "titles": [{"title_id": "t0002", "candidates": ["t0002-a1"],
+                                                          "page_row": 0, "position": 0}]})
+    assert retired.status_code == 422 and "t0002-a1" in retired.json()["detail"]
+    logged = {(row["ts"][:10], row["title_id"]): row["candidates"] for row in impressions(_isolated_home)}
+    assert logged[("2026-11-04", "t0001")] == ["t0001-a0", "t0001-a1"]
+    assert logged[("2026-11-05", "t0001")] == ["t0001-a0", "t0001-a1", "t0001-a2"]
+    assert logged[("2026-11-05", "t0002")] == ["t0002-a0", "t0002-a2"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from conftest import make_bundle
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
+from serving_fixtures import make_bundle
 
 from keyart import config
 from keyart.serving.app import create_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import make_bundle
+from serving_fixtures import make_bundle
 
 from keyart.config import load_settings
 from keyart.serving.bundle_store import BundleStore

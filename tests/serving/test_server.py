@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from conftest import make_bundle, page
+from serving_fixtures import make_bundle, page
 
 from keyart import contracts
 
