@@ -162,7 +162,7 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
     days = {r["day"]: r["arms"]["keyart"]["lift_capture"]["mean"] - r["arms"]["vw"]["lift_capture"]["mean"]
             for r in rows if r["day"] >= GOAL_FROM_DAY}
     return {"statement": f"keyart lift capture >= vw lift capture from day {GOAL_FROM_DAY} on (mean over seeds)",
-            "keyart_minus_vw_by_day": days, "met": bool(days) and all(x >= 0 for x in days.values())}
+            "keyart_minus_vw_by_day": days, "met": all(x >= 0 for x in days.values()) if days else None}
 
 
 def _mm(s: dict[str, float], fmt: str) -> str:
@@ -200,7 +200,8 @@ def format_tables(r: dict[str, Any]) -> str:
     if notes:
         lines += ["", *(f"workaround: {w}" for w in notes)]
     g = r["goal"]
-    lines += ["", f"goal: {g['statement']}: {'MET' if g['met'] else 'NOT MET'} "
+    verdict = {True: "MET", False: "NOT MET", None: f"not measured (fewer than {GOAL_FROM_DAY + 1} days)"}[g["met"]]
+    lines += ["", f"goal: {g['statement']}: {verdict} "
               + ", ".join(f"day {d}: {x:+.3f}" for d, x in g["keyart_minus_vw_by_day"].items()),
               f"wall time {r['wall_s'] / 60:.1f} min; load average at start {r['load_start']}, at end {r['load_end']}",
               "timings per seed (s): " + "; ".join(f"seed {s['seed']}: {s['timings']}" for s in r["per_seed"])]

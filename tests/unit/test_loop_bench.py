@@ -74,4 +74,4 @@ def test_aggregate_lift_and_regret():
     assert k["lift_capture"] == {"mean": 0.5, "min": 0.0, "max": 1.0}
     assert k["cumulative_regret"]["max"] == pytest.approx(10.0)
     assert rows[0]["arms"]["random"]["lift_capture"]["mean"] == 0.0
-    assert goal(rows)["met"] is False  # no day >= 3: nothing shown
+    assert goal(rows)["met"] is None  # no day >= 3: not measured
