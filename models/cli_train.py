@@ -59,6 +59,8 @@ def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = N
     table = read_training(lake, days, columns=TRAIN_COLUMNS)
     if is_cold_start(days, heldout):
         table = time_split_rows(table, "train")
+    # Spark writes rows in no fixed order; a fixed order makes a rerun train the same model.
+    table = table.sort_by([("ts", "ascending"), ("event_id", "ascending"), ("is_logged", "ascending")])
     arrays = logged_arrays(table)
     load_s = time.perf_counter() - t0
     result: TrainResult = train_reward_model(cfg=cfg, **arrays)

@@ -79,6 +79,9 @@ def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(inits)
     model.producer_name = "keyart"
+    # The converter names the graph with a random uuid; a fixed name makes the same booster
+    # give the same bytes, so re-exporting a day (retry, backfill) is the same bundle.
+    graph.name = "keyart_reward_model"
     onnx.checker.check_model(model)
     return model
 

@@ -22,8 +22,8 @@ from keyart import airflow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.timeout(1800)]
 
-HISTORY_START, D1, D2 = "2026-11-25", "2026-12-01", "2026-12-02"
-HISTORY_END = "2026-11-30"
+HISTORY_START, D1, D2 = "2026-09-25", "2026-10-01", "2026-10-02"  # in the past: Airflow refuses to backfill future dates
+HISTORY_END = "2026-09-30"
 VISITS = 150
 SPARK_TASKS = ("ingest", "rewards", "features", "priors")
 MODEL_TASKS = ("train", "evaluate", "export", "register", "promote")

@@ -177,3 +177,18 @@ def test_cold_start_trains_early_part_and_evaluates_late_part_of_the_first_day(l
     out = evaluate_run(lake, FIRST, PolicyConfig(), n_boot=20)
     assert out["heldout_part"] == "late"
     assert out["n_impressions"] == late.group_by("event_id").aggregate([]).num_rows
+
+
+def test_retraining_and_reexporting_a_day_gives_the_same_model_bytes(lake_template, tmp_path):
+    from keyart.lake import Lake
+    from keyart.models.cli_train import train_run
+
+    shutil.copytree(lake_template.root, tmp_path / "lake")
+    lake = Lake(tmp_path / "lake")
+    ds = shift_ds(FIRST, 3)
+    digests = set()
+    for _ in range(2):
+        train_run(lake, ds, 7)
+        export_bundle(lake, ds, PolicyConfig())
+        digests.add(bundle.read_manifest(lake.bundle_dir(ds))["files"]["model.onnx"])
+    assert len(digests) == 1
