@@ -236,8 +236,14 @@ def _log_artifacts(rec: RunRecord, settings: Settings) -> list[str]:
     return made.notes
 
 
-def register_run(ds: str, settings: Settings | None = None, run_dir: Path | None = None) -> RegisterResult:
-    """Log the run of ``ds`` and register its bundle (once per bundle); return the version."""
+def register_run(ds: str, settings: Settings | None = None, run_dir: Path | None = None,
+                 replace: bool = False) -> RegisterResult:
+    """Log the run of ``ds`` and register its bundle; return the version.
+
+    One version per day: a rerun of a day (Airflow retry, backfill) keeps the version already
+    registered for it, even when retraining gave slightly different bytes (Spark's float
+    aggregation order is not fixed). ``replace`` registers the new bundle as a new version.
+    """
     t0 = time.perf_counter()
     settings = registry.configure(settings)
     ds = fmt_ds(ds)
@@ -250,6 +256,14 @@ def register_run(ds: str, settings: Settings | None = None, run_dir: Path | None
         log.info("ds=%s bundle %s is already version %s; nothing to do",
                  ds, rec.checksum[:12], str(existing.version))
         return RegisterResult(str(existing.version), existing.run_id or "", created=False)
+    same_day = [v for v in registry.versions_for_ds(ds, settings)
+                if v.tags.get(registry.TAG_STATUS) == STATUS_REGISTERED]
+    if same_day and not replace:
+        kept = max(same_day, key=lambda v: int(v.version))
+        log.warning("ds=%s already has version %s (bundle %s); keeping it, not registering bundle %s "
+                    "(use --replace to register it)", ds, kept.version,
+                    kept.tags.get(registry.TAG_SHA, "?")[:12], rec.checksum[:12])
+        return RegisterResult(str(kept.version), kept.run_id or "", created=False)
 
     experiment_id = registry.ensure_experiment(settings)
     run_tags = {"keyart.ds": ds, registry.TAG_SHA: rec.checksum,
@@ -280,11 +294,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds", required=True, help="partition date YYYY-MM-DD of the run to register")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="run directory (default <lake>/runs/ds=D)")
+    parser.add_argument("--replace", action="store_true",
+                        help="register this bundle even if the day already has a version")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = register_run(args.ds, default_settings(), args.run_dir)
+        result = register_run(args.ds, default_settings(), args.run_dir, replace=args.replace)
     except (FileNotFoundError, ValueError, bundle.BundleError) as exc:
         log.error("register: %s", exc)
         return 1

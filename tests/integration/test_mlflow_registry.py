@@ -62,6 +62,11 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path) -> N
     again = register_run(DAY1, settings)
     assert (again.version, again.created) == ("1", False)
     assert gate(DAY1, settings).recorded_earlier
+    # A retrained bundle for the same day (other bytes) keeps the day's version unless replaced.
+    build_run_dir(lake, DAY1, seed=3, rich=True)
+    kept = register_run(DAY1, settings)
+    assert (kept.version, kept.created) == ("1", False)
+    assert [str(v.version) for v in registry.versions(settings)] == ["1"]
 
     # Day 2: a deliberately worse model, evaluated against day 1's champion -> kept.
     build_run_dir(lake, DAY2, seed=2, quality="bad", champion=day1)
