@@ -8,6 +8,7 @@ replays today's reward log; shutdown flushes and fsyncs the logs.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import time
@@ -60,6 +61,19 @@ class Runtime:
     metrics: Metrics
 
 
+def settle_heap() -> None:
+    """Collect once, then freeze what is alive (modules, the bundle, the tables).
+
+    Frozen objects sit in the collector's permanent generation, so the full collections
+    that request garbage triggers scan only young objects: without this a full collection
+    walks ~10^5 long-lived objects and stalls every in-flight request for 30-60 ms. Runs at
+    start-up and after every bundle swap (unfreezing first, so the old bundle is freed).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | None = None,
                   rng: np.random.Generator | None = None) -> Runtime:
     """Load the bundle and open the logs (no background threads yet besides the log writers)."""
@@ -73,6 +87,7 @@ def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | 
     def on_event(event: str, fields: dict[str, Any]) -> None:
         if event == "bundle_swapped":
             metrics.bundle_loads.labels(outcome="ok").inc()
+            settle_heap()
         elif event == "bundle_refused":
             metrics.bundle_loads.labels(outcome="refused").inc()
         log_event(event, fields)
@@ -134,6 +149,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         s = settings or config.settings()
         rt = build_runtime(s, metrics, model_uri, rng)
         app.state.runtime = rt
+        settle_heap()
         if poll:
             rt.store.start()
         try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -72,6 +74,7 @@ def _stats(latencies: list[float], seconds: float, decisions_per_page: int) -> d
 def floor(bundle_dir: Path, page: dict[str, Any], seconds: float) -> dict[str, float]:
     """Prepare + features + one ONNX call + policy for the page, in this process."""
     from keyart.config import load_settings
+    from keyart.serving.app import settle_heap
     from keyart.serving.bundle_store import BundleStore
     from keyart.serving.rewards import EventSigner
     from keyart.serving.schemas import ArtworkRequest
@@ -86,6 +89,7 @@ def floor(bundle_dir: Path, page: dict[str, Any], seconds: float) -> dict[str, f
     req = ArtworkRequest.model_validate(page)
     for _ in range(50):
         svc.choose(svc.prepare(req))
+    settle_heap()  # as the server does after loading a bundle
     lat: list[float] = []
     end = time.perf_counter() + seconds
     while (t0 := time.perf_counter()) < end:
@@ -169,6 +173,23 @@ async def open_loop(port: int, request: bytes, rate: float, seconds: float, pool
     return lat, elapsed, errors
 
 
+@contextlib.contextmanager
+def quiet_client():
+    """No collector pauses in the load generator while it times requests.
+
+    A full collection in this (client) process would delay sends and reads by tens of
+    milliseconds and be counted as server latency. The server does its own heap settling.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,17 +241,18 @@ def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        runner(closed_loop(port, request, 4, 1.0))  # warm-up
-        levels = []
-        for c in [int(x) for x in str(args.concurrency).split(",") if x.strip()]:
-            lat, elapsed, errors = runner(closed_loop(port, request, c, args.seconds))
-            levels.append({"concurrency": c, **_stats(lat, elapsed, decisions), "errors": errors})
-        result["endpoint"] = levels
-        best = max(levels, key=lambda r: r["pages_per_s"])
-        rate = best["pages_per_s"] / 2
-        lat, elapsed, errors = runner(open_loop(port, request, rate, max(args.seconds, 4.0)))
-        result["half_saturation"] = {"offered_pages_per_s": round(rate, 1), **_stats(lat, elapsed, decisions),
-                                     "errors": errors}
+        with quiet_client():
+            runner(closed_loop(port, request, 4, 1.0))  # warm-up
+            levels = []
+            for c in [int(x) for x in str(args.concurrency).split(",") if x.strip()]:
+                lat, elapsed, errors = runner(closed_loop(port, request, c, args.seconds))
+                levels.append({"concurrency": c, **_stats(lat, elapsed, decisions), "errors": errors})
+            result["endpoint"] = levels
+            best = max(levels, key=lambda r: r["pages_per_s"])
+            rate = best["pages_per_s"] / 2
+            lat, elapsed, errors = runner(open_loop(port, request, rate, max(args.seconds, 4.0)))
+            result["half_saturation"] = {"offered_pages_per_s": round(rate, 1), **_stats(lat, elapsed, decisions),
+                                         "errors": errors}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
