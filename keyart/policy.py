@@ -116,10 +116,42 @@ def _apply_floor(p: np.ndarray, offsets: np.ndarray, floor: float) -> np.ndarray
     return fk + (1.0 - kk * fk) * p
 
 
+def _unique_pages(a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Titles with identical candidate (a, b) sequences share one estimate.
+
+    Returns (first [U] title index of each distinct sequence, inverse [T] title -> its
+    distinct sequence). Offline evaluation values ``beta_ts`` on a day of logs where the
+    same title's candidates and priors repeat on every impression: one Monte Carlo per
+    distinct title instead of per impression.
+    """
+    ab = np.ascontiguousarray(np.column_stack([a, b]))
+    seen: dict[bytes, int] = {}
+    inverse = np.empty(len(offsets) - 1, dtype=np.int64)
+    first: list[int] = []
+    for t in range(len(offsets) - 1):
+        key = ab[offsets[t]:offsets[t + 1]].tobytes()
+        u = seen.setdefault(key, len(seen))
+        if u == len(first):
+            first.append(t)
+        inverse[t] = u
+    return np.asarray(first, dtype=np.int64), inverse
+
+
 def _thompson_argmax_probs(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, samples: int,
                            rng: np.random.Generator, max_draws: int = 1 << 22) -> np.ndarray:
-    """Monte Carlo P(arm is its title's argmax) [n]; titles are processed in chunks so at
+    """Monte Carlo P(arm is its title's argmax) [n]. Titles with the same candidate (a, b)
+    get the same estimate (computed once); distinct titles are processed in chunks so at
     most ``max_draws`` Beta draws are held at once (a day of logs fits in memory)."""
+    first, inverse = _unique_pages(a, b, offsets)
+    if len(first) < len(offsets) - 1:
+        sizes = np.diff(offsets)
+        u_sizes = sizes[first]
+        u_offsets = np.r_[0, np.cumsum(u_sizes)]
+        u_rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in first])
+        pu = _thompson_argmax_probs(a[u_rows], b[u_rows], u_offsets, samples, rng, max_draws)
+        gid = group_ids(offsets)
+        within = np.arange(len(a)) - offsets[gid]
+        return pu[u_offsets[inverse[gid]] + within]
     n_titles = len(offsets) - 1
     rows_per_chunk = max(1, max_draws // samples)
     p = np.empty(len(a))

@@ -157,6 +157,27 @@ def test_thompson_chunking_keeps_whole_titles():
     np.testing.assert_allclose(np.add.reduceat(p, offsets[:-1]), 1.0)
 
 
+def test_thompson_repeated_titles_share_one_estimate():
+    """A day of logs repeats each title's candidates and priors: one Monte Carlo per distinct title."""
+    from keyart.policy import _thompson_argmax_probs, _unique_pages
+
+    _, offsets, a, b, _ = page(6, titles=5)
+    reps = 200
+    order = np.random.default_rng(1).permutation(np.repeat(np.arange(5), reps))
+    sizes = np.diff(offsets)[order]
+    rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in order])
+    big_off = np.r_[0, np.cumsum(sizes)]
+    first, inverse = _unique_pages(a[rows], b[rows], big_off)
+    assert len(first) == 5 and np.array_equal(order[first][inverse], order)
+    p = _thompson_argmax_probs(a[rows], b[rows], big_off, 4096, np.random.default_rng(0))
+    exact_once = _thompson_argmax_probs(a, b, offsets, 4096, np.random.default_rng(0))
+    for t in range(5):
+        pages = np.flatnonzero(order == t)
+        got = np.stack([p[big_off[i]:big_off[i + 1]] for i in pages])
+        assert (got == got[0]).all()  # every repetition identical
+        np.testing.assert_allclose(got[0], exact_once[offsets[t]:offsets[t + 1]], atol=4 / (2 * np.sqrt(4096)))
+
+
 def test_blend_falls_back_on_priors_where_the_model_knows_little():
     model, alpha, beta = np.array([0.9]), np.array([1.0]), np.array([9.0])
     assert blend_scores(model, alpha, beta, np.array([0.0]), 50.0)[0] == pytest.approx(0.1)
