@@ -206,9 +206,13 @@ def prior_inputs(all_alpha, all_beta, all_n, seg_alpha, seg_beta, title_ids) -> 
 
 
 def affinity_map(tags: Sequence[str] | None, values: Sequence[float] | None) -> dict[str, float]:
+    """Tag -> affinity (the last value of a repeated tag wins)."""
     if tags is None or values is None:
         return {}
-    return {str(t): float(v) for t, v in zip(tags, values, strict=True)}
+    if isinstance(tags, np.ndarray) and isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        # Arrow/pandas cells: tolist() converts in C to str and float (iterating would box each element)
+        return dict(zip(tags.tolist(), values.tolist(), strict=True))
+    return dict(zip(map(str, tags), map(float, values), strict=True))
 
 
 def feature_matrix(inputs: Mapping[str, Any]) -> np.ndarray:
@@ -225,7 +229,15 @@ def feature_matrix(inputs: Mapping[str, Any]) -> np.ndarray:
     ctx = context_block(inputs["device"], inputs["local_hour"], inputs["day_of_week"], inputs["page_row"], inputs["position"])
     art_tags = list(inputs["art_tags"])
     is_default = list(inputs["art_is_default"])
-    static = np.vstack([artwork_static(art_tags[i], is_default[i]) for i in range(n)]) if n else np.zeros((0, 2 + len(FLAGS) + len(TONES)), np.float32)
+    static_of: dict[tuple, np.ndarray] = {}  # a day's rows repeat a few thousand artworks
+    static = np.zeros((n, 2 + len(FLAGS) + len(TONES)), np.float32)
+    for i in range(n):
+        tags_i = art_tags[i]
+        key = (tuple(tags_i.tolist() if isinstance(tags_i, np.ndarray) else tags_i), bool(is_default[i]))
+        row = static_of.get(key)
+        if row is None:
+            row = static_of[key] = artwork_static(key[0], key[1])
+        static[i] = row
     pri = prior_block(inputs["art_prior_mean"], inputs["art_prior_n"], inputs["title_prior_mean"])
     aff_tags = list(inputs["affinity_tags"])
     aff_vals = list(inputs["affinity_values"])
