@@ -10,7 +10,8 @@ partition_date → ingest → check_data_quality → rewards → features → pr
 
 * **Spark jobs** (`ingest`, `rewards`, `features`, `priors`) run through `spark-submit
   --master <spark_master>` on the job files of the installed `keyart.jobs` package, so the same
-  DAG runs on `local[*]` or a cluster (`KEYART_SPARK_MASTER`).
+  DAG runs on `local[*]` or a cluster (`KEYART_SPARK_MASTER`); with `KEYART_SPARK_REMOTE`
+  (`sc://host:port`) the job files run as Spark Connect clients of that long-lived server.
 * **Model steps** are thin calls of the `keyart` command line (`keyart train --ds D`, ...).
 * **ds** is the `ds` param when given (trigger form), else the run's logical date (the start of
   its daily data interval), else the last complete UTC day before the run was triggered.
@@ -87,11 +88,14 @@ def _venv_bin(name: str) -> str:
     return found
 
 
-def spark_submit_command(job: str, ds: str) -> str:
-    """``spark-submit --master <spark_master> <keyart.jobs>/<job>.py --ds <ds>``, then the output path.
+def spark_job_command(job: str, ds: str) -> str:
+    """The shell command of a Spark task, then the output path.
 
-    Resolved when the task runs (worker side): the job file comes from the installed
-    ``keyart.jobs`` package, the master and driver memory from keyart's settings."""
+    ``spark-submit --master <spark_master> <keyart.jobs>/<job>.py --ds <ds>``; with
+    ``spark_remote`` set, ``python <keyart.jobs>/<job>.py --ds <ds>`` instead: the job is a
+    Spark Connect client of that server (no JVM of its own). Resolved when the task runs
+    (worker side): the job file comes from the installed ``keyart.jobs`` package, the master,
+    remote and driver memory from keyart's settings."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -113,6 +117,9 @@ def spark_submit_command(job: str, ds: str) -> str:
         "features": lake.training(ds),
         "priors": lake.priors(ds),
     }[job]
+    if settings.spark_remote:
+        client = [sys.executable, str(job_file), "--ds", ds]
+        return f"{shlex.join(client)} && echo {shlex.quote(str(output))}"
     python = shlex.quote(sys.executable)
     # Driver and executors use the task's interpreter unless the cluster says otherwise.
     submit = [
@@ -274,7 +281,7 @@ def keyart_daily():
     def spark_task(job: str, **kwargs):
         @task.bash(task_id=job, **BASH_ARGS, **kwargs)
         def run(day: str) -> str:
-            return spark_submit_command(job, day)
+            return spark_job_command(job, day)
 
         return run
 

@@ -4,7 +4,8 @@ A job module has ``extract(spark, lake, ds, ...)`` (reads), a pure ``transform(.
 (DataFrames in, DataFrames out, no I/O), ``load(df, lake, ds)`` (writes) and
 ``main(argv)``, so ``spark-submit jobs/<name>.py --ds D`` runs it alone and
 ``keyart job <name> --ds D`` runs it through the CLI. Nothing here knows which master runs
-it: the master comes from ``--master``, ``KEYART_SPARK_MASTER`` or spark-submit.
+it: the master comes from ``--master``, ``KEYART_SPARK_MASTER`` or spark-submit, or the job is a
+Spark Connect client of ``KEYART_SPARK_REMOTE`` (a long-lived driver shared by every job).
 
 Partitions are written by overwriting the exact ``ds=D`` folder (rows carry no ``ds``
 column), so a rerun replaces its own day and nothing else; the session also sets
@@ -48,10 +49,13 @@ def get_spark(
     """The SparkSession every job uses, configured from :class:`keyart.config.Settings`.
 
     ``master`` None keeps a master already given by spark-submit (``spark.master``) and
-    otherwise uses ``settings.spark_master``. Session time zone is UTC (every ts is UTC
+    otherwise uses ``settings.spark_master``; with ``settings.spark_remote`` set (and no
+    ``master``) it is a Spark Connect session on that server instead (jobs/connect_server.py). Session time zone is UTC (every ts is UTC
     and ``to_date(ts)`` must give the partition day on any machine).
     """
     s = settings or load_settings()
+    if master is None and s.spark_remote:
+        return _connect_session(app, s, shuffle_partitions)
     # pyspark.pandas (used by pyspark.testing) refuses Arrow time zones without it.
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     builder = SparkSession.builder.appName(app)
@@ -78,6 +82,26 @@ def get_spark(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _connect_session(app: str, s: Settings, shuffle_partitions: int | None) -> SparkSession:
+    """A Spark Connect session on ``s.spark_remote`` with the jobs' runtime SQL settings.
+
+    The server owns the driver (memory, UI, Python for its workers); the client sets only
+    what a session may set."""
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    builder = SparkSession.builder.remote(s.spark_remote).appName(app)
+    spark = builder.create()
+    for key, value in {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.sql.shuffle.partitions": str(shuffle_partitions or s.spark_shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.parquet.compression.codec": "snappy",
+    }.items():
+        spark.conf.set(key, value)
+    log.info("Spark Connect session %s on %s", app, s.spark_remote)
     return spark
 
 

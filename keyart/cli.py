@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("keyart.sim.cli_world", "create a simulated world: catalog, members, viewing history"),
     "traffic": ("keyart.sim.cli_traffic", "simulate one day of visits against a policy or the endpoint"),
     "job": ("keyart.jobs.cli", "run a Spark job (ingest, rewards, features, priors) for one ds"),
+    "spark-connect": ("keyart.jobs.connect_server", "run a Spark Connect server the jobs can share (KEYART_SPARK_REMOTE)"),
     "train": ("keyart.models.cli_train", "train the reward model for one ds"),
     "evaluate": ("keyart.models.cli_evaluate", "offline policy evaluation (replay, IPS, SNIPS, DR) for one ds"),
     "export": ("keyart.models.cli_export", "export the ONNX bundle with a parity check"),

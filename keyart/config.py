@@ -38,6 +38,11 @@ class Settings(BaseSettings):
 
     # --- Spark ---------------------------------------------------------------------
     spark_master: str = Field(default="local[*]", description="Spark master URL.")
+    spark_remote: str | None = Field(
+        default=None,
+        description="Spark Connect URL (sc://host:port). Set, jobs run as Connect clients of that server "
+        "(a long-lived driver: no JVM start per job) and spark_master is the server's business.",
+    )
     spark_shuffle_partitions: int = Field(default=4, ge=1, description="Shuffle partitions; raise on a cluster (a few per core).")
     spark_driver_memory: str = "4g"
 

@@ -1,7 +1,8 @@
 """``keyart demo``: the closed loop on embedded defaults, ending in a report.
 
-1. a simulated world (catalog, members, 28 days of viewing history) is written to the lake
-   and the history is ingested;
+1. a Spark Connect server is started for the Spark jobs to share (``--spark submit``: every
+   job is its own spark-submit application instead), a simulated world (catalog, members,
+   28 days of viewing history) is written to the lake and the history is ingested;
 2. day 0 is served by uniform-random exploration (logged, as a production cold start);
 3. for each following day the real Airflow DAG (``airflow dags test keyart_daily``) runs
    for the previous day, the running endpoint (``keyart serve``) picks up the new
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="endpoint port (0: a free one)")
     parser.add_argument("--reports", default="reports", help="report folder")
     parser.add_argument("--keep-state", action="store_true", help="do not wipe the lake, MLflow store and Airflow home first")
+    parser.add_argument("--spark", choices=("connect", "submit"), default="connect",
+                        help="connect: the Spark jobs are clients of one Spark Connect server started for the demo "
+                             "(default); submit: every job is its own spark-submit application")
 
 
 def _free_port() -> int:
@@ -158,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     from keyart import airflow_env
     from keyart.demo_report import DayResult, noncontextual_value, write_report
+    from keyart.jobs.connect_server import ConnectServer
     from keyart.sim.choosers import HttpChooser, RandomChooser
     from keyart.sim.traffic import simulate_day
     from keyart.sim.world import World
@@ -186,14 +191,25 @@ def run(args: argparse.Namespace) -> int:
                 "PYSPARK_PYTHON": sys.executable})
     bin_dir = Path(sys.executable).parent
     keyart_bin = str(bin_dir / "keyart")
-    progress = Progress(total=4 + 3 * args.days)
+    if args.spark == "submit":
+        env.pop("KEYART_SPARK_REMOTE", None)
+    own_server = args.spark == "connect" and not settings.spark_remote  # else: the jobs' own KEYART_SPARK_REMOTE
+    # world, history ingest, day 0, endpoint, report; three per served day; the Connect server
+    progress = Progress(total=5 + 3 * args.days + own_server)
     results: list[DayResult] = []
     endpoint: Endpoint | None = None
+    spark_server = None
     t_start = time.perf_counter()
     try:
+        if own_server:  # its JVM starts while the world is built
+            spark_server = ConnectServer(settings, log_path=logs / "spark-connect.log", env=env, cwd=logs).launch()
         with progress.step("world: catalog, members, viewing history"):
             world = World.build(seed=seed, n_titles=titles, n_members=members, start=args.start)
             world.save(settings.lake)
+        if spark_server is not None:
+            with progress.step(f"Spark Connect server for the jobs ({spark_server.url})"):
+                spark_server.wait_ready()
+                env["KEYART_SPARK_REMOTE"] = spark_server.url
         with progress.step("ingest the 28-day viewing history (Spark)"):
             _run([keyart_bin, "job", "ingest", "--ds", shift_ds(args.start, -world.config.history_days),
                   "--through", shift_ds(args.start, -1)], env, "history ingest", logs / "ingest-history.log")
@@ -231,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if endpoint is not None:
             endpoint.stop()
+        if spark_server is not None:
+            spark_server.stop()
     minutes = (time.perf_counter() - t_start) / 60
     print(report.read_text())
     print(f"\nDemo finished in {minutes:.1f} min. Report: {report}")

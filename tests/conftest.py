@@ -38,6 +38,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("keyart-home")
     monkeypatch.setenv("KEYART_HOME", str(home))
     monkeypatch.delenv("KEYART_CONFIG", raising=False)
+    monkeypatch.delenv("KEYART_SPARK_REMOTE", raising=False)
     from keyart import config
 
     config.settings.cache_clear()

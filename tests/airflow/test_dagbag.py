@@ -182,11 +182,25 @@ def test_spark_command_uses_the_installed_jobs_and_configured_master(dag_module,
     import keyart.jobs
 
     monkeypatch.setenv("KEYART_SPARK_MASTER", "spark://cluster:7077")
-    command = dag_module["spark_submit_command"]("rewards", "2026-03-01")
+    monkeypatch.delenv("KEYART_SPARK_REMOTE", raising=False)
+    command = dag_module["spark_job_command"]("rewards", "2026-03-01")
     jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
     assert "spark-submit --master spark://cluster:7077 " in command
     assert f"{jobs_dir}/rewards.py --ds 2026-03-01" in command
     assert command.rstrip().endswith("rewards/ds=2026-03-01")  # XCom: the output path
+
+
+def test_spark_command_with_a_connect_server_runs_the_job_file_as_its_client(dag_module, monkeypatch):
+    import sys
+
+    import keyart.jobs
+
+    monkeypatch.setenv("KEYART_SPARK_REMOTE", "sc://spark-connect:15002")
+    command = dag_module["spark_job_command"]("features", "2026-03-01")
+    jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
+    assert "spark-submit" not in command  # no JVM of its own: the server runs the plans
+    assert command.startswith(f"{sys.executable} {jobs_dir}/features.py --ds 2026-03-01 && echo ")
+    assert command.rstrip().endswith("training/ds=2026-03-01")
 
 
 def test_model_command_passes_ds_and_echoes_output(dag_module):

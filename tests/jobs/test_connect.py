@@ -1,0 +1,78 @@
+"""The job chain as Spark Connect clients of one long-lived server = local mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pyspark.testing import assertDataFrameEqual
+from test_standalone import D1, D2, build_lake, run_local
+
+from keyart.config import load_settings
+from keyart.jobs import connect_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_command_binds_loopback_with_the_jobs_driver_settings():
+    settings = load_settings(spark_master="local[2]", spark_driver_memory="3g")
+    argv = connect_server.server_argv(settings, port=15999)
+    assert argv[argv.index("--class") + 1] == connect_server.SERVER_CLASS
+    assert argv[argv.index("--master") + 1] == "local[2]"
+    assert argv[argv.index("--driver-memory") + 1] == "3g"
+    confs = {argv[i + 1].split("=", 1)[0]: argv[i + 1].split("=", 1)[1] for i, a in enumerate(argv) if a == "--conf"}
+    assert confs["spark.connect.grpc.binding.address"] == "127.0.0.1"
+    assert confs["spark.connect.grpc.binding.port"] == "15999"
+    assert confs["spark.sql.session.timeZone"] == "UTC"
+    assert confs["spark.pyspark.python"] == sys.executable  # mapInPandas workers import this keyart
+    assert argv[-1] == "spark-internal"
+
+
+def test_a_dead_server_is_reported_not_waited_for(tmp_path):
+    server = connect_server.ConnectServer(load_settings(spark_driver_memory="not-a-size"), log_path=tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="exited with"):
+        server.start(timeout=120)
+    assert not server.alive()
+
+
+def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, settings):
+    from keyart.lake import Lake
+
+    local, remote = Lake(tmp_path / "local"), Lake(tmp_path / "remote")
+    build_lake(spark, local)
+    shutil.copytree(local.root, remote.root)
+    run_local(spark, local, settings)
+
+    server = connect_server.ConnectServer(load_settings(spark_master="local[2]"), log_path=tmp_path / "server.log", cwd=tmp_path)
+    with server:
+        env = {**os.environ, "KEYART_SPARK_REMOTE": server.url}
+        common = ["--lake", str(remote.root), "--shuffle-partitions", "2"]
+        jobs = Path(connect_server.__file__).parent
+        # as the DAG runs them: the job files, with no JVM of their own
+        runs = [subprocess.run([sys.executable, str(jobs / "ingest.py"), "--ds", D1, "--through", D2, *common],
+                               env=env, cwd=tmp_path, capture_output=True, text=True)]
+        for job in ("rewards", "features", "priors"):
+            runs.append(subprocess.run([sys.executable, str(jobs / f"{job}.py"), "--ds", D2, *common],
+                                       env=env, cwd=tmp_path, capture_output=True, text=True))
+        for proc in runs:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "Spark Connect session keyart-" in proc.stderr and server.url in proc.stderr
+            assert "Running Spark version" not in proc.stderr  # no SparkContext in the client
+        assert server.alive()
+    assert not server.alive()
+
+    def read(lake, path):
+        df = spark.read.parquet(str(path(lake)))
+        return df.drop("source_file")   # holds the lake root, which differs
+
+    for path in (lambda lk: lk.clean("impressions", D2), lambda lk: lk.quarantine("plays", D1), lambda lk: lk.rewards(D2),
+                 lambda lk: lk.member_features(D2), lambda lk: lk.training(D2), lambda lk: lk.priors(D2)):
+        expected = read(local, path)
+        assert expected.count() > 0
+        assertDataFrameEqual(read(remote, path), expected)
+    assert json.loads(remote.metrics("ingest", D2).read_text()) == json.loads(local.metrics("ingest", D2).read_text())
