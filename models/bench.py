@@ -10,7 +10,8 @@ and how often the offline estimators' intervals cover the truth.
 3. On fresh visits of the next day, value from ground truth (exact expected take rate,
    no sampling of plays) random, non-contextual (beta_ts on the priors), contextual
    greedy, the exploring policies over a small grid, and the oracle. Lift capture =
-   (V - V_random) / (V_oracle - V_random).
+   (V - V_random) / (V_oracle - V_random). As a diagnostic, greedy on a model fit to the
+   ground truth of every candidate (no label noise): the ceiling of the features.
 4. Coverage: split the fresh visits into ``--seeds`` disjoint parts; in each, draw
    uniform-random logs and Bernoulli rewards from the ground truth, run replay / IPS /
    SNIPS / DR (95% bootstrap intervals) for greedy, the default exploring policy and the
@@ -70,7 +71,28 @@ def train_on_logs(lake: Lake, ds: str):
     return train_reward_model(cfg=TrainConfig(), **arrays), len(arrays["y"])
 
 
-def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConfig) -> dict[str, dict[str, Any]]:
+def feature_ceiling_scores(world, lake: Lake, ds: str, n_visits: int, seed: int, rows: SlotRows) -> np.ndarray:
+    """Scores of ``rows`` from a LightGBM fit to the ground truth itself (diagnostic).
+
+    Fresh visits of the logged day ``ds``, every candidate of every slot with its feature
+    row as the training table would have it (snapshot and priors of ``ds - 1``) and, as its
+    label, the exact expected quality play: no label noise and no unobserved arm. Greedy on
+    these scores is what the feature specification allows at best; the learned model's
+    distance to it is what the logs cost.
+    """
+    import lightgbm as lgb
+
+    train_visits = world.visits(ds, n_visits, seed=seed + 5)
+    train_rows = visit_rows(world, train_visits, lake, shift_ds(ds, -1))
+    truth = world.candidate_values(train_visits)[train_visits.candidates >= 0]
+    params = {"objective": "cross_entropy", "learning_rate": 0.1, "num_leaves": 31, "min_data_in_leaf": 100,
+              "num_threads": 2, "seed": 7, "deterministic": True, "verbose": -1}
+    booster = lgb.train(params, lgb.Dataset(train_rows.X, label=truth), num_boost_round=400)
+    return booster.predict(rows.X)
+
+
+def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConfig,
+                  q_ceiling: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """Ground-truth take rate of every benchmarked policy on ``visits``."""
     rng = np.random.default_rng(0)
     prior = (rows.prior_alpha, rows.prior_beta, rows.prior_n)
@@ -86,6 +108,8 @@ def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConf
         "contextual greedy": {"value": value(replace(base, name="greedy"), q)},
         "contextual greedy, no prior blend": {"value": value(replace(base, name="greedy", prior_blend_n0=0.0), q)},
     }
+    if q_ceiling is not None:
+        out["greedy, model fit to truth (ceiling)"] = {"value": value(replace(base, name="greedy"), q_ceiling)}
     for name, over in GRID:
         cfg = replace(base, name=name, **over)
         t0 = time.perf_counter()
@@ -136,7 +160,7 @@ def coverage(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConfig, s
 
 
 def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: int, seeds: int,
-                  n_boot: int) -> dict[str, Any]:
+                  n_boot: int, ceiling: bool = True) -> dict[str, Any]:
     from keyart.sim.world import World
 
     s = settings()
@@ -165,9 +189,13 @@ def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: in
     q = trained.booster.predict(rows.X)
     timings["eval_features_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    q_ceiling = feature_ceiling_scores(world, lake, ds, n_visits, world_seed, rows) if ceiling else None
+    timings["ceiling_s"] = time.perf_counter() - t0
+
     base = PolicyConfig.from_settings(s)
     t0 = time.perf_counter()
-    values = policy_values(world, visits, rows, q, base)
+    values = policy_values(world, visits, rows, q, base, q_ceiling)
     timings["values_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cover = coverage(world, visits, rows, q, base, seeds, n_boot)
@@ -205,11 +233,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-visits", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the diagnostic model fit to ground truth (the feature ceiling)")
 
 
 def run(args: argparse.Namespace) -> int:
     s = settings()
     result = run_benchmark(ensure_path(args.workdir), args.world_seed if args.world_seed is not None else s.sim_seed,
-                           args.visits or s.sim_visits_per_day, args.eval_visits, args.seeds, args.n_boot)
+                           args.visits or s.sim_visits_per_day, args.eval_visits, args.seeds, args.n_boot,
+                           ceiling=not args.no_ceiling)
     print(json.dumps(result, indent=2, default=str) if args.json else format_table(result))
     return 0

@@ -27,8 +27,9 @@ from keyart.models.data import read_table_dir
 def simulate_and_label(world, lake: Lake, days: list[str], n_visits: int, seed: int) -> None:
     """Uniform-random traffic on each of ``days``, labelled by the Spark jobs.
 
-    Runs ingest, then rewards -> features -> priors for every day through the day after
-    the last (late impressions are labelled the day after), as the daily DAG would.
+    Runs ingest (from the first day of the world's viewing history), then rewards ->
+    features -> priors for every day through the day after the last (late impressions are
+    labelled the day after), as the daily DAG would.
     """
     from keyart.jobs import features as features_job
     from keyart.jobs import ingest, priors, rewards
@@ -47,7 +48,9 @@ def simulate_and_label(world, lake: Lake, days: list[str], n_visits: int, seed: 
             run_job(module.__name__.rsplit(".", 1)[-1], module.run, args, spark=spark)
 
         last = shift_ds(days[-1], 1)
-        job(ingest, days[0], last)
+        # the world's viewing history too, as the demo and a production lake have it: member
+        # taste features are built from it
+        job(ingest, shift_ds(days[0], -world.config.history_days), last)
         for day in [*days, last]:
             job(rewards, day)
             job(features_job, day)
