@@ -90,6 +90,9 @@ def _connect_session(app: str, s: Settings, shuffle_partitions: int | None) -> S
 
     The server owns the driver (memory, UI, Python for its workers); the client sets only
     what a session may set."""
+    from keyart.jobs.connect_server import require_reachable
+
+    require_reachable(s.spark_remote)
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     builder = SparkSession.builder.remote(s.spark_remote).appName(app)
     spark = builder.create()

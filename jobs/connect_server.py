@@ -83,6 +83,32 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def remote_address(url: str) -> tuple[str, int]:
+    """(host, port) of a Spark Connect URL ``sc://host[:port][/;param=value...]``."""
+    if not url.startswith("sc://"):
+        raise ValueError(f"a Spark Connect URL starts with sc://, got {url!r}")
+    netloc = url[len("sc://"):].split("/", 1)[0].split(";", 1)[0]
+    if netloc.startswith("["):  # [IPv6]:port
+        host, _, rest = netloc[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = netloc.partition(":")
+    return host or "localhost", int(port) if port else DEFAULT_PORT
+
+
+def require_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError now, with what to do, when nothing listens at ``url``.
+
+    (The Connect client itself would retry with back-off for minutes before failing.)"""
+    host, port = remote_address(url)
+    if not port_open(host, port, timeout=timeout):
+        raise ConnectionError(
+            f"no Spark Connect server listens at {url} (KEYART_SPARK_REMOTE): start one with "
+            f"`keyart spark-connect --port {port}`, or unset KEYART_SPARK_REMOTE to run the job "
+            f"with its own Spark driver"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -10,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pyspark.testing import assertDataFrameEqual
-from test_standalone import D1, D2, build_lake, run_local
+from test_standalone import D1, D2, assert_same_outputs, build_lake, run_local
 
 from keyart.config import load_settings
 from keyart.jobs import connect_server
@@ -31,6 +29,24 @@ def test_server_command_binds_loopback_with_the_jobs_driver_settings():
     assert confs["spark.sql.session.timeZone"] == "UTC"
     assert confs["spark.pyspark.python"] == sys.executable  # mapInPandas workers import this keyart
     assert argv[-1] == "spark-internal"
+
+
+@pytest.mark.parametrize(("url", "address"), [
+    ("sc://127.0.0.1:15010", ("127.0.0.1", 15010)),
+    ("sc://spark-connect/;token=abc", ("spark-connect", 15002)),
+    ("sc://host:443/;use_ssl=true", ("host", 443)),
+    ("sc://[::1]:15003", ("::1", 15003)),
+])
+def test_remote_address_of_a_connect_url(url, address):
+    assert connect_server.remote_address(url) == address
+
+
+def test_a_job_pointed_at_no_server_fails_at_once_and_says_what_to_do(tmp_path):
+    from keyart.jobs.common import get_spark
+
+    url = f"sc://127.0.0.1:{connect_server.free_port()}"
+    with pytest.raises(ConnectionError, match="no Spark Connect server listens at .*keyart spark-connect"):
+        get_spark("keyart-test", settings=load_settings(spark_remote=url))
 
 
 def test_a_dead_server_is_reported_not_waited_for(tmp_path):
@@ -66,13 +82,4 @@ def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, settings):
         assert server.alive()
     assert not server.alive()
 
-    def read(lake, path):
-        df = spark.read.parquet(str(path(lake)))
-        return df.drop("source_file")   # holds the lake root, which differs
-
-    for path in (lambda lk: lk.clean("impressions", D2), lambda lk: lk.quarantine("plays", D1), lambda lk: lk.rewards(D2),
-                 lambda lk: lk.member_features(D2), lambda lk: lk.training(D2), lambda lk: lk.priors(D2)):
-        expected = read(local, path)
-        assert expected.count() > 0
-        assertDataFrameEqual(read(remote, path), expected)
-    assert json.loads(remote.metrics("ingest", D2).read_text()) == json.loads(local.metrics("ingest", D2).read_text())
+    assert_same_outputs(spark, local, remote)

@@ -113,6 +113,12 @@ def test_chain_on_standalone_master_matches_local_mode(spark, tmp_path, settings
     state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5))
     assert len(state["completedapps"]) == 2, "both applications ran on the standalone master"
 
+    assert_same_outputs(spark, local, remote)
+
+
+def assert_same_outputs(spark, local, remote) -> None:
+    """Every output of the chain in ``remote`` equals the one in ``local``, row for row."""
+
     def read(lake, path):
         df = spark.read.parquet(str(path(lake)))
         return df.drop("source_file")   # holds the lake root, which differs
