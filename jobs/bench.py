@@ -42,7 +42,7 @@ def build_lake(root: Path, impressions: int, seed: int) -> dict[str, Any]:
     from keyart.sim.traffic import simulate_day
     from keyart.sim.world import World
 
-    world = World.build(seed=seed, start=shift_ds(DS, -1))
+    world = World.build(seed=seed, start=shift_ds(DS, -1), history_days=28)
     saved = world.save(root)
     visits = max(1, impressions // (2 * IMPRESSIONS_PER_VISIT))
     days = [simulate_day(world, d, RandomChooser(), visits=visits, seed=seed, lake_root=root) for d in (shift_ds(DS, -1), DS)]

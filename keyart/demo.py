@@ -2,7 +2,8 @@
 
 1. a Spark Connect server is started for the Spark jobs to share (``--spark submit``: every
    job is its own spark-submit application instead), a simulated world (catalog, members,
-   28 days of viewing history) is written to the lake and the history is ingested;
+   90 days of viewing history, the member features' window) is written to the lake and the
+   history is ingested;
 2. day 0 is served by uniform-random exploration (logged, as a production cold start);
 3. for each following day the real Airflow DAG (``airflow dags test keyart_daily``) runs
    for the previous day, the running endpoint (``keyart serve``) picks up the new
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             with progress.step(f"Spark Connect server for the jobs ({spark_server.url})"):
                 spark_server.wait_ready()
                 env["KEYART_SPARK_REMOTE"] = spark_server.url
-        with progress.step("ingest the 28-day viewing history (Spark)"):
+        with progress.step(f"ingest the {world.config.history_days}-day viewing history (Spark)"):
             _run([keyart_bin, "job", "ingest", "--ds", shift_ds(args.start, -world.config.history_days),
                   "--through", shift_ds(args.start, -1)], env, "history ingest", logs / "ingest-history.log")
         with progress.step(f"day 0 {days[0]}: uniform-random exploration"):

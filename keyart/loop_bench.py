@@ -1,7 +1,7 @@
 """``keyart bench loop``: the closed loop over simulated days, keyart against three baselines.
 
 For every seed a world is built (the seed is the world's, the visits' and the arms'), its
-28-day viewing history is ingested, and for each day every arm decides exactly the same
+90-day viewing history is ingested, and for each day every arm decides exactly the same
 visits (``world.visits(ds, n, seed)``):
 
 ``keyart``         day 0 uniform random, logged to the lake; day k >= 1 the DAG's batch steps

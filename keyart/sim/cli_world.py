@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=s.sim_seed, help="random seed (default %(default)s)")
     parser.add_argument("--titles", type=int, default=s.sim_titles, help="catalog size (default %(default)s)")
     parser.add_argument("--members", type=int, default=s.sim_members, help="number of members (default %(default)s)")
-    parser.add_argument("--history-days", type=int, default=28, help="days of viewing history before --start (default %(default)s)")
+    parser.add_argument("--history-days", type=int, default=s.history_days,
+                        help="days of viewing history before --start (default: the member features' window, %(default)s)")
     parser.add_argument("--start", default="2026-11-01", help="first day of simulated traffic (default %(default)s)")
 
 

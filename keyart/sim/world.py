@@ -43,7 +43,9 @@ class WorldConfig:
     seed: int = 7
     n_titles: int = 200
     n_members: int = 20_000
-    history_days: int = 28
+    # as long as the member features' default window (settings.history_days), so their
+    # taste affinities see a full window from the first simulated day, as in a real lake
+    history_days: int = 90
     start: str = "2026-11-01"
     quality_minutes: float = 15.0
 
@@ -77,7 +79,7 @@ class World:
         seed: int = 7,
         n_titles: int = 200,
         n_members: int = 20_000,
-        history_days: int = 28,
+        history_days: int = 90,
         start: str | dt.date = "2026-11-01",
         quality_minutes: float = 15.0,
         params: TruthParams | None = None,

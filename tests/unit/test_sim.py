@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from keyart.cli import main
+from keyart.config import settings
 from keyart.contracts import (
     ARTWORKS,
     IMPRESSIONS,
@@ -201,9 +202,12 @@ def test_plays_crossing_midnight_land_in_next_partition(lake):
     assert all(json.loads(line)["ts"].startswith(DS) for line in same_day.read_text().splitlines())
 
 
-def test_history_covers_the_days_before_start(lake):
+def test_history_covers_the_days_before_start(lake, world):
+    # `keyart world` writes as many days of history as the member features read by default
+    assert world.config.history_days == settings().history_days == 90
     parts = sorted(p.parent.name for p in (lake / "raw" / "plays").glob("ds=*/history.jsonl"))
-    assert parts[0] >= "ds=2026-10-04" and parts[-1] == "ds=2026-10-31"
+    assert parts[0] >= "ds=2026-08-03" and parts[-1] == "ds=2026-10-31"
+    assert len(parts) >= 80  # (nearly) every day of the window has plays
 
 
 def test_random_chooser_propensities(world):
