@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 from keyart import policy as P
 from keyart.features import DEFAULT_PRIOR, SEGMENT_ALL
@@ -56,8 +58,6 @@ def noncontextual_value(world, visits, priors_dir: Path, settings) -> float | No
 
     Its distribution depends only on the title's candidates, so it is computed once per title.
     """
-    import pandas as pd
-
     files = list(Path(priors_dir).glob("*.parquet"))
     if not files:
         return None
@@ -83,8 +83,6 @@ def noncontextual_value(world, visits, priors_dir: Path, settings) -> float | No
 
 def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, float]]]:
     """Share of the endpoint's impressions per artwork of the named titles, by member taste."""
-    import pandas as pd
-
     folder = lake.raw("impressions", ds)
     files = sorted(folder.glob("*.jsonl"))
     if not files:
@@ -111,31 +109,80 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def ope_rows(lake: Lake, results: list[DayResult], window_hours: float) -> list[dict[str, Any]]:
-    """Per daily run: OPE estimates with intervals beside true values.
+def heldout_truths(world, lake: Lake, ds: str) -> dict[str, Any]:
+    """Exact values of the logging and candidate policies on run ``ds``'s held-out impressions.
 
-    The logging policy of run D is what served day D, so its true value is known exactly;
-    the model promoted by run D served day D+1, so that day's exact value is its truth
-    (on the next day's visits). Logged rewards only see quality plays that start inside the
-    attribution window, so the truths are scaled by the exact share of plays that do."""
+    The run valued its policies on the impressions of its held-out labelled day (on a cold
+    start, the late part of it; otherwise also late impressions of the day before, labelled
+    when their attribution window closed, which the previous policy served). The truths are
+    taken on exactly those impressions, with each impression's own member and context:
+
+    ``logging``    mean exact expected quality play of the artwork each impression showed
+                   (the logging policy's own draws: exact up to which arm was drawn);
+    ``candidate``  sum over candidates of P(candidate policy shows it) x its exact expected
+                   quality play, with the probabilities recomputed from the run's model and
+                   policy settings as ``keyart.models.evaluate`` computed them.
+    """
+    import lightgbm as lgb
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from keyart.models.evaluate import load_heldout, policy_targets
+    from keyart.sim.truth import device_index
+
+    run_dir = lake.run_dir(ds)
+    ev = json.loads((run_dir / "evaluation.json").read_text())
+    held = load_heldout(lake, ds, run_dir)
+    rows, pages = held.rows, held.pages
+    held_ids = pa.array(rows["event_id"].unique())
+    parts = []
+    for day in sorted({str(d) for d in rows["impression_ds"]}):
+        t = pq.read_table(lake.clean("impressions") / f"ds={day}", columns=["event_id", "context"])
+        parts.append(t.filter(pc.is_in(t.column("event_id"), value_set=held_ids)))
+    imp = pa.concat_tables(parts)
+    ctx = {name: imp.column("context").combine_chunks().field(name).to_numpy(zero_copy_only=False)
+           for name in ("device", "local_hour", "day_of_week", "page_row", "position")}
+    pos = pd.Index(imp.column("event_id").to_numpy(zero_copy_only=False)).get_indexer(rows["event_id"].to_numpy())
+    if (pos < 0).any():
+        raise ValueError(f"run {ds}: {int((pos < 0).sum())} held-out rows have no clean impression")
+    member = np.array([world.member_index(m) for m in rows["member_id"]])
+    art = np.array([world.artwork_index(a) for a in rows["artwork_id"]])
+    q = world.expected_quality_play(member, art, device_index(ctx["device"][pos]), ctx["local_hour"][pos],
+                                    ctx["day_of_week"][pos], ctx["page_row"][pos], ctx["position"][pos])
+    booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
+    cfg = P.PolicyConfig(**ev["policy"])
+    probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False)["candidate"]
+    return {"heldout_ds": held.day, "heldout_part": "late" if held.cold_start else "all",
+            "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
+            "candidate": float((probs * q).sum() / pages.n_impressions)}
+
+
+def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -> list[dict[str, Any]]:
+    """Per daily run: OPE estimates with intervals beside the true values.
+
+    The truths are the exact values of the logging and candidate policies on the run's own
+    held-out impressions (:func:`heldout_truths`). Logged rewards only see quality plays that
+    start inside the attribution window, so the truths are scaled by the exact share of plays
+    that do."""
     from keyart.sim.traffic import p_delay_within
 
     seen = p_delay_within(window_hours)
-    by_ds = {r.ds: r for r in results}
     out = []
-    for i, r in enumerate(results[:-1]):
+    for r in results[:-1]:
         path = lake.run_dir(r.ds) / "evaluation.json"
         if not path.exists():
             continue
         ev = json.loads(path.read_text())
-        nxt = results[i + 1]
-        for who, truth in (("logging", by_ds[r.ds].served * seen), ("candidate", nxt.served * seen)):
+        truths = heldout_truths(world, lake, r.ds)
+        for who in ("logging", "candidate"):
+            truth = truths[who] * seen
             est = ev.get("policies", {}).get(who, {})
             for estimator in ("replay", "ips", "snips", "dr"):
                 e = est.get(estimator)
                 if e:
-                    out.append({"run": r.ds, "policy": who, "estimator": estimator, "estimate": e.get("estimate"),
-                                "lo": e.get("lo"), "hi": e.get("hi"), "true": truth,
+                    out.append({"run": r.ds, "heldout_ds": truths["heldout_ds"], "heldout_part": truths["heldout_part"],
+                                "impressions": truths["impressions"], "policy": who, "estimator": estimator,
+                                "estimate": e.get("estimate"), "lo": e.get("lo"), "hi": e.get("hi"), "true": truth,
                                 "covered": bool(e.get("lo", np.inf) <= truth <= e.get("hi", -np.inf))})
     return out
 
@@ -203,7 +250,7 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                  settings, step_times: list[tuple[str, float]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shares = artwork_shares(world, lake, days[-1])
-    ope = ope_rows(lake, results, settings.attribution_window_hours)
+    ope = ope_rows(world, lake, results, settings.attribution_window_hours)
     plots = _plots(out, results, ope, shares)
     lines = ["# keyart demo report", "",
              f"World: {world.catalog.n_titles} titles, {world.catalog.n_artworks} artworks, "
@@ -218,15 +265,21 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
     lines += ["", "Lift capture = (served − random) / (oracle − random).", ""]
     if ope:
         lines += ["## Offline evaluation beside the truth", "",
-                  "Each daily run values policies on its held-out logged day. The logging policy's true value is that "
-                  "day's exact served value; the candidate's is the exact value it earned when served the next day. "
-                  "Both are scaled by the exact share of plays that start inside the attribution window "
-                  f"({settings.attribution_window_hours:g} h), since logged rewards only see those.", "",
-                  "| run | policy | estimator | estimate | 95% interval | true | covered |", "|---|---|---|---|---|---|---|"]
+                  "Each daily run values policies on the impressions of its held-out labelled day (on the first "
+                  "day, its late part; later days also hold late impressions of the day before, labelled when "
+                  "their attribution window closed). The true values are exact on those same impressions: for "
+                  "the logging policy, the expected quality play of the artwork each one showed; for the "
+                  "candidate, its probabilities (recomputed from the run's model and policy) times each "
+                  "candidate's expected quality play. Both are scaled by the exact share of plays that start "
+                  f"inside the attribution window ({settings.attribution_window_hours:g} h), since logged rewards "
+                  "only see those. The candidate's value when it actually served is in the table above.", "",
+                  "| run | held-out impressions | policy | estimator | estimate | 95% interval | true | covered |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in ope:
-            lines.append(f"| {row['run']} | {row['policy']} | {row['estimator']} | {_fmt(row['estimate'])} | "
+            lines.append(f"| {row['run']} | {row['impressions']} ({row['heldout_part']}) | {row['policy']} | "
+                         f"{row['estimator']} | {_fmt(row['estimate'])} | "
                          f"[{_fmt(row['lo'])}, {_fmt(row['hi'])}] | {_fmt(row['true'])} | {'yes' if row['covered'] else 'no'} |")
-        lines.append("")
+        lines += ["", f"{sum(r['covered'] for r in ope)} of {len(ope)} intervals hold the true value.", ""]
     if shares:
         lines += [f"## Which artwork each taste got (endpoint impressions on {days[-1]})", ""]
         for title, groups in shares.items():

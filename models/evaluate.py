@@ -22,12 +22,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 
 from keyart import bundle
 from keyart.lake import Lake
@@ -81,11 +82,24 @@ def find_champion(path: str | Path | None) -> tuple[Path | None, str]:
     return (Path(found), "registry") if found else (None, "no champion registered")
 
 
-def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = None,
-                 champion_bundle: str | Path | None = None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Value the policies on the held-out day of ``ds``; write and return evaluation.json."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+@dataclass
+class HeldOut:
+    """The impressions a run values its policies on.
+
+    ``day`` is the held-out labelled day; on a cold start (``cold_start``) only its late part
+    (the model trained on the early part). ``rows`` holds the candidate rows in ``pages``
+    order (``PAGE_COLUMNS``), ``X`` their feature matrix.
+    """
+
+    day: str
+    cold_start: bool
+    pages: LoggedPages
+    rows: pd.DataFrame
+    X: np.ndarray
+
+
+def load_heldout(lake: Lake, ds: str, run_dir: Path | None = None) -> HeldOut:
+    """The held-out impressions of the run for ``ds`` (its ``train.json`` tells a cold start)."""
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
     day = heldout_day(lake, ds)
     table = read_training(lake, [day], columns=[*PAGE_COLUMNS, "features"])
@@ -97,7 +111,17 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
     frame["_row"] = np.arange(len(frame))
     pages, rows = pages_from_frame(frame)
     X = feature_array(table.column("features"))[rows["_row"].to_numpy()]
-    del table
+    return HeldOut(day=day, cold_start=bool(cold_start), pages=pages, rows=rows, X=X)
+
+
+def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = None,
+                 champion_bundle: str | Path | None = None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Value the policies on the held-out day of ``ds``; write and return evaluation.json."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
+    held = load_heldout(lake, ds, run_dir)
+    day, cold_start, pages, rows, X = held.day, held.cold_start, held.pages, held.rows, held.X
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -41,6 +41,15 @@ def test_demo_runs_two_days_through_the_real_dag_and_endpoint(tmp_path):
         assert logged and not any(p.name == "traffic-random.jsonl" for p in logged)
     report = (reports / "demo.md").read_text()
     assert "Take rate per day" in report and "take_rate.png" in report
+    # OPE beside the truth on each run's own held-out impressions (the first run: the late part)
+    ope = result["ope"]
+    assert {r["run"] for r in ope} == {"2026-11-01", "2026-11-02"}
+    for r in ope:
+        ev = json.loads((home / "lake" / "runs" / f"ds={r['run']}" / "evaluation.json").read_text())
+        assert r["impressions"] == ev["n_impressions"] and r["heldout_ds"] == ev["heldout_ds"]
+        assert r["heldout_part"] == ("late" if r["run"] == "2026-11-01" else "all")
+        assert 0 < r["true"] < 1
+    assert "intervals hold the true value" in report
     assert (reports / "take_rate.png").stat().st_size > 0
     # the DAG ran for both served days' previous days and a champion exists
     assert (lake / "runs" / "ds=2026-11-01" / "bundle" / "manifest.json").exists()
