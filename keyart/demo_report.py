@@ -109,7 +109,7 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def heldout_truths(world, lake: Lake, ds: str) -> dict[str, Any]:
+def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Exact values of the logging and candidate policies on run ``ds``'s held-out impressions.
 
     The run valued its policies on the impressions of its held-out labelled day (on a cold
@@ -121,17 +121,16 @@ def heldout_truths(world, lake: Lake, ds: str) -> dict[str, Any]:
                    (the logging policy's own draws: exact up to which arm was drawn);
     ``candidate``  sum over candidates of P(candidate policy shows it) x its exact expected
                    quality play, with the probabilities recomputed from the run's model and
-                   policy settings as ``keyart.models.evaluate`` computed them.
+                   policy settings (``evaluation``, the run's evaluation.json) as
+                   ``keyart.models.evaluate`` computed them.
     """
     import lightgbm as lgb
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from keyart.models.evaluate import load_heldout, policy_targets
-    from keyart.sim.truth import device_index
 
     run_dir = lake.run_dir(ds)
-    ev = json.loads((run_dir / "evaluation.json").read_text())
     held = load_heldout(lake, ds, run_dir)
     rows, pages = held.rows, held.pages
     held_ids = pa.array(rows["event_id"].unique())
@@ -140,17 +139,18 @@ def heldout_truths(world, lake: Lake, ds: str) -> dict[str, Any]:
         t = pq.read_table(lake.clean("impressions") / f"ds={day}", columns=["event_id", "context"])
         parts.append(t.filter(pc.is_in(t.column("event_id"), value_set=held_ids)))
     imp = pa.concat_tables(parts)
-    ctx = {name: imp.column("context").combine_chunks().field(name).to_numpy(zero_copy_only=False)
+    context = imp.column("context").combine_chunks()
+    ctx = {name: context.field(name).to_numpy(zero_copy_only=False)
            for name in ("device", "local_hour", "day_of_week", "page_row", "position")}
     pos = pd.Index(imp.column("event_id").to_numpy(zero_copy_only=False)).get_indexer(rows["event_id"].to_numpy())
     if (pos < 0).any():
         raise ValueError(f"run {ds}: {int((pos < 0).sum())} held-out rows have no clean impression")
     member = np.array([world.member_index(m) for m in rows["member_id"]])
     art = np.array([world.artwork_index(a) for a in rows["artwork_id"]])
-    q = world.expected_quality_play(member, art, device_index(ctx["device"][pos]), ctx["local_hour"][pos],
+    q = world.expected_quality_play(member, art, ctx["device"][pos], ctx["local_hour"][pos],
                                     ctx["day_of_week"][pos], ctx["page_row"][pos], ctx["position"][pos])
     booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
-    cfg = P.PolicyConfig(**ev["policy"])
+    cfg = P.PolicyConfig(**evaluation["policy"])
     probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False)["candidate"]
     return {"heldout_ds": held.day, "heldout_part": "late" if held.cold_start else "all",
             "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
@@ -173,7 +173,7 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
         if not path.exists():
             continue
         ev = json.loads(path.read_text())
-        truths = heldout_truths(world, lake, r.ds)
+        truths = heldout_truths(world, lake, r.ds, ev)
         for who in ("logging", "candidate"):
             truth = truths[who] * seen
             est = ev.get("policies", {}).get(who, {})
