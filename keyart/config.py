@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     mlflow_artifact_root: str | None = Field(default=None, description="Default <home>/mlflow/artifacts.")
     mlflow_experiment: str = "keyart"
     registered_model: str = "keyart-artwork"
-    promotion_margin: float = Field(default=0.0, description="Challenger's OPE lower bound must beat champion's estimate by this much.")
+    promotion_margin: float = Field(default=0.0, description="Lower bound of the paired OPE difference challenger - champion must exceed this.")
 
     # --- data quality ---------------------------------------------------------------
     max_quarantine_rate: float = Field(default=0.05, ge=0, le=1, description="The daily run fails above this quarantined share.")

@@ -3,10 +3,16 @@
 The version registered for ``ds`` becomes ``champion`` when
 
 1. its ONNX parity check passed (version tag ``keyart.parity_passed`` = ``true``), and
-2. there is no champion yet, or the *lower bound* of its SNIPS estimate (the default
-   ``--estimator``) beats the champion's SNIPS point estimate on the same held-out day
-   (``evaluation.json``'s ``champion`` entry, logged as ``ope.champion.snips.estimate``)
-   by more than ``settings.promotion_margin``.
+2. there is no champion yet, or the challenger is better than the champion on the same
+   held-out impressions: the lower bound of the paired difference V_challenger -
+   V_champion under SNIPS (the default ``--estimator``; ``evaluation.json``'s
+   ``difference.candidate_minus_champion``, logged as
+   ``difference.candidate_minus_champion.snips.lo``) exceeds ``settings.promotion_margin``.
+
+Both policies are valued on the same bootstrap resamples of the same impressions, so the
+interval of their difference is much narrower than either policy's own interval: comparing
+one policy's lower bound with the other's point estimate would ask a better challenger to
+win by a whole interval half-width, and keep a stale champion for good.
 
 SNIPS is the default because it needs only the logged propensities, not the candidate's own
 reward model (which DR would use to value its own policy); ``--estimator dr`` switches.
@@ -47,6 +53,8 @@ class GateInputs:
     challenger_lo: float | None
     champion_estimate: float | None
     margin: float
+    difference_lo: float | None = None  # lower bound of V_challenger - V_champion (paired)
+    difference: float | None = None  # its point estimate
     estimator: str = DEFAULT_ESTIMATOR
     eval_champion_bundle: str | None = None  # bundle_version evaluation compared against
     champion_bundle: str | None = None  # bundle_version of the current champion
@@ -63,7 +71,7 @@ class GateDecision:
 
 
 def decide(g: GateInputs) -> GateDecision:
-    """The gate rule (pure): parity first, then the OPE lower bound against the champion."""
+    """The gate rule (pure): parity first, then the paired OPE difference against the champion."""
     if g.champion_version is not None and g.champion_version == g.version:
         return GateDecision(ALREADY, f"version {g.version} is already the champion")
     if g.parity_passed != "true":
@@ -74,17 +82,19 @@ def decide(g: GateInputs) -> GateDecision:
         return GateDecision(KEPT, f"evaluation compared against bundle {g.eval_champion_bundle}, but "
                                   f"champion v{g.champion_version} is bundle {g.champion_bundle}; "
                                   "re-run evaluate")
-    if g.challenger_lo is None:
-        return GateDecision(KEPT, f"no {g.estimator} lower bound for the candidate")
-    if g.champion_estimate is None:
-        return GateDecision(KEPT, f"no {g.estimator} estimate of champion {g.champion_version} "
-                                  "on the held-out day")
-    bar = g.champion_estimate + g.margin
-    if g.challenger_lo > bar:
-        return GateDecision(PROMOTED, f"{g.estimator} lo {g.challenger_lo:.5f} > champion v{g.champion_version} "
-                                      f"{g.estimator} {g.champion_estimate:.5f} + margin {g.margin:g}")
-    return GateDecision(KEPT, f"{g.estimator} lo {g.challenger_lo:.5f} <= champion v{g.champion_version} "
-                              f"{g.estimator} {g.champion_estimate:.5f} + margin {g.margin:g}")
+    if g.difference_lo is None:
+        return GateDecision(KEPT, f"no paired {g.estimator} difference against champion "
+                                  f"v{g.champion_version} on the held-out day; re-run evaluate")
+    versus = (f"{g.estimator} challenger - champion v{g.champion_version} = {_num(g.difference)}, "
+              f"lower bound {g.difference_lo:.5f}")
+    context = f" (challenger {_num(g.challenger_lo, 'lo ')}, champion {_num(g.champion_estimate)})"
+    if g.difference_lo > g.margin:
+        return GateDecision(PROMOTED, f"{versus} > margin {g.margin:g}{context}")
+    return GateDecision(KEPT, f"{versus} <= margin {g.margin:g}{context}")
+
+
+def _num(v: float | None, prefix: str = "") -> str:
+    return "n/a" if v is None else f"{prefix}{v:.5f}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,8 @@ def gate_inputs(version: str, settings: Settings, estimator: str = DEFAULT_ESTIM
         challenger_lo=metrics.get(f"ope.candidate.{estimator}.lo"),
         champion_estimate=metrics.get(f"ope.champion.{estimator}.estimate"),
         margin=settings.promotion_margin,
+        difference_lo=metrics.get(f"difference.candidate_minus_champion.{estimator}.lo"),
+        difference=metrics.get(f"difference.candidate_minus_champion.{estimator}.estimate"),
         estimator=estimator,
         eval_champion_bundle=mv.tags.get("keyart.eval_champion_bundle"),
         champion_bundle=champion_bundle,
@@ -149,6 +161,7 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
             c.set_tag(mv.run_id, key, value)
         figures = {"gate.promoted": float(decision.promote), "gate.margin": inputs.margin,
                    "gate.challenger_lo": inputs.challenger_lo,
+                   "gate.difference_lo": inputs.difference_lo,
                    "gate.champion_estimate": inputs.champion_estimate}
         for key, value in figures.items():
             if value is not None:
@@ -161,7 +174,7 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds", required=True, help="partition date YYYY-MM-DD whose version to gate")
     parser.add_argument("--estimator", choices=ESTIMATORS, default=DEFAULT_ESTIMATOR,
-                        help="OPE estimator whose lower bound must beat the champion (default snips)")
+                        help="OPE estimator of the paired difference against the champion (default snips)")
     parser.add_argument("--force", action="store_true", help="decide again even if already gated")
 
 

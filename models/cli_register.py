@@ -163,6 +163,7 @@ def read_run_dir(run_dir: Path, ds: str, settings: Settings) -> RunRecord:
             metrics[f"train.{key}"] = float(train[key])
     metrics.update(flatten_numeric("ope", evaluation.get("policies")))
     metrics.update(flatten_numeric("lift", evaluation.get("lift"), skip=("per_title",)))
+    metrics.update(flatten_numeric("difference", evaluation.get("difference")))
     passed, err = parity(manifest)
     metrics.update(flatten_numeric("parity", manifest.get("parity")))
     if err is not None:

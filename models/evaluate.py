@@ -13,7 +13,9 @@ Every policy's distribution is computed by :func:`keyart.policy.probabilities` f
 training table's candidate rows of the held-out day (the priors there are the ones
 serving had), and valued with replay, IPS, SNIPS and DR (:mod:`keyart.models.ope`).
 DR uses this run's model as q-hat for every policy, so the policies are compared on the
-same footing; lifts are over the logging policy with paired bootstrap intervals.
+same footing; lifts are over the logging policy with paired bootstrap intervals, and
+``difference.candidate_minus_champion`` is V_candidate - V_champion with a paired bootstrap
+interval (what the promotion gate reads).
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
 
     t0 = time.perf_counter()
     result = evaluate_policies(pages, targets, q_hat=q_hat, bootstrap=Bootstrap(n_boot=n_boot, seed=seed),
-                               replay_seed=seed)
+                               replay_seed=seed,
+                               differences=[("candidate", "champion")] if "champion" in targets else [])
     timings["ope_s"] = time.perf_counter() - t0
     out = {"ds": ds, "heldout_ds": day, "heldout_part": "late" if cold_start else "all", "n_impressions": pages.n_impressions, "n_candidate_rows": pages.n_rows,
            "logging_policies": sorted(rows.loc[rows["is_logged"].astype(bool), "policy"].astype(str).unique().tolist()),

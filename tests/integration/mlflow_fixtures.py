@@ -91,6 +91,25 @@ def _value(held: HeldOut, chosen: np.ndarray, on_policy: bool = False) -> dict[s
             "snips": _estimate(held.reward, w, True)}
 
 
+def _difference(held: HeldOut, a: np.ndarray, b: np.ndarray) -> dict[str, dict[str, float]]:
+    """Paired IPS/SNIPS difference V_a - V_b of two deterministic policies (linearised intervals)."""
+    w_a, w_b = (a == held.shown) * float(K), (b == held.shown) * float(K)
+    n = len(held.shown)
+    out = {}
+    for name in ("ips", "snips"):
+        if name == "ips":
+            est = float((w_a * held.reward).mean() - (w_b * held.reward).mean())
+            d = (w_a - w_b) * held.reward
+        else:
+            va = (w_a * held.reward).sum() / max(w_a.sum(), 1e-12)
+            vb = (w_b * held.reward).sum() / max(w_b.sum(), 1e-12)
+            est = float(va - vb)
+            d = w_a * (held.reward - va) / max(w_a.mean(), 1e-12) - w_b * (held.reward - vb) / max(w_b.mean(), 1e-12)
+        se = float(d.std(ddof=1) / np.sqrt(n))
+        out[name] = {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
+    return out
+
+
 def greedy_choice(booster: lgb.Booster, held: HeldOut) -> np.ndarray:
     n = len(held.shown)
     scores = booster.predict(held.x.reshape(n * K, -1)).reshape(n, K)
@@ -121,8 +140,11 @@ def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
         "noncontextual": _value(held, np.zeros(n, dtype=int)),
     }
     info: dict = {"source": "no champion registered"}
+    difference = {}
     if champion is not None:
-        policies["champion"] = _value(held, greedy_choice(champion.booster, held))
+        champ = greedy_choice(champion.booster, held)
+        policies["champion"] = _value(held, champ)
+        difference = {"candidate_minus_champion": _difference(held, cand, champ)}
         info = {"source": "registry", "bundle_version": champion.bundle_version}
     base = policies["logging"]["snips"]["estimate"]
     lift = {p: {e: {k: v / base - 1.0 for k, v in iv.items()} for e, iv in by_est.items()}
@@ -130,6 +152,7 @@ def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
     out = {
         "ds": shift_ds(heldout_ds, 1), "heldout_ds": heldout_ds, "n_impressions": n,
         "logging_policies": ["random"], "champion": info, "policies": policies, "lift": lift,
+        **({"difference": difference} if difference else {}),
         "timings": {"load_s": 0.2, "score_s": 0.1, "ope_s": 0.4},
     }
     if rich:

@@ -88,12 +88,14 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path) -> N
     assert params["rows.train"] == "3000"
     for key in ("ope.candidate.snips.lo", "ope.candidate.ips.hi",
                 "ope.champion.snips.estimate", "ope.logging.replay.estimate",
+                "difference.candidate_minus_champion.snips.lo",
                 "ope.random.snips.estimate", "ope.noncontextual.snips.estimate",
                 "lift.candidate.snips.estimate", "onnx_parity_error", "train.valid.auc",
                 "timing.train.fit_s", "timing.evaluate.ope_s", "timing.register_s", "gate.promoted"):
         assert key in metrics, key
     assert metrics["gate.promoted"] == 0.0
-    assert metrics["ope.candidate.snips.lo"] <= metrics["ope.champion.snips.estimate"]
+    assert metrics["difference.candidate_minus_champion.snips.lo"] <= 0.0
+    assert metrics["gate.difference_lo"] == metrics["difference.candidate_minus_champion.snips.lo"]
     assert tags["keyart.gate.decision"] == KEPT and tags["keyart.gate.reason"] == result.reason
     assert "per-title lift" in tags["keyart.report_notes"]  # day 2 lacks the optional fields
     arts = _artifacts(client, reg2.run_id)
@@ -139,22 +141,26 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path) -> N
 
 def _inputs(**kw) -> GateInputs:
     base = dict(version="3", parity_passed="true", champion_version="2", challenger_lo=0.20,
-                champion_estimate=0.18, margin=0.0)
+                champion_estimate=0.18, margin=0.0, difference=0.02, difference_lo=0.005)
     return GateInputs(**{**base, **kw})
 
 
 @pytest.mark.parametrize("kw, decision, reason", [
-    ({}, PROMOTED, "lo 0.20000 > champion v2"),
-    ({"margin": 0.05}, KEPT, "+ margin 0.05"),
-    ({"challenger_lo": 0.18}, KEPT, "<="),
+    ({}, PROMOTED, "lower bound 0.00500 > margin 0"),
+    ({"margin": 0.01}, KEPT, "<= margin 0.01"),
+    ({"difference_lo": -0.001}, KEPT, "lower bound -0.00100 <= margin 0"),
+    # paired: the challenger's own lower bound is below the champion's estimate, yet on the
+    # same impressions it is better with confidence -> promoted
+    ({"challenger_lo": 0.17, "difference_lo": 0.003}, PROMOTED, "> margin 0"),
+    # and the other way round: both intervals look fine, the paired difference does not
+    ({"challenger_lo": 0.25, "difference_lo": -0.004}, KEPT, "<= margin 0"),
     ({"champion_version": None}, PROMOTED, "no champion yet"),
     ({"champion_version": None, "parity_passed": "false"}, KEPT, "parity did not pass"),
     ({"parity_passed": "unknown"}, KEPT, "parity did not pass"),
     ({"champion_version": "3"}, ALREADY, "already the champion"),
-    ({"challenger_lo": None}, KEPT, "no snips lower bound"),
-    ({"champion_estimate": None}, KEPT, "no snips estimate of champion"),
+    ({"difference_lo": None}, KEPT, "no paired snips difference"),
     ({"eval_champion_bundle": "b1", "champion_bundle": "b2"}, KEPT, "re-run evaluate"),
-    ({"eval_champion_bundle": "b2", "champion_bundle": "b2"}, PROMOTED, "lo 0.20000"),
+    ({"eval_champion_bundle": "b2", "champion_bundle": "b2"}, PROMOTED, "lower bound 0.00500"),
 ])
 def test_gate_rule(kw, decision, reason) -> None:
     got = decide(_inputs(**kw))

@@ -177,3 +177,28 @@ def test_logging_is_not_a_target():
     pages = uniform_log(100, 0)
     with pytest.raises(ValueError, match="valued on-policy"):
         evaluate_policies(pages, {"logging": np.full(300, 1 / 3)})
+
+
+def test_paired_difference_is_narrower_than_either_interval_and_finds_a_small_gain():
+    """Two policies that agree on 95% of impressions: one's lower bound does not clear the
+    other's estimate, yet the paired difference (same bootstrap resamples) is a fraction as
+    wide and excludes zero."""
+    n, k = 6000, 3
+    pages = uniform_log(n, 5)
+    a = deterministic_target(n, 2)  # always the best arm (0.6)
+    b = 0.95 * deterministic_target(n, 2) + 0.05 * deterministic_target(n, 1)  # 5% on the 0.3 arm
+    res = evaluate_policies(pages, {"a": a, "b": b}, estimators=["ips", "snips"],
+                            bootstrap=Bootstrap(n_boot=200, seed=1), differences=[("a", "b")])
+    for name in ("ips", "snips"):
+        ia, ib = res["policies"]["a"][name], res["policies"]["b"][name]
+        d = res["difference"]["a_minus_b"][name]
+        assert d.estimate == pytest.approx(ia.estimate - ib.estimate)
+        assert ia.lo < ib.estimate  # unpaired: a's lower bound does not clear b's estimate
+        assert (d.hi - d.lo) < 0.35 * min(ia.hi - ia.lo, ib.hi - ib.lo)
+        assert 0 < d.lo <= 0.05 * (0.6 - 0.3) <= d.hi
+
+
+def test_difference_needs_both_targets():
+    pages = uniform_log(100, 0)
+    with pytest.raises(ValueError, match="no target named"):
+        evaluate_policies(pages, {"a": np.full(300, 1 / 3)}, differences=[("a", "champion")])
