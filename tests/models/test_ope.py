@@ -183,7 +183,7 @@ def test_paired_difference_is_narrower_than_either_interval_and_finds_a_small_ga
     """Two policies that agree on 95% of impressions: one's lower bound does not clear the
     other's estimate, yet the paired difference (same bootstrap resamples) is a fraction as
     wide and excludes zero."""
-    n, k = 6000, 3
+    n = 6000
     pages = uniform_log(n, 5)
     a = deterministic_target(n, 2)  # always the best arm (0.6)
     b = 0.95 * deterministic_target(n, 2) + 0.05 * deterministic_target(n, 1)  # 5% on the 0.3 arm
