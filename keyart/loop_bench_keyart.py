@@ -50,7 +50,7 @@ class ServiceChooser:
         with open(out / f"serving-{self.name}.jsonl", "wb") as log:
             for i in range(v):
                 req = ArtworkRequest.model_validate(build_page_request(world, visits, i, include_ts=True))
-                body, ds, lines = self.service.decide(req)
+                body, ds, lines, *_ = self.service.decide(req)
                 if ds != visits.ds:
                     raise RuntimeError(f"visit {i} of {visits.ds} was stamped {ds}")
                 log.write(lines)

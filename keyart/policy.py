@@ -25,8 +25,9 @@ so every candidate keeps support for offline evaluation (K * floor is capped at 
 
 Blending model and priors: the model knows little about an artwork with few
 impressions, so the score used is  w * model + (1 - w) * prior_mean, with
-w = n / (n + prior_blend_n0) and n the prior's effective impressions. Real-time reward
-updates move ``prior_alpha``/``prior_beta`` (serving) and thereby the score.
+w = n / (n + prior_blend_n0) and n the prior's effective impressions. Serving's real-time
+updates (each impression, then its reward) move ``prior_alpha``/``prior_beta``/``prior_n``
+and thereby the score.
 """
 
 from __future__ import annotations

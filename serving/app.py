@@ -169,15 +169,17 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         """Choose one artwork per title of the page; log every decision durably before answering."""
         rt: Runtime = request.app.state.runtime
         try:
-            body, ds, lines = rt.service.decide(page)
+            decided = rt.service.decide(page)
         except PageRefused as exc:
             return _problem(exc.status, exc.message)
+        body = decided.body
         start = time.perf_counter()
         try:
-            await rt.impressions.append(ds, lines)
+            await rt.impressions.append(decided.ds, decided.lines)
         except Exception as exc:  # not logged = not decided: never acknowledge it
             log_event("impression_log_failed", {"error": str(exc)})
             return _problem(503, "impression log unavailable; the decision was not made")
+        rt.rewards.priors.record_impressions(decided.ds, decided.shown, decided.segment)
         m = rt.metrics
         m.log_seconds.observe(time.perf_counter() - start)
         fb = "true" if body["fallback"] else "false"
@@ -208,7 +210,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
             rt.rewards.release(ref)
             log_event("reward_log_failed", {"error": str(exc)})
             return _problem(503, "reward log unavailable; retry")
-        rt.rewards.apply(ds, ref, outcome.reward)
+        rt.rewards.apply(ref, outcome.reward)
         rt.metrics.rewards.labels(outcome="accepted").inc()
         return _json({"event_id": ref.event_id, "artwork_id": ref.artwork_id, "accepted": True})
 

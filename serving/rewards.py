@@ -19,10 +19,17 @@ Rewards (:class:`RewardBook`)
     segment): alpha += reward, beta += 1 - reward, n += 1.
 
 Online priors (:class:`OnlinePriors`)
-    deltas per receipt day on top of the bundle's priors. A bundle whose manifest names
-    its priors day (``priors_ds`` or ``ds``) absorbs the deltas of that day and before;
-    without it, only today's deltas apply. Deltas are per process: with several workers
-    each learns from the rewards it receives (the daily priors job reconciles them all).
+    deltas per decision day on top of the bundle's priors. Every logged decision counts
+    as an impression without reward (beta += 1, n += 1); a reward for it then turns that
+    failure into a success (alpha += reward, beta -= reward). So an artwork's online mean
+    is its take rate on the impressions it actually got: counting rewards alone would raise
+    the mean of whatever is shown most, and the policy would keep showing it. A reward for
+    an impression this process did not count (decided before a restart, or by another
+    worker) counts itself: alpha += reward, beta += 1 - reward, n += 1. A bundle whose
+    manifest names its priors day (``priors_ds`` or ``ds``) absorbs the deltas of that day
+    and before; without it, only today's deltas apply. Deltas are per process: with
+    several workers each learns from the decisions it makes and the rewards it receives
+    (the daily priors job reconciles them all).
 """
 
 from __future__ import annotations
@@ -156,7 +163,7 @@ class RecentIds:
 
 
 class OnlinePriors:
-    """Reward deltas per (receipt ds, artwork, segment) over the bundle's Beta priors."""
+    """Impression and reward deltas per (decision ds, artwork, segment) over the bundle's Beta priors."""
 
     def __init__(self) -> None:
         self._deltas: dict[str, dict[tuple[str, str], list[float]]] = {}
@@ -171,7 +178,7 @@ class OnlinePriors:
         return ds == dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
 
     def bind(self, table: ArtworkTable, priors_ds: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The policy's (alpha, beta, n) arrays [N] for a newly loaded bundle; later rewards update them."""
+        """The policy's (alpha, beta, n) arrays [N] for a newly loaded bundle; later events update them."""
         with self._lock:
             alpha, beta, n = table.policy_alpha.copy(), table.policy_beta.copy(), table.policy_n.copy()
             self._table, self._priors_ds = table, priors_ds
@@ -187,22 +194,44 @@ class OnlinePriors:
             self.alpha, self.beta, self.n = alpha, beta, n
             return alpha, beta, n
 
-    def record(self, ds: str, artwork_id: str, segment: str, reward: int) -> None:
-        """One reward of the shown ``artwork_id`` for a member of ``segment``."""
-        with self._lock:
-            day = self._deltas.setdefault(ds, {})
-            for seg in (features.SEGMENT_ALL, segment):
-                d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
-                d[0] += reward
-                d[1] += 1 - reward
-                d[2] += 1.0
-            for old in [d for d in self._deltas if d < _ds_days_ago(3)]:
+    def _move(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> None:
+        """Add (da, db, dn) to (artwork, 'all') and (artwork, segment) of day ``ds`` (lock held)."""
+        day = self._deltas.setdefault(ds, {})
+        for seg in {features.SEGMENT_ALL, segment}:
+            d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
+            d[0] += da
+            d[1] += db
+            d[2] += dn
+        i = self._table.index.get(artwork_id) if self._table is not None else None
+        if i is not None and self._applies(ds):
+            self.alpha[i] += da
+            self.beta[i] += db
+            self.n[i] += dn
+
+    def _prune(self) -> None:
+        """Keep three days before the newest decision day seen (the clock may be a client's)."""
+        if len(self._deltas) > 3:
+            newest = dt.date.fromisoformat(max(self._deltas))
+            keep = (newest - dt.timedelta(days=3)).isoformat()
+            for old in [d for d in self._deltas if d < keep]:
                 del self._deltas[old]
-            i = self._table.index.get(artwork_id) if self._table is not None else None
-            if i is not None and self._applies(ds):
-                self.alpha[i] += reward
-                self.beta[i] += 1 - reward
-                self.n[i] += 1.0
+
+    def record_impressions(self, ds: str, artwork_ids: Iterable[str], segment: str) -> None:
+        """Logged decisions of day ``ds`` for a member of ``segment``: each a failure until rewarded."""
+        with self._lock:
+            for artwork_id in artwork_ids:
+                self._move(ds, artwork_id, segment, 0.0, 1.0, 1.0)
+            self._prune()
+
+    def record(self, ds: str, artwork_id: str, segment: str, reward: int) -> None:
+        """A reward for an impression of ``artwork_id`` decided on day ``ds`` (member of ``segment``)."""
+        with self._lock:
+            pending = self._deltas.get(ds, {}).get((artwork_id, features.SEGMENT_ALL), (0.0, 0.0, 0.0))[1]
+            if pending >= 1.0:  # this process counted the impression as a failure: convert it
+                self._move(ds, artwork_id, segment, float(reward), -float(reward), 0.0)
+            else:
+                self._move(ds, artwork_id, segment, float(reward), 1.0 - reward, 1.0)
+            self._prune()
 
     def delta(self, artwork_id: str, segment: str) -> tuple[float, float, float]:
         """Sum of the deltas that apply to (artwork, segment)."""
@@ -215,8 +244,8 @@ class OnlinePriors:
             return (tot[0], tot[1], tot[2])
 
 
-def _ds_days_ago(days: int) -> str:
-    return (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).strftime("%Y-%m-%d")
+def _utc_ds(ts_ms: int) -> str:
+    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
 
 
 class RewardBook:
@@ -252,14 +281,15 @@ class RewardBook:
                "artwork_id": ref.artwork_id, "segment": ref.segment, "reward": int(reward), "minutes": float(minutes)}
         return now.strftime("%Y-%m-%d"), orjson.dumps(row) + b"\n"
 
-    def apply(self, ds: str, ref: EventRef, reward: int) -> None:
-        self.priors.record(ds, ref.artwork_id, ref.segment, reward)
+    def apply(self, ref: EventRef, reward: int) -> None:
+        """Move the online priors of the impression's decision day."""
+        self.priors.record(_utc_ds(ref.ts_ms), ref.artwork_id, ref.segment, reward)
 
     def replay(self, lines: Iterable[tuple[str, bytes]], now_ms: int | None = None) -> int:
         """Re-admit logged rewards at start-up (de-duplication and priors); returns how many."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         count = 0
-        for ds, line in lines:
+        for _ds, line in lines:
             try:
                 row = orjson.loads(line)
                 ref = self.signer.verify(row["event_id"])
@@ -267,6 +297,6 @@ class RewardBook:
                 continue
             if ref.ts_ms >= now_ms - self.max_age_s * 1000 and not self.seen.add(ref.digest, ref.ts_ms):
                 continue
-            self.apply(ds, ref, int(row.get("reward", 0)))
+            self.apply(ref, int(row.get("reward", 0)))
             count += 1
         return count

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -61,6 +61,18 @@ class Choice:
     policy: str
     model_version: str
     fallback: bool
+
+
+class Decided(NamedTuple):
+    """A decided page: the response body, the UTC day of the decision, the impression-log
+    lines, and the member's prior segment with the artworks shown (for the online priors,
+    once the lines are logged)."""
+
+    body: dict[str, Any]
+    ds: str
+    lines: bytes
+    segment: str
+    shown: list[str]
 
 
 def _names(ids: list[str]) -> str:
@@ -169,8 +181,8 @@ class Service:
         chosen, propensity = policy.draw(probs, p.offsets, self.rng)
         return Choice(chosen, propensity, b.policy.name, b.version, False)
 
-    def decide(self, req: ArtworkRequest) -> tuple[dict[str, Any], str, bytes]:
-        """(response body, ds, impression-log lines) for a page."""
+    def decide(self, req: ArtworkRequest) -> Decided:
+        """The page's decisions, its impression-log lines and what the online priors count."""
         p = self.prepare(req)
         c = self.choose(p)
         ts_ms = client_clock_ms(req.ts) if req.ts is not None else int(time.time() * 1000)
@@ -199,7 +211,7 @@ class Service:
             }))
         body = {"model_version": c.model_version, "policy": c.policy, "fallback": c.fallback, "decisions": decisions}
         lines.append(b"")
-        return body, now.strftime("%Y-%m-%d"), b"\n".join(lines)
+        return Decided(body, now.strftime("%Y-%m-%d"), b"\n".join(lines), p.member.segment, shown)
 
 
 def client_clock_ms(ts: dt.datetime) -> int:

@@ -51,6 +51,17 @@ def test_demo_runs_two_days_through_the_real_dag_and_endpoint(tmp_path):
         assert 0 < r["true"] < 1
     assert "intervals hold the true value" in report
     assert (reports / "take_rate.png").stat().st_size > 0
+    # which artwork each taste got on the last day, beside the oracle on the same impressions
+    shares = result["shares"]
+    assert set(shares) <= {"good_will_hunting", "pulp_fiction", "the_lost_kite"} and shares, shares
+    for title, groups in shares.items():
+        assert groups, title
+        for grp, g in groups.items():
+            assert g["impressions"] > 0
+            assert sum(g["served"].values()) == pytest.approx(1.0, abs=0.01)
+            assert sum(g["oracle"].values()) == pytest.approx(1.0, abs=0.01)
+            assert 0 < g["served_value"] <= g["oracle_value"] + 1e-12, (title, grp, g)
+    assert "Which artwork each taste got" in report
     # the DAG ran for both served days' previous days and a champion exists
     assert (lake / "runs" / "ds=2026-11-01" / "bundle" / "manifest.json").exists()
     assert (lake / "runs" / "ds=2026-11-02" / "bundle" / "manifest.json").exists()

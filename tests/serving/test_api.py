@@ -122,8 +122,12 @@ def test_rewards_forged_duplicate_and_online_priors(bundle_dir, _isolated_home):
     with client(path) as c:
         d = c.post("/v1/artwork", json=page(world, 1)).json()["decisions"][0]
         rt = c.app.state.runtime
-        i = rt.store.current.artworks.index[d["artwork_id"]]
-        before = (rt.store.current.prior_alpha[i], rt.store.current.prior_n[i])
+        b = rt.store.current
+        i = b.artworks.index[d["artwork_id"]]
+        base = (b.artworks.policy_alpha[i], b.artworks.policy_beta[i], b.artworks.policy_n[i])
+        # the logged decision counts as an impression without reward until a reward arrives
+        assert (b.prior_alpha[i], b.prior_beta[i], b.prior_n[i]) == (base[0], base[1] + 1, base[2] + 1)
+        assert rt.rewards.priors.delta(d["artwork_id"], "all") == (0.0, 1.0, 1.0)
         ok = c.post("/v1/reward", json={"event_id": d["event_id"], "reward": 1, "minutes": 42.0})
         dup = c.post("/v1/reward", json={"event_id": d["event_id"], "reward": 1, "minutes": 42.0})
         head, sig, art = d["event_id"].rsplit(".", 2)[0], d["event_id"].split(".")[4], d["artwork_id"]
@@ -132,13 +136,13 @@ def test_rewards_forged_duplicate_and_online_priors(bundle_dir, _isolated_home):
         invented = c.post("/v1/reward", json={"event_id": "1.abc.def.a.AAAAAAAAAAAAAAAAAAAAAA.t0001-a0", "reward": 1})
         malformed = c.post("/v1/reward", json={"event_id": "hello", "reward": 1})
         bad_reward = c.post("/v1/reward", json={"event_id": d["event_id"], "reward": 3})
-        after = (rt.store.current.prior_alpha[i], rt.store.current.prior_n[i])
+        after = (b.prior_alpha[i], b.prior_beta[i], b.prior_n[i])
         assert rt.rewards.priors.delta(d["artwork_id"], "all") == (1.0, 0.0, 1.0)
     assert ok.status_code == 200 and ok.json()["artwork_id"] == d["artwork_id"], (head, sig)
     assert dup.status_code == 409 and "already recorded" in dup.text
     assert forged.status_code == 403 and invented.status_code == 403
     assert malformed.status_code == 422 and bad_reward.status_code == 422
-    assert after == (before[0] + 1, before[1] + 1)  # the policy sees the reward at once
+    assert after == (base[0] + 1, base[1], base[2] + 1)  # the policy sees the reward at once
     logged = [orjson.loads(line) for f in (_isolated_home / "lake" / "raw" / "rewards").rglob("*.jsonl")
               for line in f.read_bytes().splitlines()]
     assert [r["event_id"] for r in logged] == [d["event_id"]]
