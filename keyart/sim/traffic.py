@@ -91,7 +91,10 @@ def simulate_day(
         the same files.
     send_rewards
         Post ``/v1/reward`` for quality plays starting within ``attribution_window_hours``
-        of their impression (only for choosers that have ``send_rewards``).
+        of their impression (only for choosers that have ``send_rewards``). The day is then
+        decided one hour of visits at a time, and before each hour the rewards of plays that
+        started before it are posted (the rest at the end), so the endpoint's online priors
+        see rewards arrive during the day as they would in production.
 
     Returns
     -------
@@ -107,20 +110,27 @@ def simulate_day(
         visits = world.visits(ds, visits, seed)
     elif visits.ds != ds:
         raise ValueError(f"visits are for {visits.ds}, not {ds}")
-    decisions = chooser.choose(world, visits, np.random.default_rng([seed, STREAM_CHOOSER, day_no]))
-    _check_decisions(world, visits, decisions)
-    rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
-    ctx = visits.slot_context()
+    chooser_rng = np.random.default_rng([seed, STREAM_CHOOSER, day_no])
     q = world.config.quality_minutes
-    p = world.p_play(ctx["member_idx"], decisions.artwork_idx, ctx["device"], ctx["local_hour"],
-                     ctx["day_of_week"], ctx["page_row"], ctx["position"])
-    played = rng.random(p.shape) < p
-    vi, si = np.nonzero(played)
-    art = decisions.artwork_idx[vi, si]
-    members = visits.member_idx[vi]
-    minutes = world.truth.sample_minutes(rng, members, art_idx=art)
-    delay = play_delays_ms(rng, vi.shape[0])
-    play_ts = visits.ts[vi] + delay.astype("timedelta64[ms]")
+    window_ms = attribution_window_hours * 3_600_000
+    sender = None
+    if send_rewards:
+        sender = getattr(chooser, "send_rewards", None)
+        if sender is None:
+            raise ChooserError(f"chooser {chooser.name!r} cannot receive rewards (use an endpoint URL)")
+    if sender is None:
+        # one batch: decide every visit, then draw every play
+        decisions = chooser.choose(world, visits, chooser_rng)
+        _check_decisions(world, visits, decisions)
+        rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
+        plays = _impression_plays(world, visits, decisions, np.arange(visits.n_visits), rng)
+        rewards = None
+    else:
+        # hour by hour, as an endpoint sees a day: the rewards of plays that started before
+        # an hour begins are posted before that hour's pages are decided
+        decisions, plays, rewards = _interleaved(world, visits, chooser, sender, chooser_rng, seed, day_no, window_ms)
+        rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
+    vi, si, art, members, minutes, delay, play_ts = plays
     # organic plays: a title off the page, chosen by taste, at any time of the day
     org_v = rng.choice(visits.n_visits, size=rng.poisson(organic_rate * visits.n_visits))
     org_titles = _organic_titles(world, visits, org_v, rng)
@@ -136,16 +146,7 @@ def simulate_day(
     next_day = all_ts >= np.datetime64(shift_ds(ds, 1), "ms")
 
     quality = minutes >= q
-    in_window = delay <= attribution_window_hours * 3_600_000
-    rewards = None
-    if send_rewards:
-        sender = getattr(chooser, "send_rewards", None)
-        if sender is None:
-            raise ChooserError(f"chooser {chooser.name!r} cannot receive rewards (use an endpoint URL)")
-        sel = np.flatnonzero(quality & in_window)
-        sel = sel[np.argsort(play_ts[sel], kind="stable")]  # rewards arrive in play-time order
-        rewards = sender(list(zip(decisions.event_id[vi[sel], si[sel]].tolist(), minutes[sel].tolist(),
-                                  io.iso_z(play_ts[sel]), strict=True)))
+    in_window = delay <= window_ms
 
     summary: dict[str, Any] = {
         "ds": ds,
@@ -189,6 +190,80 @@ def simulate_day(
     if lake_root is not None:
         io.write_json(Lake(lake_root).root / "sim" / "traffic" / f"ds={ds}.json", summary)
     return summary
+
+
+Plays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _impression_plays(world: World, visits: Visits, decisions: Decisions, rows: np.ndarray,
+                      rng: np.random.Generator) -> Plays:
+    """Plays caused by the impressions of visits ``rows`` (decisions indexed like ``visits``):
+    (visit, slot, artwork, member, minutes, delay ms, play ts), visit indices global."""
+    ctx = visits.slot_context()
+    r = rows
+    p = world.p_play(ctx["member_idx"][r], decisions.artwork_idx[r], ctx["device"][r], ctx["local_hour"][r],
+                     ctx["day_of_week"][r], ctx["page_row"][r], ctx["position"][r])
+    played = rng.random(p.shape) < p
+    vi, si = np.nonzero(played)
+    vi = r[vi]
+    art = decisions.artwork_idx[vi, si]
+    members = visits.member_idx[vi]
+    minutes = world.truth.sample_minutes(rng, members, art_idx=art)
+    delay = play_delays_ms(rng, vi.shape[0])
+    play_ts = visits.ts[vi] + delay.astype("timedelta64[ms]")
+    return vi, si, art, members, minutes, delay, play_ts
+
+
+def _interleaved(world: World, visits: Visits, chooser: Chooser, sender, chooser_rng: np.random.Generator,
+                 seed: int, day_no: int, window_ms: float) -> tuple[Decisions, Plays, dict[str, int]]:
+    """Decide the day one hour at a time; before each hour, post the rewards (quality plays
+    inside the attribution window) of plays that started before it; the rest at the end."""
+    import dataclasses
+
+    q = world.config.quality_minutes
+    v, slots = visits.titles.shape
+    decisions = Decisions(np.full((v, slots), -1, dtype=np.int64), np.zeros((v, slots)),
+                          np.empty((v, slots), dtype=object), np.empty(v, dtype=object), np.empty(v, dtype=object))
+    day0 = np.datetime64(visits.ds, "ms")
+    bounds = np.searchsorted(visits.ts, day0 + np.arange(25) * np.timedelta64(3_600_000, "ms"))
+    bounds[0], bounds[-1] = 0, v
+    parts: list[Plays] = []
+    pending: list[tuple[np.datetime64, str, float]] = []
+    counts = {"sent": 0, "rejected": 0}
+
+    def post(until) -> None:
+        nonlocal pending
+        pending.sort(key=lambda e: e[0])
+        due = [e for e in pending if until is None or e[0] < until]
+        pending = pending[len(due):]
+        if due:
+            iso = io.iso_z(np.array([e[0] for e in due], dtype="datetime64[ms]"))
+            got = sender([(eid, minutes, t) for (_, eid, minutes), t in zip(due, iso, strict=True)])
+            for k in counts:
+                counts[k] += int(got.get(k, 0))
+
+    for hour in range(24):
+        a, b = int(bounds[hour]), int(bounds[hour + 1])
+        if a >= b:
+            continue
+        post(visits.ts[a])
+        rows = np.arange(a, b)
+        part = dataclasses.replace(visits, **{f: getattr(visits, f)[a:b] for f in
+                                              ("member_idx", "device", "local_hour", "day_of_week", "ts", "titles", "candidates")})
+        d = chooser.choose(world, part, chooser_rng)
+        _check_decisions(world, part, d)
+        decisions.artwork_idx[a:b], decisions.propensity[a:b], decisions.event_id[a:b] = d.artwork_idx, d.propensity, d.event_id
+        decisions.model_version[a:b], decisions.policy[a:b] = d.model_version, d.policy
+        pl = _impression_plays(world, visits, decisions, rows, np.random.default_rng([seed, STREAM_PLAYS, day_no, hour]))
+        parts.append(pl)
+        vi, si, _, _, minutes, delay, play_ts = pl
+        keep = np.flatnonzero((minutes >= q) & (delay <= window_ms))
+        pending.extend(zip(list(play_ts[keep]), decisions.event_id[vi[keep], si[keep]].tolist(),
+                           minutes[keep].tolist(), strict=True))
+    post(None)
+    plays = tuple(np.concatenate([pl[k] for pl in parts]) if parts else np.zeros(0, dtype=np.int64)
+                  for k in range(7))
+    return decisions, plays, counts  # type: ignore[return-value]
 
 
 def _organic_titles(world: World, visits: Visits, org_v: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -275,3 +275,50 @@ def test_p_delay_within_matches_sampled_delays():
     for hours in (0.5, 4.0, 6.0, 9.0):
         assert p_delay_within(hours) == pytest.approx((delays <= hours * 3_600_000).mean(), abs=3e-3)
     assert p_delay_within(9.0) == pytest.approx(1.0, abs=1e-4)  # exponential tails never quite end
+
+
+class _RecordingEndpoint(RandomChooser):
+    """A random chooser that takes rewards, recording the order of decisions and rewards."""
+
+    name = "recording"
+    logs_impressions = True
+
+    def __init__(self):
+        self.log: list[tuple[str, object]] = []
+        self.decided_at: dict[str, np.datetime64] = {}
+
+    def choose(self, world, visits, rng):
+        d = super().choose(world, visits, rng)
+        d.event_id = np.array([[f"{i}@{visits.ts[r]}" for i in row] for r, row in enumerate(d.event_id)], dtype=object)
+        for r, row in enumerate(d.event_id):
+            for eid in row:
+                self.decided_at[eid] = visits.ts[r]
+        self.log.append(("choose", (visits.ts[0], visits.ts[-1])))
+        return d
+
+    def send_rewards(self, events):
+        self.log.append(("rewards", [(eid, np.datetime64(ts.rstrip("Z"), "ms")) for eid, _, ts in events]))
+        return {"sent": len(events), "rejected": 0}
+
+
+def test_rewards_reach_the_endpoint_during_the_day(world):
+    """With rewards, the day is decided hour by hour and every reward is posted after its
+    impression was decided and before the first page that comes after its play started."""
+    ep = _RecordingEndpoint()
+    s = simulate_day(world, DS, ep, visits=600, seed=5, send_rewards=True, attribution_window_hours=4.0)
+    chooses = [span for kind, span in ep.log if kind == "choose"]
+    assert 12 <= len(chooses) <= 24  # one batch per hour that has visits
+    sent = [ev for kind, evs in ep.log if kind == "rewards" for ev in evs]
+    assert s["rewards"]["sent"] == len(sent) == s["quality_plays_in_window"] > 0
+    assert len({eid for eid, _ in sent}) == len(sent)
+    later_batches = 0
+    for k, (kind, payload) in enumerate(ep.log):
+        if kind != "rewards":
+            continue
+        for eid, play_ts in payload:
+            assert ep.decided_at[eid] <= play_ts  # decided before its play
+            nxt = next((span for kd, span in ep.log[k + 1:] if kd == "choose"), None)
+            if nxt is not None:
+                assert play_ts < nxt[0]  # posted before the next hour's pages are decided
+                later_batches += 1
+    assert later_batches > 0.5 * len(sent)  # most rewards arrive while the day is still being served
