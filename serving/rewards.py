@@ -219,8 +219,19 @@ class OnlinePriors:
     def record_impressions(self, ds: str, artwork_ids: Iterable[str], segment: str) -> None:
         """Logged decisions of day ``ds`` for a member of ``segment``: each a failure until rewarded."""
         with self._lock:
+            day = self._deltas.setdefault(ds, {})
+            rows = []
             for artwork_id in artwork_ids:
-                self._move(ds, artwork_id, segment, 0.0, 1.0, 1.0)
+                for seg in {features.SEGMENT_ALL, segment}:
+                    d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
+                    d[1] += 1.0
+                    d[2] += 1.0
+                i = self._table.index.get(artwork_id) if self._table is not None else None
+                if i is not None:
+                    rows.append(i)
+            if rows and self._applies(ds):  # one vectorised update per page
+                np.add.at(self.beta, rows, 1.0)
+                np.add.at(self.n, rows, 1.0)
             self._prune()
 
     def record(self, ds: str, artwork_id: str, segment: str, reward: int) -> None:
