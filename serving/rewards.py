@@ -15,8 +15,8 @@ Rewards (:class:`RewardBook`)
     refused anyway), so its memory is bounded by the reward rate times that age; it is
     rebuilt at start from the reward log, so a restart does not re-admit a duplicate.
     An accepted reward is fsynced to ``<lake>/raw/rewards/ds=D/`` before it is
-    acknowledged, then moves the Beta prior of (artwork, 'all') and (artwork, member
-    segment): alpha += reward, beta += 1 - reward, n += 1.
+    acknowledged, then moves the online priors of (artwork, 'all') and (artwork, member
+    segment) as below.
 
 Online priors (:class:`OnlinePriors`)
     deltas per decision day on top of the bundle's priors. Every logged decision counts
@@ -25,7 +25,8 @@ Online priors (:class:`OnlinePriors`)
     is its take rate on the impressions it actually got: counting rewards alone would raise
     the mean of whatever is shown most, and the policy would keep showing it. A reward for
     an impression this process did not count (decided before a restart, or by another
-    worker) counts itself: alpha += reward, beta += 1 - reward, n += 1. A bundle whose
+    worker) counts itself: alpha += reward, beta += 1 - reward, n += 1. Deltas are kept for
+    the newest decision day seen and the three before it. A bundle whose
     manifest names its priors day (``priors_ds`` or ``ds``) absorbs the deltas of that day
     and before; without it, only today's deltas apply. Deltas are per process: with
     several workers each learns from the decisions it makes and the rewards it receives

@@ -261,8 +261,9 @@ def _interleaved(world: World, visits: Visits, chooser: Chooser, sender, chooser
         pending.extend(zip(list(play_ts[keep]), decisions.event_id[vi[keep], si[keep]].tolist(),
                            minutes[keep].tolist(), strict=True))
     post(None)
-    plays = tuple(np.concatenate([pl[k] for pl in parts]) if parts else np.zeros(0, dtype=np.int64)
-                  for k in range(7))
+    if not parts:  # no visits: empty arrays of the right dtypes
+        parts.append(_impression_plays(world, visits, decisions, np.arange(0), np.random.default_rng(0)))
+    plays = tuple(np.concatenate([pl[k] for pl in parts]) for k in range(7))
     return decisions, plays, counts  # type: ignore[return-value]
 
 
