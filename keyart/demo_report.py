@@ -121,7 +121,7 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
         q = world.expected_quality_play(
             midx[:, None], cand, ctx["device"].to_numpy()[:, None], ctx["local_hour"].to_numpy()[:, None],
             ctx["day_of_week"].to_numpy()[:, None], ctx["page_row"].to_numpy()[:, None], ctx["position"].to_numpy()[:, None])
-        offered = np.array([[a in set(c) for a in arts] for c in sub["candidates"]])
+        offered = np.array([[a in c for a in arts] for c in map(set, sub["candidates"])])
         q_best = np.where(offered, q, -np.inf)
         oracle = q_best.argmax(1)
         shown = pd.Index(arts).get_indexer(sub["artwork_id"])
@@ -185,7 +185,7 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any]) -> di
     booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
     cfg = P.PolicyConfig(**evaluation["policy"])
     probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False)["candidate"]
-    return {"heldout_ds": held.day, "heldout_part": "late" if held.cold_start else "all",
+    return {"heldout_ds": held.day, "heldout_part": held.part,
             "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
             "candidate": float((probs * q).sum() / pages.n_impressions)}
 

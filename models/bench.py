@@ -37,7 +37,6 @@ from keyart.models.bench_data import (
     SlotRows,
     ensure_path,
     simulate_and_label,
-    subset_visits,
     visit_rows,
 )
 from keyart.models.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
@@ -133,7 +132,7 @@ def coverage(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConfig, s
     widths = {key: [] for key in hits}
     for seed, part in enumerate(parts):
         rng = np.random.default_rng(1000 + seed)
-        sub = subset_visits(visits, part)
+        sub = visits.subset(part)
         slots = (part[:, None] * p_slots + np.arange(p_slots)).reshape(-1)
         row_idx = np.concatenate([np.arange(rows.offsets[s], rows.offsets[s + 1]) for s in slots])
         k = np.diff(rows.offsets)[slots]

@@ -143,14 +143,6 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
                     prior_n=np.where(missing, 0.0, np.nan_to_num(n_all)))
 
 
-def subset_visits(visits, index: np.ndarray):
-    """The visits at ``index`` (a new Visits with the same page layout)."""
-    import dataclasses
-
-    per_visit = ("member_idx", "device", "local_hour", "day_of_week", "ts", "titles", "candidates")
-    return dataclasses.replace(visits, **{f: getattr(visits, f)[index] for f in per_visit})
-
-
 def ensure_path(path: Path | None) -> Path:
     import tempfile
 

@@ -99,6 +99,11 @@ class HeldOut:
     rows: pd.DataFrame
     X: np.ndarray
 
+    @property
+    def part(self) -> str:
+        """``late`` on a cold start, else ``all`` (evaluation.json's ``heldout_part``)."""
+        return "late" if self.cold_start else "all"
+
 
 def load_heldout(lake: Lake, ds: str, run_dir: Path | None = None) -> HeldOut:
     """The held-out impressions of the run for ``ds`` (its ``train.json`` tells a cold start)."""
@@ -123,7 +128,7 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
     t0 = time.perf_counter()
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
     held = load_heldout(lake, ds, run_dir)
-    day, cold_start, pages, rows, X = held.day, held.cold_start, held.pages, held.rows, held.X
+    day, pages, rows, X = held.day, held.pages, held.rows, held.X
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -153,7 +158,7 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
                                replay_seed=seed,
                                differences=[("candidate", "champion")] if "champion" in targets else [])
     timings["ope_s"] = time.perf_counter() - t0
-    out = {"ds": ds, "heldout_ds": day, "heldout_part": "late" if cold_start else "all", "n_impressions": pages.n_impressions, "n_candidate_rows": pages.n_rows,
+    out = {"ds": ds, "heldout_ds": day, "heldout_part": held.part, "n_impressions": pages.n_impressions, "n_candidate_rows": pages.n_rows,
            "logging_policies": sorted(rows.loc[rows["is_logged"].astype(bool), "policy"].astype(str).unique().tolist()),
            "policy": asdict(cfg), "estimators": list(ESTIMATORS), "champion": champion_info,
            "bootstrap": {"n_boot": n_boot, "level": 0.95, "cluster": "member_id"},

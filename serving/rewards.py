@@ -195,15 +195,20 @@ class OnlinePriors:
             self.alpha, self.beta, self.n = alpha, beta, n
             return alpha, beta, n
 
-    def _move(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> None:
-        """Add (da, db, dn) to (artwork, 'all') and (artwork, segment) of day ``ds`` (lock held)."""
+    def _add_delta(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> int | None:
+        """Add (da, db, dn) to the deltas of (artwork, 'all') and (artwork, segment) of day
+        ``ds``; return the artwork's row in the bound table, if any (lock held)."""
         day = self._deltas.setdefault(ds, {})
         for seg in {features.SEGMENT_ALL, segment}:
             d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
             d[0] += da
             d[1] += db
             d[2] += dn
-        i = self._table.index.get(artwork_id) if self._table is not None else None
+        return self._table.index.get(artwork_id) if self._table is not None else None
+
+    def _move(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> None:
+        """The deltas and, if day ``ds`` applies to the bound bundle, the policy's arrays (lock held)."""
+        i = self._add_delta(ds, artwork_id, segment, da, db, dn)
         if i is not None and self._applies(ds):
             self.alpha[i] += da
             self.beta[i] += db
@@ -220,16 +225,7 @@ class OnlinePriors:
     def record_impressions(self, ds: str, artwork_ids: Iterable[str], segment: str) -> None:
         """Logged decisions of day ``ds`` for a member of ``segment``: each a failure until rewarded."""
         with self._lock:
-            day = self._deltas.setdefault(ds, {})
-            rows = []
-            for artwork_id in artwork_ids:
-                for seg in {features.SEGMENT_ALL, segment}:
-                    d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
-                    d[1] += 1.0
-                    d[2] += 1.0
-                i = self._table.index.get(artwork_id) if self._table is not None else None
-                if i is not None:
-                    rows.append(i)
+            rows = [i for a in artwork_ids if (i := self._add_delta(ds, a, segment, 0.0, 1.0, 1.0)) is not None]
             if rows and self._applies(ds):  # one vectorised update per page
                 np.add.at(self.beta, rows, 1.0)
                 np.add.at(self.n, rows, 1.0)

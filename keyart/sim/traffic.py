@@ -111,6 +111,7 @@ def simulate_day(
     elif visits.ds != ds:
         raise ValueError(f"visits are for {visits.ds}, not {ds}")
     chooser_rng = np.random.default_rng([seed, STREAM_CHOOSER, day_no])
+    rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])  # impression plays (one batch), organic plays
     q = world.config.quality_minutes
     window_ms = attribution_window_hours * 3_600_000
     sender = None
@@ -122,14 +123,12 @@ def simulate_day(
         # one batch: decide every visit, then draw every play
         decisions = chooser.choose(world, visits, chooser_rng)
         _check_decisions(world, visits, decisions)
-        rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
         plays = _impression_plays(world, visits, decisions, np.arange(visits.n_visits), rng)
         rewards = None
     else:
         # hour by hour, as an endpoint sees a day: the rewards of plays that started before
         # an hour begins are posted before that hour's pages are decided
         decisions, plays, rewards = _interleaved(world, visits, chooser, sender, chooser_rng, seed, day_no, window_ms)
-        rng = np.random.default_rng([seed, STREAM_PLAYS, day_no])
     vi, si, art, members, minutes, delay, play_ts = plays
     # organic plays: a title off the page, chosen by taste, at any time of the day
     org_v = rng.choice(visits.n_visits, size=rng.poisson(organic_rate * visits.n_visits))
@@ -218,8 +217,6 @@ def _interleaved(world: World, visits: Visits, chooser: Chooser, sender, chooser
                  seed: int, day_no: int, window_ms: float) -> tuple[Decisions, Plays, dict[str, int]]:
     """Decide the day one hour at a time; before each hour, post the rewards (quality plays
     inside the attribution window) of plays that started before it; the rest at the end."""
-    import dataclasses
-
     q = world.config.quality_minutes
     v, slots = visits.titles.shape
     decisions = Decisions(np.full((v, slots), -1, dtype=np.int64), np.zeros((v, slots)),
@@ -248,8 +245,7 @@ def _interleaved(world: World, visits: Visits, chooser: Chooser, sender, chooser
             continue
         post(visits.ts[a])
         rows = np.arange(a, b)
-        part = dataclasses.replace(visits, **{f: getattr(visits, f)[a:b] for f in
-                                              ("member_idx", "device", "local_hour", "day_of_week", "ts", "titles", "candidates")})
+        part = visits.subset(slice(a, b))
         d = chooser.choose(world, part, chooser_rng)
         _check_decisions(world, part, d)
         decisions.artwork_idx[a:b], decisions.propensity[a:b], decisions.event_id[a:b] = d.artwork_idx, d.propensity, d.event_id

@@ -6,6 +6,7 @@ feed it to several policies, so every policy is valued on exactly the same reque
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class Visits:
     def n_candidates(self) -> np.ndarray:
         """[V, P] number of active candidates per slot."""
         return (self.candidates >= 0).sum(-1)
+
+    def subset(self, index) -> Visits:
+        """The visits at ``index`` (an index array or a slice), with the same page layout."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[index] for f in
+                                            ("member_idx", "device", "local_hour", "day_of_week", "ts", "titles", "candidates")})
 
     def slot_context(self) -> dict[str, np.ndarray]:
         """Member and context arrays broadcast to [V, P], as GroundTruth methods take them."""
