@@ -41,7 +41,7 @@ test-e2e: install
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check keyart jobs models serving dags tests
+	$(BIN)/ruff check keyart jobs models serving bench demo dags tests
 
 serve: install
 	$(BIN)/keyart serve
@@ -61,7 +61,7 @@ mlflow-ui: install
 
 ## The Airflow UI on http://localhost:$(AIRFLOW_PORT) (AIRFLOW_HOME=$(KEYART_HOME)/airflow, SQLite, this repo's dags/).
 airflow-ui: install
-	AIRFLOW__API__PORT=$(AIRFLOW_PORT) $(BIN)/python -m keyart.airflow_env run -- airflow standalone
+	AIRFLOW__API__PORT=$(AIRFLOW_PORT) $(BIN)/python -m keyart.demo.airflow_env run -- airflow standalone
 
 clean:
 	rm -rf var reports .pytest_cache

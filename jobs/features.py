@@ -13,7 +13,7 @@ D, each play weighted by ``minutes_played * 0.5 ** (age_days / affinity_half_lif
 a tag's affinity is the weighted share of minutes on titles carrying it (``genre:<g>``,
 ``cast:<c>``). Training rows join each labelled impression's candidates with the snapshot
 and priors of the day before the impression (what serving had) and compute the ``features``
-array with :func:`keyart.features.feature_matrix` inside ``mapInPandas``: the same
+array with :func:`keyart.feature_spec.feature_matrix` inside ``mapInPandas``: the same
 arithmetic serving runs. A snapshot that was never written is computed from the plays.
 """
 
@@ -29,7 +29,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from keyart import features as spec
+from keyart import feature_spec
 from keyart.config import Settings
 from keyart.contracts import ARTWORKS, MEMBERS, PLAYS, PRIORS, TITLES
 from keyart.jobs.common import (
@@ -77,7 +77,7 @@ def _end_us(ds: str) -> Column:
 
 
 def _segment(is_kids: Column) -> Column:
-    return F.when(is_kids == 1, F.lit(spec.member_segment(True))).otherwise(F.lit(spec.member_segment(False)))
+    return F.when(is_kids == 1, F.lit(feature_spec.member_segment(True))).otherwise(F.lit(feature_spec.member_segment(False)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
         "member_id",
         F.coalesce("member_is_kids", F.lit(0)).alias("member_is_kids"),
         F.log1p(F.coalesce("plays_28d", F.lit(0)).cast("double")).alias("member_log_plays_28d"),
-        F.least(F.coalesce("days_since", F.lit(spec.DAYS_SINCE_CAP)), F.lit(spec.DAYS_SINCE_CAP)).cast("double").alias("member_days_since_last_play"),
+        F.least(F.coalesce("days_since", F.lit(feature_spec.DAYS_SINCE_CAP)), F.lit(feature_spec.DAYS_SINCE_CAP)).cast("double").alias("member_days_since_last_play"),
         F.coalesce(F.col("aff.tag"), empty_str).alias("affinity_tags"),
         F.coalesce(F.col("aff.value"), empty_dbl).alias("affinity_values"),
     )
@@ -144,13 +144,13 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     ).withColumn("is_logged", F.col("artwork_id") == F.col("logged_artwork_id")).withColumn("known_ds", F.date_sub("impression_ds", 1))
     snap = snapshots.select(*MEMBER_COLUMNS, F.col("snapshot_ds").alias("known_ds"), F.lit(1).alias("member_known"))
     rows = base.join(snap, ["member_id", "known_ds"], "left").withColumn("member_known", F.coalesce("member_known", F.lit(0)))
-    rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(spec.UNKNOWN_MEMBER["member_is_kids"])))
+    rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(feature_spec.UNKNOWN_MEMBER["member_is_kids"])))
     rows = rows.withColumn("segment", _segment(F.col("member_is_kids")))
     pri = priors.select(F.col("prior_ds").alias("known_ds"), "artwork_id", "segment", "alpha", "beta", "n_impressions")
-    all_rows = pri.where(F.col("segment") == spec.SEGMENT_ALL).select(
+    all_rows = pri.where(F.col("segment") == feature_spec.SEGMENT_ALL).select(
         "known_ds", "artwork_id", F.col("alpha").alias("prior_alpha"), F.col("beta").alias("prior_beta"), F.col("n_impressions").alias("prior_n")
     )
-    seg_rows = pri.where(F.col("segment") != spec.SEGMENT_ALL).select(
+    seg_rows = pri.where(F.col("segment") != feature_spec.SEGMENT_ALL).select(
         "known_ds", "artwork_id", "segment", F.col("alpha").alias("seg_alpha"), F.col("beta").alias("seg_beta")
     )
     rows = rows.join(all_rows, ["known_ds", "artwork_id"], "left").join(seg_rows, ["known_ds", "artwork_id", "segment"], "left")
@@ -174,20 +174,20 @@ def features_pandas(batch: pd.DataFrame) -> pd.DataFrame:
     df = batch.copy()
     unknown = df["member_known"] == 0
     for name in ("member_log_plays_28d", "member_days_since_last_play"):
-        df[name] = df[name].where(~unknown, spec.UNKNOWN_MEMBER[name]).astype("float64")
+        df[name] = df[name].where(~unknown, feature_spec.UNKNOWN_MEMBER[name]).astype("float64")
     for name in ("affinity_tags", "affinity_values"):
-        df[name] = [spec.UNKNOWN_MEMBER[name] if u or v is None else v for u, v in zip(unknown, df[name], strict=True)]
-    priors = spec.prior_inputs(
+        df[name] = [feature_spec.UNKNOWN_MEMBER[name] if u or v is None else v for u, v in zip(unknown, df[name], strict=True)]
+    priors = feature_spec.prior_inputs(
         df["prior_alpha"].astype("float64"), df["prior_beta"].astype("float64"), df["prior_n"].astype("float64"),
         df["seg_alpha"].astype("float64"), df["seg_beta"].astype("float64"), df["event_id"],
     )
     for name, values in priors.items():
         df[name] = values
     missing = df["prior_alpha"].isna() | df["prior_beta"].isna()
-    df["prior_alpha"] = df["prior_alpha"].where(~missing, spec.DEFAULT_PRIOR[0]).astype("float64")
-    df["prior_beta"] = df["prior_beta"].where(~missing, spec.DEFAULT_PRIOR[1]).astype("float64")
+    df["prior_alpha"] = df["prior_alpha"].where(~missing, feature_spec.DEFAULT_PRIOR[0]).astype("float64")
+    df["prior_beta"] = df["prior_beta"].where(~missing, feature_spec.DEFAULT_PRIOR[1]).astype("float64")
     df["prior_n"] = df["prior_n"].where(~missing, 0.0).astype("float64")
-    matrix = spec.feature_matrix(df)
+    matrix = feature_spec.feature_matrix(df)
     out = df[list(ROW_COLUMNS)].copy()
     out["features"] = list(matrix)
     return out
@@ -200,7 +200,7 @@ def training_schema(inputs_schema: T.StructType) -> T.StructType:
 
 
 def add_features(inputs: DataFrame) -> DataFrame:
-    """Training rows: ``features`` computed by keyart.features through mapInPandas. Pure."""
+    """Training rows: ``features`` computed by keyart.feature_spec through mapInPandas. Pure."""
     grouped = inputs.withColumn("ts_us", F.unix_micros("ts")).drop("ts").repartition("event_id").sortWithinPartitions("event_id", "artwork_id")
     schema = training_schema(inputs.schema)
     py_schema = T.StructType([T.StructField("ts_us", T.LongType()) if f.name == "ts" else f for f in schema.fields])
@@ -303,8 +303,8 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
         "training_rows": int(row["rows"] or 0),
         "training_impressions": int(row["impressions"] or 0),
         "snapshot_days_used": inputs.snapshot_days,
-        "n_features": spec.N_FEATURES,
-        "feature_spec_version": spec.FEATURE_SPEC_VERSION,
+        "n_features": feature_spec.N_FEATURES,
+        "feature_spec_version": feature_spec.FEATURE_SPEC_VERSION,
     }
     write_metrics(lake, "features", args.ds, figures)
     return figures

@@ -34,7 +34,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from keyart import features as spec
+from keyart import feature_spec
 from keyart.config import Settings
 from keyart.contracts import ARTWORKS, MEMBERS, PRIORS, REWARDS
 from keyart.jobs.common import conform, main_for, read_days, read_table, write_day, write_metrics
@@ -71,11 +71,11 @@ def active_artworks(artworks: DataFrame, ds: str) -> DataFrame:
 
 def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
     """Self-normalised importance-weighted ``(artwork_id, segment, s, f, n)`` of the day's labels. Pure."""
-    seg = F.when(F.col("profile") == "kids", F.lit(spec.member_segment(True))).otherwise(F.lit(spec.member_segment(False)))
+    seg = F.when(F.col("profile") == "kids", F.lit(feature_spec.member_segment(True))).otherwise(F.lit(feature_spec.member_segment(False)))
     rows = rewards.join(members.select("member_id", "profile"), "member_id", "left").select(
         "artwork_id", "reward",
         (F.lit(1.0) / (F.size("candidates") * F.col("propensity"))).alias("w"),
-        F.explode(F.array(F.lit(spec.SEGMENT_ALL), seg)).alias("segment"),
+        F.explode(F.array(F.lit(feature_spec.SEGMENT_ALL), seg)).alias("segment"),
     )
     agg = rows.groupBy("artwork_id", "segment").agg(
         F.count(F.lit(1)).cast("double").alias("n"), F.sum("w").alias("sw"), F.sum(F.col("w") * F.col("reward")).alias("swr")
@@ -105,8 +105,8 @@ def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams) -> 
 
     title = moments(src, "title_id").select("title_id", F.col("c").alias("tc"), F.col("m").alias("tm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("tess"))
     cat = moments(src).select(F.col("c").alias("cc"), F.col("m").alias("cm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("cess"))
-    default_mean = spec.DEFAULT_PRIOR[0] / sum(spec.DEFAULT_PRIOR)
-    default_ess = min(sum(spec.DEFAULT_PRIOR), params.eb_max_ess)
+    default_mean = feature_spec.DEFAULT_PRIOR[0] / sum(feature_spec.DEFAULT_PRIOR)
+    default_ess = min(sum(feature_spec.DEFAULT_PRIOR), params.eb_max_ess)
     titles = titles.select("title_id").distinct().join(title, "title_id", "left").crossJoin(cat)
     m = F.coalesce(F.when(F.col("tc") >= 1, F.col("tm")), F.when(F.col("cc") >= 1, F.col("cm")), F.lit(default_mean))
     m = F.least(F.greatest(m, F.lit(_MEAN_CLIP[0])), F.lit(_MEAN_CLIP[1]))
@@ -141,9 +141,9 @@ def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, memb
             (F.col("cn") + F.coalesce("n", F.lit(0.0))).alias("n_impressions"),
         )
 
-    all_ev = ev.where(F.col("segment") == spec.SEGMENT_ALL).drop("segment")
-    all_rows = active.join(carried.where(F.col("segment") == spec.SEGMENT_ALL).drop("segment"), "artwork_id", "left").join(all_ev, "artwork_id", "left")
-    all_rows = all_rows.withColumn("segment", F.lit(spec.SEGMENT_ALL))
+    all_ev = ev.where(F.col("segment") == feature_spec.SEGMENT_ALL).drop("segment")
+    all_rows = active.join(carried.where(F.col("segment") == feature_spec.SEGMENT_ALL).drop("segment"), "artwork_id", "left").join(all_ev, "artwork_id", "left")
+    all_rows = all_rows.withColumn("segment", F.lit(feature_spec.SEGMENT_ALL))
     known = cap(updated(all_rows.where(F.col("ca").isNotNull())), params.max_ess)
     eb = eb_priors(known, active, params)
     new = all_rows.where(F.col("ca").isNull()).join(eb, "title_id", "left").select(
@@ -152,8 +152,8 @@ def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, memb
     )
     all_post = known.unionByName(cap(updated(new), params.max_ess))
 
-    seg_ev = ev.where(F.col("segment") != spec.SEGMENT_ALL)
-    seg_carried = carried.where(F.col("segment") != spec.SEGMENT_ALL)
+    seg_ev = ev.where(F.col("segment") != feature_spec.SEGMENT_ALL)
+    seg_carried = carried.where(F.col("segment") != feature_spec.SEGMENT_ALL)
     seg_rows = seg_carried.join(seg_ev, ["artwork_id", "segment"], "full").join(active, "artwork_id").select(
         "title_id", "artwork_id", "segment", F.coalesce("ca", F.lit(0.0)).alias("ca"), F.coalesce("cb", F.lit(0.0)).alias("cb"),
         F.coalesce("cn", F.lit(0.0)).alias("cn"), "s", "f", "n",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyart import features
+from keyart import feature_spec
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -65,8 +65,8 @@ def write_manifest(bundle_dir: Path, **fields: Any) -> Manifest:
     if missing:
         raise BundleError(f"{bundle_dir}: cannot write manifest, missing {missing}")
     data = {
-        "feature_spec_version": features.FEATURE_SPEC_VERSION,
-        "n_features": features.N_FEATURES,
+        "feature_spec_version": feature_spec.FEATURE_SPEC_VERSION,
+        "n_features": feature_spec.N_FEATURES,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         **fields,
@@ -106,12 +106,12 @@ def verify(bundle_dir: Path) -> Manifest:
             raise BundleError(f"{bundle_dir}: manifest has no checksum for {name}")
         if sha256(path) != expected:
             raise BundleError(f"{bundle_dir}: {name} does not match its checksum (corrupt or altered)")
-    if manifest.feature_spec_version != features.FEATURE_SPEC_VERSION:
+    if manifest.feature_spec_version != feature_spec.FEATURE_SPEC_VERSION:
         raise BundleError(
             f"{bundle_dir}: built for feature spec {manifest.feature_spec_version}, "
-            f"this build speaks {features.FEATURE_SPEC_VERSION}"
+            f"this build speaks {feature_spec.FEATURE_SPEC_VERSION}"
         )
     spec = json.loads((bundle_dir / "feature_spec.json").read_text())
-    if spec.get("features") != list(features.FEATURE_NAMES):
+    if spec.get("features") != list(feature_spec.FEATURE_NAMES):
         raise BundleError(f"{bundle_dir}: feature_spec.json lists other features than this build")
     return manifest

@@ -14,20 +14,20 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("keyart.sim.cli_world", "create a simulated world: catalog, members, viewing history"),
-    "traffic": ("keyart.sim.cli_traffic", "simulate one day of visits against a policy or the endpoint"),
-    "job": ("keyart.jobs.cli", "run a Spark job (ingest, rewards, features, priors) for one ds"),
+    "world": ("keyart.sim.world", "create a simulated world: catalog, members, viewing history"),
+    "traffic": ("keyart.sim.traffic", "simulate one day of visits against a policy or the endpoint"),
+    "job": ("keyart.jobs.chain", "run a Spark job (ingest, rewards, features, priors) for one ds"),
     "spark-connect": ("keyart.jobs.connect_server", "run a Spark Connect server the jobs can share (KEYART_SPARK_REMOTE)"),
-    "train": ("keyart.models.cli_train", "train the reward model for one ds"),
-    "evaluate": ("keyart.models.cli_evaluate", "offline policy evaluation (replay, IPS, SNIPS, DR) for one ds"),
-    "export": ("keyart.models.cli_export", "export the ONNX bundle with a parity check"),
-    "register": ("keyart.models.cli_register", "log the run and register the bundle in MLflow"),
-    "gate": ("keyart.models.cli_gate", "promotion gate: challenger -> champion if it wins"),
-    "promote": ("keyart.models.cli_promote", "make a registered version the champion (reviewer override)"),
-    "rollback": ("keyart.models.cli_rollback", "restore the previous champion"),
-    "serve": ("keyart.serving.cli", "run the artwork-selection HTTP endpoint"),
+    "train": ("keyart.models.train", "train the reward model for one ds"),
+    "evaluate": ("keyart.models.evaluate", "offline policy evaluation (replay, IPS, SNIPS, DR) for one ds"),
+    "export": ("keyart.models.export", "export the ONNX bundle with a parity check"),
+    "register": ("keyart.models.register", "log the run and register the bundle in MLflow"),
+    "gate": ("keyart.models.gate", "promotion gate: challenger -> champion if it wins"),
+    "promote": ("keyart.models.promote", "make a registered version the champion (reviewer override)"),
+    "rollback": ("keyart.models.rollback", "restore the previous champion"),
+    "serve": ("keyart.serving.app", "run the artwork-selection HTTP endpoint"),
     "bench": ("keyart.bench", "benchmarks: jobs, learning, serving, loop"),
-    "demo": ("keyart.demo", "the closed loop on embedded defaults, with a report"),
+    "demo": ("keyart.demo.loop", "the closed loop on embedded defaults, with a report"),
 }
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from keyart.features import N_FEATURES
+from keyart.feature_spec import N_FEATURES
 from keyart.lake import Lake, fmt_ds, parse_ds
 
 # Columns every model step reads from the training table (``features`` is added on demand).
@@ -154,13 +154,13 @@ def read_table_dir(path: Path) -> pd.DataFrame:
 
 
 def pages_from_frame(frame: pd.DataFrame, group_by: str | None = "member_id"):
-    """Group candidate rows into :class:`keyart.models.ope.LoggedPages`.
+    """Group candidate rows into :class:`keyart.ope.LoggedPages`.
 
     ``frame`` has one row per (impression, candidate) with ``event_id``, ``artwork_id``,
     ``is_logged``, ``reward`` and ``propensity``. Returns ``(pages, rows)``: ``rows`` is
     ``frame`` sorted by (event_id, artwork_id) so row i of it is candidate row i of pages.
     """
-    from keyart.models.ope import LoggedPages
+    from keyart.ope import LoggedPages
 
     if len(frame) == 0:
         raise ValueError("no candidate rows")

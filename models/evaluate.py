@@ -11,7 +11,7 @@ Policies valued (``evaluation.json`` keys):
 
 Every policy's distribution is computed by :func:`keyart.policy.probabilities` from the
 training table's candidate rows of the held-out day (the priors there are the ones
-serving had), and valued with replay, IPS, SNIPS and DR (:mod:`keyart.models.ope`).
+serving had), and valued with replay, IPS, SNIPS and DR (:mod:`keyart.ope`).
 DR uses this run's model as q-hat for every policy, so the policies are compared on the
 same footing; lifts are over the logging policy with paired bootstrap intervals, and
 ``difference.candidate_minus_champion`` is V_candidate - V_champion with a paired bootstrap
@@ -20,6 +20,7 @@ interval (what the promotion gate reads).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -33,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from keyart import bundle
-from keyart.lake import Lake
+from keyart.config import settings
+from keyart.lake import Lake, fmt_ds
 from keyart.models.data import (
     PAGE_COLUMNS,
     feature_array,
@@ -42,7 +44,7 @@ from keyart.models.data import (
     read_training,
     time_split_rows,
 )
-from keyart.models.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies, to_json
+from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies, to_json
 from keyart.policy import PolicyConfig, probabilities
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def find_champion(path: str | Path | None) -> tuple[Path | None, str]:
     if path:
         return Path(path), "given"
     try:
-        from keyart.models.registry import champion_bundle_path
+        from keyart.registry import champion_bundle_path
     except ImportError:
         return None, "no registry module"
     try:
@@ -140,7 +142,7 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
     champion_cfg = cfg
     if champion_path is not None:
         manifest = bundle.verify(champion_path)
-        from keyart.models.onnx_scorer import OnnxScorer
+        from keyart.scoring import OnnxScorer
 
         scorer = OnnxScorer(champion_path)
         scorers["champion"] = lambda: scorer.predict(X).astype(np.float64)
@@ -179,3 +181,23 @@ def summary_table(evaluation: dict[str, Any]) -> str:
                  if e in by_est else "-" for e in evaluation["estimators"]]
         lines.append(f"{policy:<14}" + "".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ds", required=True, type=fmt_ds, help="run date YYYY-MM-DD")
+    parser.add_argument("--lake", type=Path, default=None, help="lake root (default: config)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: <lake>/runs/ds=D")
+    parser.add_argument("--champion-bundle", type=Path, default=None,
+                        help="bundle to value as champion (default: the registry's champion, if any)")
+    parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings()
+    out = evaluate_run(Lake(args.lake or s.lake), args.ds, PolicyConfig.from_settings(s), run_dir=args.run_dir,
+                       champion_bundle=args.champion_bundle, n_boot=args.n_boot, seed=args.seed)
+    print(summary_table(out))
+    return 0

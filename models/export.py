@@ -16,9 +16,11 @@ bundle is published: files are assembled in a staging folder and moved into
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ import pandas as pd
 import pyarrow as pa
 from onnxmltools.convert.common.data_types import FloatTensorType
 
-from keyart import bundle, features
-from keyart.lake import Lake, parse_ds, shift_ds
+from keyart import bundle, feature_spec
+from keyart.config import settings
+from keyart.lake import Lake, fmt_ds, parse_ds, shift_ds
 from keyart.models.data import (
     feature_array,
     heldout_day,
@@ -41,8 +44,8 @@ from keyart.models.data import (
     read_table_dir,
     read_training,
 )
-from keyart.models.onnx_scorer import OnnxScorer
 from keyart.policy import PolicyConfig, blend_scores, group_argmax
+from keyart.scoring import OnnxScorer
 
 TARGET_OPSET = 15
 MAX_ABS_DIFF = 1e-5
@@ -55,8 +58,8 @@ class ParityError(bundle.BundleError):
 def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
     """Convert the booster; keep only the ``probabilities`` output [N, 2]."""
     n = booster.num_feature()
-    if n != features.N_FEATURES:
-        raise ValueError(f"booster has {n} features, the feature spec {features.N_FEATURES}")
+    if n != feature_spec.N_FEATURES:
+        raise ValueError(f"booster has {n} features, the feature spec {feature_spec.N_FEATURES}")
     model = onnxmltools.convert_lightgbm(
         booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, n]))],
         zipmap=False, target_opset=TARGET_OPSET)
@@ -180,7 +183,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
     staging.mkdir(parents=True)
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
-        (staging / "feature_spec.json").write_text(json.dumps(features.spec_dict(), indent=2))
+        (staging / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict(), indent=2))
         counts = {"priors": _copy_table(lake.priors(ds), staging / "priors.parquet"),
                   "members": _copy_table(lake.member_features(ds), staging / "members.parquet")}
         arts = active_artworks(lake, ds)
@@ -210,3 +213,26 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ds", required=True, type=fmt_ds, help="run date YYYY-MM-DD")
+    parser.add_argument("--lake", type=Path, default=None, help="lake root (default: config)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: <lake>/runs/ds=D")
+    parser.add_argument("--parity-impressions", type=int, default=2000)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings()
+    try:
+        manifest = export_bundle(Lake(args.lake or s.lake), args.ds, PolicyConfig.from_settings(s),
+                                 run_dir=args.run_dir, n_parity=args.parity_impressions)
+    except ParityError as exc:
+        print(f"export refused: {exc}", file=sys.stderr)
+        return 1
+    p = manifest["parity"]
+    print(f"bundle {manifest.version}: parity max |dp| {p['max_abs_diff']:.2e} over {p['rows']} rows, "
+          f"greedy agreement {p['greedy_agreement']:.4f}")
+    return 0

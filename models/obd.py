@@ -32,7 +32,7 @@ Slots are treated as independent decisions, as in the Open Bandit Pipeline's
 position-wise evaluation; the three items of one widget are in fact drawn without
 replacement, so a per-slot value is what the estimators report. The user features are
 kept as ``user_feature_*`` columns for a reward model. :func:`open_bandit_pages` expands
-the log to candidate rows and returns :class:`keyart.models.ope.LoggedPages`.
+the log to candidate rows and returns :class:`keyart.ope.LoggedPages`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from keyart.models.ope import LoggedPages
+from keyart.ope import LoggedPages
 
 CAMPAIGN_ITEMS = {"all": 80, "men": 34, "women": 46}
 BEHAVIOR_POLICIES = ("random", "bts")

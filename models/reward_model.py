@@ -1,7 +1,7 @@
 """The reward model: LightGBM predicting P(quality play | member, context, title, artwork).
 
 Trained on the *logged* rows of the training table (the artwork that was shown and its
-outcome), float32 features in :data:`keyart.features.FEATURE_NAMES` order.
+outcome), float32 features in :data:`keyart.feature_spec.FEATURE_NAMES` order.
 
 Importance weights
 ------------------
@@ -26,7 +26,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from keyart.features import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
+from keyart.feature_spec import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,17 @@ replays today's reward log; shutdown flushes and fsyncs the logs.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -237,3 +240,33 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+# --- command line ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model-uri", help="models:/<name>@<alias>, models:/<name>/<version> or a bundle path "
+                                         "(default: serve_model_uri, else the champion alias)")
+    src.add_argument("--bundle", help="serve this bundle folder (polled for changes)")
+    parser.add_argument("--host", help="bind address (default serve_host)")
+    parser.add_argument("--port", type=int, help="port (default serve_port)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uri = args.bundle or args.model_uri
+    if uri and not uri.startswith("models:/"):
+        uri = str(Path(uri.removeprefix("file://")).absolute())  # keep symlinks: they are swapped
+    if uri:
+        # workers are separate processes: hand the choice over through the environment
+        os.environ["KEYART_SERVE_MODEL_URI"] = str(uri)
+        config.settings.cache_clear()
+    s = config.settings()
+    uvicorn.run("keyart.serving.app:create_app", factory=True, host=args.host or s.serve_host,
+                port=args.port if args.port is not None else s.serve_port, workers=max(1, args.workers),
+                loop="uvloop", http="httptools", access_log=False, lifespan="on",
+                timeout_graceful_shutdown=10, log_level="info")
+    return 0

@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from keyart import bundle as kbundle
-from keyart import features
+from keyart import feature_spec
 from keyart.config import Settings
 from keyart.lake import Lake
 from keyart.policy import PolicyConfig
@@ -93,7 +93,7 @@ def parity_probe(b: LoadedBundle) -> None:
             worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("nan")
             raise kbundle.BundleError(f"{b.path}: parity probe failed (max |dp| = {worst:.3g} > {PROBE_TOLERANCE})")
     rng = np.random.default_rng(0)
-    x = rng.uniform(0.0, 1.0, size=(64, features.N_FEATURES)).astype(np.float32)
+    x = rng.uniform(0.0, 1.0, size=(64, feature_spec.N_FEATURES)).astype(np.float32)
     full = b.session.run([kbundle.OUTPUT_NAME], {kbundle.INPUT_NAME: x})[0]
     if full.shape != (64, 2) or not np.all(np.isfinite(full)) or np.any(full < 0) or np.any(full > 1) \
             or not np.allclose(full.sum(axis=1), 1.0, atol=1e-4):

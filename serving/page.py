@@ -1,10 +1,10 @@
-"""Feature assembly for one page: the float32 matrix keyart.features.feature_matrix would build.
+"""Feature assembly for one page: the float32 matrix keyart.feature_spec.feature_matrix would build.
 
 A page is a flat array of candidate rows (artwork rows of an :class:`ArtworkTable`)
 grouped by title with ``offsets`` ([T + 1], as in :mod:`keyart.policy`). Per-artwork
 blocks come from the table's caches; only the member x artwork match, the context and
 the title prior mean depend on the request, and they are numpy gathers. Sums run column
-by column in tag order so every value is bit-identical to :func:`keyart.features.match_row`
+by column in tag order so every value is bit-identical to :func:`keyart.feature_spec.match_row`
 (tests/serving/test_page.py checks the whole matrix against feature_matrix).
 """
 
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from keyart import features
+from keyart import feature_spec
 from keyart.serving.tables import ArtworkTable, Member
 
-N_MEMBER = len(features.MEMBER_FEATURES)
-N_CONTEXT = len(features.CONTEXT_FEATURES)
-N_STATIC = 2 + len(features.FLAGS) + len(features.TONES)
+N_MEMBER = len(feature_spec.MEMBER_FEATURES)
+N_CONTEXT = len(feature_spec.CONTEXT_FEATURES)
+N_STATIC = 2 + len(feature_spec.FLAGS) + len(feature_spec.TONES)
 C_MEMBER = 0
 C_CONTEXT = C_MEMBER + N_MEMBER
 C_STATIC = C_CONTEXT + N_CONTEXT
 C_PRIOR = C_STATIC + N_STATIC
 C_MATCH = C_PRIOR + 3
 C_SEG = C_MATCH + 4
-assert C_SEG + 1 == features.N_FEATURES
+assert C_SEG + 1 == feature_spec.N_FEATURES
 
 
 def _sequential_sum(values: np.ndarray) -> np.ndarray:
@@ -56,9 +56,9 @@ def page_matrix(table: ArtworkTable, member: Member, device: str, local_hour: in
     n_titles = len(offsets) - 1
     sizes = np.diff(offsets)
     gid = np.repeat(np.arange(n_titles), sizes)
-    x = np.empty((len(rows), features.N_FEATURES), dtype=np.float32)
+    x = np.empty((len(rows), feature_spec.N_FEATURES), dtype=np.float32)
     x[:, C_MEMBER:C_CONTEXT] = member.block
-    ctx = features.context_block([device] * n_titles, [local_hour] * n_titles, [day_of_week] * n_titles,
+    ctx = feature_spec.context_block([device] * n_titles, [local_hour] * n_titles, [day_of_week] * n_titles,
                                  page_row, position)
     x[:, C_CONTEXT:C_STATIC] = ctx[gid]
     x[:, C_STATIC:C_PRIOR] = table.static[rows]

@@ -50,12 +50,12 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from keyart import features
+from keyart import feature_spec
 from keyart.contracts import ID_PATTERN
 from keyart.serving.tables import ArtworkTable
 
 VERSION = "1"
-SEGMENT_CODES = {features.member_segment(0): "a", features.member_segment(1): "k"}
+SEGMENT_CODES = {feature_spec.member_segment(0): "a", feature_spec.member_segment(1): "k"}
 CODE_SEGMENTS = {v: k for k, v in SEGMENT_CODES.items()}
 _ID_RE = re.compile(ID_PATTERN)
 
@@ -188,7 +188,7 @@ class OnlinePriors:
                     continue
                 for (artwork_id, segment), (da, db, dn) in deltas.items():
                     i = table.index.get(artwork_id)
-                    if i is not None and segment == features.SEGMENT_ALL:
+                    if i is not None and segment == feature_spec.SEGMENT_ALL:
                         alpha[i] += da
                         beta[i] += db
                         n[i] += dn
@@ -199,7 +199,7 @@ class OnlinePriors:
         """Add (da, db, dn) to the deltas of (artwork, 'all') and (artwork, segment) of day
         ``ds``; return the artwork's row in the bound table, if any (lock held)."""
         day = self._deltas.setdefault(ds, {})
-        for seg in {features.SEGMENT_ALL, segment}:
+        for seg in {feature_spec.SEGMENT_ALL, segment}:
             d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
             d[0] += da
             d[1] += db
@@ -234,7 +234,7 @@ class OnlinePriors:
     def record(self, ds: str, artwork_id: str, segment: str, reward: int) -> None:
         """A reward for an impression of ``artwork_id`` decided on day ``ds`` (member of ``segment``)."""
         with self._lock:
-            pending = self._deltas.get(ds, {}).get((artwork_id, features.SEGMENT_ALL), (0.0, 0.0, 0.0))[1]
+            pending = self._deltas.get(ds, {}).get((artwork_id, feature_spec.SEGMENT_ALL), (0.0, 0.0, 0.0))[1]
             if pending >= 1.0:  # this process counted the impression as a failure: convert it
                 self._move(ds, artwork_id, segment, float(reward), -float(reward), 0.0)
             else:

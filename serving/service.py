@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from keyart import features, policy
+from keyart import feature_spec, policy
 from keyart.config import Settings
 from keyart.serving.bundle_store import BundleStore, LoadedBundle
 from keyart.serving.page import page_matrix
@@ -222,10 +222,10 @@ def client_clock_ms(ts: dt.datetime) -> int:
 
 
 def _unknown_member() -> Member:
-    u = features.UNKNOWN_MEMBER
-    block = features.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
+    u = feature_spec.UNKNOWN_MEMBER
+    block = feature_spec.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
                                   [u["member_days_since_last_play"]])[0]
-    return Member(block, features.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0))
+    return Member(block, feature_spec.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0))
 
 
 _UNKNOWN = _unknown_member()

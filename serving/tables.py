@@ -1,10 +1,10 @@
 """In-memory tables serving keeps per bundle: artworks (with cached feature blocks) and members.
 
 Everything that does not depend on the request is computed once at bundle load: the
-tag-derived artwork block (:func:`keyart.features.artwork_static`), the prior inputs
-(:func:`keyart.features.prior_inputs` over the catalog), the member block of every member
+tag-derived artwork block (:func:`keyart.feature_spec.artwork_static`), the prior inputs
+(:func:`keyart.feature_spec.prior_inputs` over the catalog), the member block of every member
 and index arrays that turn member x artwork matching into numpy gathers. The page
-assembly in :mod:`keyart.serving.page` reproduces :func:`keyart.features.feature_matrix`
+assembly in :mod:`keyart.serving.page` reproduces :func:`keyart.feature_spec.feature_matrix`
 exactly from these caches.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from keyart import features
+from keyart import feature_spec
 
-SEGMENTS = (features.member_segment(0), features.member_segment(1))
+SEGMENTS = (feature_spec.member_segment(0), feature_spec.member_segment(1))
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -125,8 +125,8 @@ class ArtworkTable:
         ], dtype=np.int64)
         tags = [list(a.get("tags") or ()) for a in arts]
         genres = [list(a.get("title_genres") or ()) for a in arts]
-        static = (np.vstack([features.artwork_static(t, bool(a.get("is_default"))) for t, a in zip(tags, arts, strict=True)])
-                  if arts else np.zeros((0, 2 + len(features.FLAGS) + len(features.TONES)), np.float32))
+        static = (np.vstack([feature_spec.artwork_static(t, bool(a.get("is_default"))) for t, a in zip(tags, arts, strict=True)])
+                  if arts else np.zeros((0, 2 + len(feature_spec.FLAGS) + len(feature_spec.TONES)), np.float32))
 
         # priors: NaN where missing, exactly as the features job hands them to prior_inputs
         post: dict[tuple[str, str], tuple[float, float, float]] = {
@@ -134,18 +134,18 @@ class ArtworkTable:
             for p in priors
         }
         nan3 = (np.nan, np.nan, np.nan)
-        all_p = np.array([post.get((a, features.SEGMENT_ALL), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
+        all_p = np.array([post.get((a, feature_spec.SEGMENT_ALL), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
         seg_mean: dict[str, np.ndarray] = {}
         inputs: dict[str, np.ndarray] = {}
         for seg in SEGMENTS:
             seg_p = np.array([post.get((a, seg), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
-            inputs = features.prior_inputs(all_p[:, 0], all_p[:, 1], all_p[:, 2], seg_p[:, 0], seg_p[:, 1], title_of)
+            inputs = feature_spec.prior_inputs(all_p[:, 0], all_p[:, 1], all_p[:, 2], seg_p[:, 0], seg_p[:, 1], title_of)
             seg_mean[seg] = inputs["art_prior_mean_seg"]
         mean = inputs["art_prior_mean"] if ids else np.zeros(0)
         n = inputs["art_prior_n"] if ids else np.zeros(0)
         missing = ~(np.isfinite(all_p[:, 0]) & np.isfinite(all_p[:, 1])) | (all_p[:, 0] + all_p[:, 1] <= 0)
-        alpha = np.where(missing, features.DEFAULT_PRIOR[0], all_p[:, 0])
-        beta = np.where(missing, features.DEFAULT_PRIOR[1], all_p[:, 1])
+        alpha = np.where(missing, feature_spec.DEFAULT_PRIOR[0], all_p[:, 0])
+        beta = np.where(missing, feature_spec.DEFAULT_PRIOR[1], all_p[:, 1])
 
         vocab: dict[str, int] = {}
 
@@ -197,32 +197,32 @@ class MemberTable:
     def __init__(self, rows: Sequence[Mapping[str, Any]], vocab: Mapping[str, int]):
         self._rows: dict[str, int] = {}
         n = len(rows)
-        self._block = features.member_block(
+        self._block = feature_spec.member_block(
             np.ones(n), [r.get("member_is_kids") or 0 for r in rows],
             [r.get("member_log_plays_28d") for r in rows],
             [r.get("member_days_since_last_play") for r in rows],
-        ) if n else np.zeros((0, len(features.MEMBER_FEATURES)), np.float32)
+        ) if n else np.zeros((0, len(feature_spec.MEMBER_FEATURES)), np.float32)
         self._kids = [bool(r.get("member_is_kids")) for r in rows]
         self._aff: list[tuple[np.ndarray, np.ndarray]] = []
         for i, r in enumerate(rows):
             self._rows[str(r["member_id"])] = i
             # affinity_map semantics: the last value of a repeated tag wins
-            amap = features.affinity_map(r.get("affinity_tags"), r.get("affinity_values"))
+            amap = feature_spec.affinity_map(r.get("affinity_tags"), r.get("affinity_values"))
             known = [(vocab[t], v) for t, v in amap.items() if t in vocab]
             self._aff.append((np.array([c for c, _ in known], np.int64), np.array([v for _, v in known], np.float64)))
-        u = features.UNKNOWN_MEMBER
+        u = feature_spec.UNKNOWN_MEMBER
         self.unknown = Member(
-            features.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
+            feature_spec.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
                                   [u["member_days_since_last_play"]])[0],
-            features.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0, np.float64))
+            feature_spec.member_segment(u["member_is_kids"]), np.zeros(0, np.int64), np.zeros(0, np.float64))
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def get(self, member_id: str) -> Member:
-        """The member's inputs, or :data:`keyart.features.UNKNOWN_MEMBER`'s."""
+        """The member's inputs, or :data:`keyart.feature_spec.UNKNOWN_MEMBER`'s."""
         i = self._rows.get(member_id)
         if i is None:
             return self.unknown
         cols, vals = self._aff[i]
-        return Member(self._block[i], features.member_segment(self._kids[i]), cols, vals)
+        return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols, vals)

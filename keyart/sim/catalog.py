@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keyart.features import FLAGS
+from keyart.feature_spec import FLAGS
 from keyart.sim.names import (
     ADULT_RATINGS,
     FIRST_NAMES,

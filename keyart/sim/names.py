@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keyart.features import TONES
+from keyart.feature_spec import TONES
 
 GENRES: tuple[str, ...] = TONES
-"""The genre vocabulary is the tone vocabulary of keyart.features."""
+"""The genre vocabulary is the tone vocabulary of keyart.feature_spec."""
 G = {g: i for i, g in enumerate(GENRES)}
 
 KIDS_GENRES = ("family", "animation")

@@ -30,7 +30,7 @@ from functools import cached_property
 
 import numpy as np
 
-from keyart.features import DEVICES, FLAGS
+from keyart.feature_spec import DEVICES, FLAGS
 from keyart.sim.catalog import Catalog
 from keyart.sim.names import KIDS_GENRES, G
 from keyart.sim.population import Members
@@ -78,7 +78,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def device_index(device) -> np.ndarray:
-    """Device codes (indices into keyart.features.DEVICES) from names or codes."""
+    """Device codes (indices into keyart.feature_spec.DEVICES) from names or codes."""
     arr = np.asarray(device)
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64)

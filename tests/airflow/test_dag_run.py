@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from airflow_helpers import run_python
 
-from keyart import airflow_env
+from keyart.demo import airflow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.timeout(1800)]
 
@@ -62,7 +62,7 @@ def _failure_excerpt(text: str, width: int = 6000) -> str:
 REGISTRY_STATE = """
 import json
 from keyart.config import load_settings
-from keyart.models import registry
+from keyart import registry
 s = load_settings()
 c = registry.client(s)
 versions = c.search_model_versions(f"name = '{s.registered_model}'")

@@ -55,7 +55,7 @@ print("DAGBAG_JSON=" + json.dumps(out))
 def parsed(tmp_path_factory) -> dict:
     import os
 
-    from keyart import airflow_env
+    from keyart.demo import airflow_env
 
     home = tmp_path_factory.mktemp("airflow-parse")
     env = airflow_env.airflow_environ(home, base=os.environ)

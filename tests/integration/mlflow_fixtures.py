@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from onnxmltools import convert_lightgbm
 from onnxmltools.convert.common.data_types import FloatTensorType
 
-from keyart import bundle, contracts, features
+from keyart import bundle, contracts, feature_spec
 from keyart.lake import Lake, shift_ds
 
 K = 4  # candidates per impression
@@ -51,7 +51,7 @@ class HeldOut:
 
 def heldout_day(seed: int = 99) -> HeldOut:
     rng = np.random.default_rng(seed)
-    x = rng.random((N_HELDOUT, K, features.N_FEATURES), dtype=np.float32)
+    x = rng.random((N_HELDOUT, K, feature_spec.N_FEATURES), dtype=np.float32)
     shown = rng.integers(0, K, N_HELDOUT)
     p = _p_true(x[np.arange(N_HELDOUT), shown])
     return HeldOut(x, shown, (rng.random(N_HELDOUT) < p).astype(float))
@@ -60,11 +60,11 @@ def heldout_day(seed: int = 99) -> HeldOut:
 def train_booster(seed: int, quality: str = "good") -> lgb.Booster:
     """A small real reward model; ``quality='bad'`` learns from shuffled labels."""
     rng = np.random.default_rng(seed)
-    x = rng.random((N_TRAIN, features.N_FEATURES), dtype=np.float32)
+    x = rng.random((N_TRAIN, feature_spec.N_FEATURES), dtype=np.float32)
     y = (rng.random(N_TRAIN) < _p_true(x)).astype(float)
     if quality == "bad":
         y = rng.permutation(y)
-    data = lgb.Dataset(x, y, feature_name=list(features.FEATURE_NAMES))
+    data = lgb.Dataset(x, y, feature_name=list(feature_spec.FEATURE_NAMES))
     return lgb.train(PARAMS, data, num_boost_round=30)
 
 
@@ -171,7 +171,7 @@ def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
 
 def export_onnx(booster: lgb.Booster, path: Path) -> float:
     """Write model.onnx (input 'features', output 'probabilities'); return max |Δp|."""
-    onx = convert_lightgbm(booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, features.N_FEATURES]))],
+    onx = convert_lightgbm(booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, feature_spec.N_FEATURES]))],
                            zipmap=False, target_opset=15)
     graph = onx.graph
     prob = next(o for o in graph.output if o.name != "label")
@@ -181,7 +181,7 @@ def export_onnx(booster: lgb.Booster, path: Path) -> float:
         node.output[:] = [bundle.OUTPUT_NAME if o == prob.name else o for o in node.output]
     prob.name = bundle.OUTPUT_NAME
     path.write_bytes(onx.SerializeToString())
-    x = np.random.default_rng(0).random((256, features.N_FEATURES), dtype=np.float32)
+    x = np.random.default_rng(0).random((256, feature_spec.N_FEATURES), dtype=np.float32)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_p = sess.run([bundle.OUTPUT_NAME], {bundle.INPUT_NAME: x})[0][:, 1]
     return float(np.abs(onnx_p - booster.predict(x)).max())
@@ -221,22 +221,22 @@ def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
     imp = booster.feature_importance("gain")
     train = {
         "params": {**PARAMS, "num_boost_round": 30},
-        "feature_spec_version": features.FEATURE_SPEC_VERSION,
-        "feature_names": list(features.FEATURE_NAMES),
+        "feature_spec_version": feature_spec.FEATURE_SPEC_VERSION,
+        "feature_names": list(feature_spec.FEATURE_NAMES),
         "metrics": {"train": {"auc": 0.7, "logloss": 0.5}, "valid": {"auc": 0.68, "logloss": 0.52}},
         "rows": {"train": N_TRAIN, "valid": 500},
         "best_iteration": 30,
         "ds": ds,
         "window": {"days": days, "first_ds": days[0], "last_ds": days[-1], "window_days": 3},
         "heldout_ds": heldout_ds,
-        "feature_importance": dict(zip(features.FEATURE_NAMES, map(float, imp), strict=True)),
+        "feature_importance": dict(zip(feature_spec.FEATURE_NAMES, map(float, imp), strict=True)),
         "timings": {"fit_s": 1.5, "read_s": 0.3},
     }
     (run_dir / "train.json").write_text(json.dumps(train, indent=2))
     ev = evaluation(booster, champion, held or heldout_day(), heldout_ds, rich=rich)
     (run_dir / "evaluation.json").write_text(json.dumps(ev, indent=2))
     max_diff = export_onnx(booster, bdir / bundle.MODEL_FILE)
-    (bdir / "feature_spec.json").write_text(json.dumps(features.spec_dict()))
+    (bdir / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict()))
     _tables(bdir, ds)
     manifest = bundle.write_manifest(
         bdir,

@@ -14,13 +14,12 @@ import mlflow
 import pytest
 from mlflow_fixtures import build_run_dir
 
-from keyart import bundle, cli
+from keyart import bundle, cli, registry
 from keyart.config import load_settings
-from keyart.models import registry
-from keyart.models.cli_gate import ALREADY, KEPT, PROMOTED, GateInputs, decide, gate
-from keyart.models.cli_promote import promote_version
-from keyart.models.cli_register import register_run
-from keyart.models.cli_rollback import rollback_champion
+from keyart.models.gate import ALREADY, KEPT, PROMOTED, GateInputs, decide, gate
+from keyart.models.promote import promote_version
+from keyart.models.register import register_run
+from keyart.models.rollback import rollback_champion
 
 pytestmark = pytest.mark.mlflow
 

@@ -1,4 +1,4 @@
-"""features: member snapshot arithmetic, training rows, parity with keyart.features, reruns."""
+"""features: member snapshot arithmetic, training rows, parity with keyart.feature_spec, reruns."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from jobs_fixtures import args, artwork, frame, impression, member, play, prior,
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from keyart import features as spec
+from keyart import feature_spec
 from keyart.jobs import features
 from keyart.jobs.common import write_day
 
@@ -49,7 +49,7 @@ def test_member_snapshot_time_decayed_shares(spark):
     assert m1["affinity_tags"] == ["cast:a", "genre:comedy", "genre:drama"]
     np.testing.assert_allclose(m1["affinity_values"], [w1 / (w1 + w2), w2 / (w1 + w2), w1 / (w1 + w2)])
     m2 = got["m2"]
-    assert (m2["member_is_kids"], m2["member_log_plays_28d"], m2["member_days_since_last_play"]) == (1, 0.0, spec.DAYS_SINCE_CAP)
+    assert (m2["member_is_kids"], m2["member_log_plays_28d"], m2["member_days_since_last_play"]) == (1, 0.0, feature_spec.DAYS_SINCE_CAP)
     assert m2["affinity_tags"] == [] and m2["affinity_values"] == []
 
 
@@ -68,21 +68,21 @@ def training_inputs(spark):
 
 
 def expected_features() -> dict[tuple[str, str], np.ndarray]:
-    """The same rows assembled by hand and passed to keyart.features directly."""
+    """The same rows assembled by hand and passed to keyart.feature_spec directly."""
     ctx = {"device": "tv", "local_hour": 20, "day_of_week": 2, "page_row": 0, "position": 1}
     known = {"member_known": 1, "member_is_kids": 0, "member_log_plays_28d": 1.5, "member_days_since_last_play": 2.0,
              "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5]}
     rows = [
         {**known, **ctx, "art_tags": ["cast:a", "tone:drama", "closeup"], "art_is_default": 1, "title_genres": ["drama"]},
         {**known, **ctx, "art_tags": ["tone:comedy"], "art_is_default": 0, "title_genres": ["drama"]},
-        {**spec.UNKNOWN_MEMBER, **ctx, "art_tags": [], "art_is_default": 1, "title_genres": ["comedy"]},
+        {**feature_spec.UNKNOWN_MEMBER, **ctx, "art_tags": [], "art_is_default": 1, "title_genres": ["comedy"]},
     ]
     nan = float("nan")
-    pri = spec.prior_inputs([2, 5, nan], [8, 5, nan], [10, 10, nan], [nan, 6, nan], [nan, 4, nan], ["e1", "e1", "e2"])
+    pri = feature_spec.prior_inputs([2, 5, nan], [8, 5, nan], [10, 10, nan], [nan, 6, nan], [nan, 4, nan], ["e1", "e1", "e2"])
     inputs = pd.DataFrame(rows)
     for k, v in pri.items():
         inputs[k] = v
-    matrix = spec.feature_matrix(inputs)
+    matrix = feature_spec.feature_matrix(inputs)
     return {("e1", "t1-a0"): matrix[0], ("e1", "t1-a1"): matrix[1], ("e2", "t2-a0"): matrix[2]}
 
 
@@ -92,12 +92,12 @@ def test_training_rows_and_feature_parity(spark):
     expected = expected_features()
     assert set(by_key) == set(expected)
     for key, vector in expected.items():
-        assert len(by_key[key]["features"]) == spec.N_FEATURES
+        assert len(by_key[key]["features"]) == feature_spec.N_FEATURES
         np.testing.assert_array_equal(np.asarray(by_key[key]["features"], dtype=np.float32), vector)
     a0, a1, other = by_key[("e1", "t1-a0")], by_key[("e1", "t1-a1")], by_key[("e2", "t2-a0")]
     assert (a0["is_logged"], a1["is_logged"], other["is_logged"]) == (False, True, True)
     assert (a1["prior_alpha"], a1["prior_beta"], a1["prior_n"], a1["segment"]) == (5.0, 5.0, 10.0, "profile=adult")
-    assert (other["prior_alpha"], other["prior_beta"], other["prior_n"]) == (*spec.DEFAULT_PRIOR, 0.0)
+    assert (other["prior_alpha"], other["prior_beta"], other["prior_n"]) == (*feature_spec.DEFAULT_PRIOR, 0.0)
     assert (a1["reward"], a1["minutes"], a1["played"], a1["logged_artwork_id"]) == (1, 30.0, 1, "t1-a1")
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
@@ -126,7 +126,7 @@ def test_run_writes_snapshot_and_training_and_rerun_is_identical(spark, lake, se
     training = spark.read.parquet(str(lake.training(DS)))
     assert snapshot.count() == 2 and training.count() == 3
     m1 = training.where("event_id = 'e1'").first()
-    assert m1["features"][spec.FEATURE_NAMES.index("member_known")] == 1.0  # snapshot of 03-01 computed from plays
+    assert m1["features"][feature_spec.FEATURE_NAMES.index("member_known")] == 1.0  # snapshot of 03-01 computed from plays
     first_snap, first_train = snapshot.collect(), training.collect()
     features.run(spark, lake, args(DS, lake.root), settings)
     assertDataFrameEqual(spark.read.parquet(str(lake.member_features(DS))), first_snap)

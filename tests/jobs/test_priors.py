@@ -8,7 +8,7 @@ import pytest
 from jobs_fixtures import args, artwork, frame, impression, member, prior, reward_row
 from pyspark.testing import assertDataFrameEqual
 
-from keyart import features as spec
+from keyart import feature_spec
 from keyart.jobs import priors
 from keyart.jobs.common import write_day
 
@@ -82,7 +82,7 @@ def test_first_day_without_any_data_gives_every_active_artwork_the_default(spark
     artworks = frame(spark, "artworks", [artwork("t1-a0", "t1"), artwork("t1-a1", "t1", active_to="2026-03-01"),
                                           artwork("t1-a2", "t1", active_from="2026-03-03")])
     got = priors.transform(frame(spark, "priors", []), frame(spark, "rewards", []), artworks, members(spark), params())
-    assertDataFrameEqual(got, frame(spark, "priors", [prior("t1", "t1-a0", *spec.DEFAULT_PRIOR, 0.0)]))
+    assertDataFrameEqual(got, frame(spark, "priors", [prior("t1", "t1-a0", *feature_spec.DEFAULT_PRIOR, 0.0)]))
 
 
 def test_thin_segment_is_filled_with_the_artwork_mean(spark):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keyart.features import N_FEATURES
+from keyart.feature_spec import N_FEATURES
 from keyart.lake import Lake, shift_ds
 
 FIRST_DS = "2026-03-01"
@@ -92,8 +92,8 @@ def lake_template(tmp_path_factory) -> Lake:
 @pytest.fixture(scope="session")
 def trained_run(lake_template):
     """The synthetic lake with a trained run for its last day: (lake, ds)."""
-    from keyart.models.cli_train import train_run
     from keyart.models.reward_model import TrainConfig
+    from keyart.models.train import train_run
 
     ds = shift_ds(FIRST_DS, N_DAYS - 1)
     train_run(lake_template, ds, window_days=7, cfg=TrainConfig(min_data_in_leaf=20, num_boost_round=200))

@@ -7,7 +7,7 @@ import pytest
 
 from keyart.contracts import REWARDS
 from keyart.models.obd import load_open_bandit_csv, open_bandit_pages
-from keyart.models.ope import IPS, SNIPS
+from keyart.ope import IPS, SNIPS
 
 HEADER = ",timestamp,item_id,position,click,propensity_score,user_feature_0,user_feature_1," \
          "user_feature_2,user_feature_3,user-item_affinity_0,user-item_affinity_1"

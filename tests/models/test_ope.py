@@ -1,11 +1,11 @@
-"""Estimators on hand-built logs with known answers (keyart.models.ope)."""
+"""Estimators on hand-built logs with known answers (keyart.ope)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from keyart.models.ope import (
+from keyart.ope import (
     IPS,
     SNIPS,
     Bootstrap,

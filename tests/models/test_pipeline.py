@@ -10,14 +10,14 @@ import onnx
 import pytest
 
 from keyart import bundle
-from keyart.features import N_FEATURES
+from keyart.feature_spec import N_FEATURES
 from keyart.lake import shift_ds
 from keyart.models import export as export_mod
 from keyart.models.data import heldout_day, labelled_days, training_days
 from keyart.models.evaluate import evaluate_run
 from keyart.models.export import ParityError, booster_to_onnx, export_bundle, parity_check
-from keyart.models.onnx_scorer import OnnxScorer
 from keyart.policy import PolicyConfig
+from keyart.scoring import OnnxScorer
 
 FIRST = "2026-03-01"
 
@@ -158,8 +158,8 @@ def test_parity_check_fails_beyond_its_tolerance(run):
 
 def test_cold_start_trains_early_part_and_evaluates_late_part_of_the_first_day(lake_template, tmp_path):
     from keyart.lake import Lake
-    from keyart.models.cli_train import train_run
     from keyart.models.data import read_training, time_split_rows
+    from keyart.models.train import train_run
 
     shutil.copytree(lake_template.root, tmp_path / "lake")
     lake = Lake(tmp_path / "lake")
@@ -181,7 +181,7 @@ def test_cold_start_trains_early_part_and_evaluates_late_part_of_the_first_day(l
 
 def test_retraining_and_reexporting_a_day_gives_the_same_model_bytes(lake_template, tmp_path):
     from keyart.lake import Lake
-    from keyart.models.cli_train import train_run
+    from keyart.models.train import train_run
 
     shutil.copytree(lake_template.root, tmp_path / "lake")
     lake = Lake(tmp_path / "lake")

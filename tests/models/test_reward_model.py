@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keyart.features import N_FEATURES
+from keyart.feature_spec import N_FEATURES
 from keyart.models.data import feature_array
 from keyart.models.reward_model import (
     TrainConfig,

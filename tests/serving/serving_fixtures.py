@@ -1,6 +1,6 @@
 """Serving fixtures: test bundles with a real (tiny) LightGBM model converted to ONNX.
 
-The tables come from :mod:`keyart.serving.synthetic`; the model is LightGBM trained on
+The tables come from :mod:`keyart.bench.synthetic`; the model is LightGBM trained on
 random float32 rows and converted as models/export does (``zipmap=False``, opset 15,
 input ``features``, only the ``probabilities`` output kept).
 """
@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from keyart import bundle, features
-from keyart.serving import synthetic
+from keyart import bundle, feature_spec
+from keyart.bench import synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,10 +33,10 @@ def lightgbm_onnx(seed: int = 0, n_trees: int = 20) -> bytes:
     from onnxmltools.convert.common.data_types import FloatTensorType
 
     rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 1, size=(800, features.N_FEATURES)).astype(np.float32)
+    x = rng.uniform(0, 1, size=(800, feature_spec.N_FEATURES)).astype(np.float32)
     y = (x[:, 0] + x[:, 20] + rng.normal(0, 0.3, len(x)) > 1.0).astype(int)
     model = lgb.LGBMClassifier(n_estimators=n_trees, num_leaves=15, verbose=-1, random_state=seed).fit(x, y)
-    onx = onnxmltools.convert_lightgbm(model, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, features.N_FEATURES]))],
+    onx = onnxmltools.convert_lightgbm(model, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, feature_spec.N_FEATURES]))],
                                        zipmap=False, target_opset=15)
     keep = [o for o in onx.graph.output if o.name == bundle.OUTPUT_NAME]
     assert keep, [o.name for o in onx.graph.output]

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from serving_fixtures import make_bundle, page
 
 from keyart import contracts, policy
+from keyart.bench import synthetic
 from keyart.config import load_settings
 from keyart.lake import Lake
-from keyart.serving import synthetic
 from keyart.serving.app import create_app
 from keyart.serving.schemas import ArtworkResponse
 

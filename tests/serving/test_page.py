@@ -1,4 +1,4 @@
-"""Serving's cached, vectorised feature assembly equals keyart.features.feature_matrix exactly."""
+"""Serving's cached, vectorised feature assembly equals keyart.feature_spec.feature_matrix exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from keyart import features
+from keyart import feature_spec
 from keyart.config import load_settings
 from keyart.serving.bundle_store import load_bundle
 from keyart.serving.page import page_matrix
@@ -21,9 +21,9 @@ def reference_matrix(bundle_path, member_id, ctx, slots):
     members = {r["member_id"]: r for r in pq.read_table(bundle_path / "members.parquet").to_pylist()}
     post = {(r["artwork_id"], r["segment"]): r for r in pq.read_table(bundle_path / "priors.parquet").to_pylist()}
     m = members.get(member_id)
-    mem = dict(member_known=1, **{k: m[k] for k in features.UNKNOWN_MEMBER if k != "member_known"}) if m \
-        else dict(features.UNKNOWN_MEMBER)
-    seg = features.member_segment(mem["member_is_kids"])
+    mem = dict(member_known=1, **{k: m[k] for k in feature_spec.UNKNOWN_MEMBER if k != "member_known"}) if m \
+        else dict(feature_spec.UNKNOWN_MEMBER)
+    seg = feature_spec.member_segment(mem["member_is_kids"])
     rows = [(slot, a) for slot in slots for a in slot["candidates"]]
     nan = float("nan")
 
@@ -31,19 +31,19 @@ def reference_matrix(bundle_path, member_id, ctx, slots):
         r = post.get((a, s))
         return r[k] if r else nan
 
-    pri = features.prior_inputs(
+    pri = feature_spec.prior_inputs(
         [p(a, "all", "alpha") for _, a in rows], [p(a, "all", "beta") for _, a in rows],
         [p(a, "all", "n_impressions") for _, a in rows],
         [p(a, seg, "alpha") for _, a in rows], [p(a, seg, "beta") for _, a in rows],
         [slot["title_id"] for slot, _ in rows])
-    inputs = {k: [mem[k]] * len(rows) for k in features.UNKNOWN_MEMBER}
+    inputs = {k: [mem[k]] * len(rows) for k in feature_spec.UNKNOWN_MEMBER}
     inputs.update(
         device=[ctx["device"]] * len(rows), local_hour=[ctx["local_hour"]] * len(rows),
         day_of_week=[ctx["day_of_week"]] * len(rows),
         page_row=[s["page_row"] for s, _ in rows], position=[s["position"] for s, _ in rows],
         art_tags=[arts[a]["tags"] for _, a in rows], art_is_default=[arts[a]["is_default"] for _, a in rows],
         title_genres=[arts[a]["title_genres"] for _, a in rows], **pri)
-    return features.feature_matrix(inputs)
+    return feature_spec.feature_matrix(inputs)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -53,7 +53,7 @@ def test_page_matrix_equals_feature_matrix(bundle_dir, seed):
     rng = np.random.default_rng(seed)
     for trial in range(10):
         member = world.member_ids[int(rng.integers(len(world.member_ids)))] if trial % 3 else "unknown-member"
-        ctx = {"device": str(rng.choice(features.DEVICES)), "local_hour": int(rng.integers(24)),
+        ctx = {"device": str(rng.choice(feature_spec.DEVICES)), "local_hour": int(rng.integers(24)),
                "day_of_week": int(rng.integers(7))}
         titles = rng.choice(world.title_ids, size=int(rng.integers(1, 12)), replace=False)
         slots = []
@@ -73,7 +73,7 @@ def test_page_matrix_equals_feature_matrix(bundle_dir, seed):
 
 
 def test_serving_app_does_not_import_training_libraries():
-    code = ("import sys, keyart.serving.app, keyart.serving.bench, keyart.serving.cli; "
+    code = ("import sys, keyart.serving.app; "
             "bad = [m for m in ('lightgbm', 'pyspark', 'onnxmltools') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

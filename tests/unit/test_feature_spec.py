@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from keyart import features as F
+from keyart import feature_spec as F
 
 
 def _inputs(n=2):

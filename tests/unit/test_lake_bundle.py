@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from keyart import bundle, features
+from keyart import bundle, feature_spec
 from keyart.lake import Lake, parse_ds, shift_ds
 
 
@@ -23,7 +23,7 @@ def _bundle(tmp_path):
     d.mkdir()
     for name in bundle.FILES:
         (d / name).write_bytes(b"x" + name.encode())
-    (d / "feature_spec.json").write_text(json.dumps(features.spec_dict()))
+    (d / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict()))
     bundle.write_manifest(d, bundle_version="v1")
     return d
 
@@ -32,7 +32,7 @@ def test_bundle_round_trip(tmp_path):
     d = _bundle(tmp_path)
     m = bundle.verify(d)
     assert m.version == "v1"
-    assert m.feature_spec_version == features.FEATURE_SPEC_VERSION
+    assert m.feature_spec_version == feature_spec.FEATURE_SPEC_VERSION
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from keyart.bench.loop import aggregate, goal
+from keyart.bench.loop_arms import NonContextualArm, VWArm, lift_capture
 from keyart.lake import shift_ds
-from keyart.loop_bench import aggregate, goal
-from keyart.loop_bench_arms import NonContextualArm, VWArm, lift_capture
 from keyart.policy import PolicyConfig
 from keyart.sim.world import World
 

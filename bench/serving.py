@@ -219,7 +219,7 @@ def _start_server(bundle_dir: Path, workers: int, home: Path) -> tuple[subproces
 
 
 def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    from keyart.serving import synthetic
+    from keyart.bench import synthetic
 
     bundle_dir = Path(args.bundle) if args.bundle else home / "bundle"
     if not args.bundle:

@@ -146,8 +146,8 @@ class KeyartPipeline:
         On the first labelled day ``train_run`` itself trains on the early part of the
         held-out day (``cold_start_split``).
         """
-        from keyart.models.cli_train import train_run
         from keyart.models.export import export_bundle
+        from keyart.models.train import train_run
         from keyart.policy import PolicyConfig
 
         t0 = time.perf_counter()

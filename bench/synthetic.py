@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keyart import bundle, contracts, features
+from keyart import bundle, contracts, feature_spec
 
-TONES = features.TONES
+TONES = feature_spec.TONES
 CAST = tuple(f"actor_{i:03d}" for i in range(60))
 
 
@@ -41,7 +41,7 @@ def artwork_rows(rng: np.random.Generator, n_titles: int, per_title: int) -> lis
         for j in range(per_title):
             shown = rng.choice(cast, size=int(rng.integers(0, 3)), replace=False)
             tags = [f"cast:{c}" for c in shown] + [f"tone:{rng.choice(genres)}"]
-            tags += [f for f in features.FLAGS if rng.random() < 0.3]
+            tags += [f for f in feature_spec.FLAGS if rng.random() < 0.3]
             rows.append({
                 "artwork_id": f"{tid}-a{j}", "title_id": tid, "tags": tags, "is_default": j == 0,
                 "title_genres": genres, "active_from": "2026-01-01", "active_to": None,
@@ -109,7 +109,7 @@ def write_tables(bundle_dir: Path, *, seed: int = 0, n_titles: int = 60, per_tit
     pq.write_table(pa.Table.from_pylist(members, schema=MEMBER_SCHEMA), bundle_dir / "members.parquet")
     pq.write_table(pa.Table.from_pylist(prior_rows(rng, arts), schema=contracts.PRIORS.arrow_schema()),
                    bundle_dir / "priors.parquet")
-    (bundle_dir / "feature_spec.json").write_text(json.dumps(features.spec_dict(), indent=2))
+    (bundle_dir / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict(), indent=2))
     artworks_of: dict[str, list[str]] = {}
     for a in arts:
         artworks_of.setdefault(a["title_id"], []).append(a["artwork_id"])
@@ -137,7 +137,7 @@ def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> byt
             attrs["nodes_treeids"].append(tree)
             attrs["nodes_nodeids"].append(node)
             if node < n_internal:
-                attrs["nodes_featureids"].append(int(rng.integers(0, features.N_FEATURES)))
+                attrs["nodes_featureids"].append(int(rng.integers(0, feature_spec.N_FEATURES)))
                 attrs["nodes_values"].append(float(rng.uniform(0.0, 1.0)))
                 attrs["nodes_modes"].append("BRANCH_LEQ")
                 attrs["nodes_truenodeids"].append(2 * node + 1)
@@ -157,7 +157,7 @@ def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> byt
         domain="ai.onnx.ml", classlabels_int64s=[0, 1], post_transform="LOGISTIC", **attrs)
     graph = helper.make_graph(
         [node], "synthetic_reward_model",
-        [helper.make_tensor_value_info(bundle.INPUT_NAME, TensorProto.FLOAT, [None, features.N_FEATURES])],
+        [helper.make_tensor_value_info(bundle.INPUT_NAME, TensorProto.FLOAT, [None, feature_spec.N_FEATURES])],
         [helper.make_tensor_value_info(bundle.OUTPUT_NAME, TensorProto.FLOAT, [None, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15),
                                                     helper.make_opsetid("ai.onnx.ml", 3)])
@@ -171,7 +171,7 @@ def probe_block(model_bytes: bytes, seed: int = 0, n: int = 16) -> dict:
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed + 1)
-    x = rng.uniform(0.0, 1.0, size=(n, features.N_FEATURES)).astype(np.float32)
+    x = rng.uniform(0.0, 1.0, size=(n, feature_spec.N_FEATURES)).astype(np.float32)
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     p = sess.run([bundle.OUTPUT_NAME], {bundle.INPUT_NAME: x})[0][:, 1]
     return {"features": x.tolist(), "scores": [float(v) for v in p]}

@@ -6,11 +6,11 @@ visits (``world.visits(ds, n, seed)``):
 
 ``keyart``         day 0 uniform random, logged to the lake; day k >= 1 the DAG's batch steps
                    for day k - 1 run in-process and day k is served by the new bundle
-                   through serving's ``Service`` (:mod:`keyart.loop_bench_keyart`);
+                   through serving's ``Service`` (:mod:`keyart.bench.loop_keyart`);
 ``random``         uniform over the candidates (valued exactly);
 ``noncontextual``  Beta-Thompson per (title, artwork), online per event;
 ``vw``             Vowpal Wabbit ``--cb_explore_adf --squarecb``, online per event
-                   (:mod:`keyart.loop_bench_arms`).
+                   (:mod:`keyart.bench.loop_arms`).
 
 Per day and arm: the expected take rate of the arm's decisions from the ground truth, the
 lift capture (V - V_random) / (V_oracle - V_random) and the cumulative regret against the
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--titles", type=int, default=None, help=f"catalog size (default {DEFAULTS['titles']})")
     parser.add_argument("--members", type=int, default=None, help=f"members (default {DEFAULTS['members']})")
     parser.add_argument("--start", default="2026-11-01", help="day 0")
-    parser.add_argument("--vw-args", default=None, help="Vowpal Wabbit command line (default: keyart.loop_bench_arms.VW_ARGS)")
+    parser.add_argument("--vw-args", default=None, help="Vowpal Wabbit command line (default: keyart.bench.loop_arms.VW_ARGS)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     parser.add_argument("--workdir", type=Path, default=None, help="where the lakes go (default: a temporary folder, removed)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -59,9 +59,9 @@ def run_seed(spark, settings, seed: int, size: dict[str, int], start: str, workd
     """All arms over all days for one seed."""
     from dataclasses import replace
 
+    from keyart.bench.loop_arms import NonContextualArm, VWArm
+    from keyart.bench.loop_keyart import KeyartPipeline, ServiceChooser
     from keyart.lake import Lake, shift_ds
-    from keyart.loop_bench_arms import NonContextualArm, VWArm
-    from keyart.loop_bench_keyart import KeyartPipeline, ServiceChooser
     from keyart.policy import PolicyConfig
     from keyart.sim.choosers import RandomChooser
     from keyart.sim.traffic import simulate_day
@@ -133,7 +133,7 @@ def run_seed(spark, settings, seed: int, size: dict[str, int], start: str, workd
 
 def aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per day and arm: take rate, lift capture and cumulative regret, mean/min/max over seeds."""
-    from keyart.loop_bench_arms import lift_capture, summarize
+    from keyart.bench.loop_arms import lift_capture, summarize
 
     regret = {(s["seed"], arm): 0.0 for s in per_seed for arm in ARMS}
     rows = []
@@ -209,8 +209,8 @@ def format_tables(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keyart.bench.loop_arms import VW_ARGS
     from keyart.config import load_settings
-    from keyart.loop_bench_arms import VW_ARGS
 
     size = sizes(args)
     first_seed = args.seed

@@ -32,12 +32,11 @@ from typing import Any
 
 import mlflow
 
-from keyart import bundle
+from keyart import bundle, registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 from keyart.lake import Lake, fmt_ds
-
-from . import registry, report
+from keyart.models import report
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,10 @@ import argparse
 import json
 import logging
 
+from keyart import registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
-
-from . import registry
-from .cli_promote import record_on_run, reviewer
+from keyart.models.promote import record_on_run, reviewer
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from keyart import policy as P
-from keyart.features import DEFAULT_PRIOR, SEGMENT_ALL
+from keyart.feature_spec import DEFAULT_PRIOR, SEGMENT_ALL
 from keyart.lake import Lake
 
 NAMED = {

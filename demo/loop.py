@@ -152,7 +152,7 @@ class Endpoint:
 
 
 def _champion_source(settings) -> str | None:
-    from keyart.models import registry
+    from keyart import registry
 
     v = registry.get_champion_version(settings)
     return None if v is None else f"models:/{settings.registered_model}/{v}"
@@ -161,8 +161,8 @@ def _champion_source(settings) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from keyart import airflow_env
-    from keyart.demo_report import DayResult, noncontextual_value, write_report
+    from keyart.demo import airflow_env
+    from keyart.demo.report import DayResult, noncontextual_value, write_report
     from keyart.jobs.connect_server import ConnectServer
     from keyart.sim.choosers import HttpChooser, RandomChooser
     from keyart.sim.traffic import simulate_day

@@ -1,8 +1,8 @@
 """``keyart bench NAME``: benchmarks that print their figures (``--json`` for JSON).
 
 Benchmarks are not tests: they measure on this machine and print ratios against a
-baseline measured in the same run. Each lives beside the code it measures and is
-imported only when asked for, so one benchmark's dependencies never slow another.
+baseline measured in the same run. They live in this package, outside the shipped job,
+model and serving modules, and each is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "jobs": ("keyart.jobs.bench", "Spark job wall times vs a DuckDB single-node reference"),
-    "learning": ("keyart.models.bench", "policy value from ground truth and OPE interval coverage"),
-    "serving": ("keyart.serving.bench", "endpoint throughput/latency vs the in-process floor"),
-    "loop": ("keyart.loop_bench", "the closed loop over days vs random, non-contextual and VW"),
+    "jobs": ("keyart.bench.jobs", "Spark job wall times vs a DuckDB single-node reference"),
+    "learning": ("keyart.bench.learning", "policy value from ground truth and OPE interval coverage"),
+    "serving": ("keyart.bench.serving", "endpoint throughput/latency vs the in-process floor"),
+    "loop": ("keyart.bench.loop", "the closed loop over days vs random, non-contextual and VW"),
 }
 
 

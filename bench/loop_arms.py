@@ -7,7 +7,7 @@ and updates. Decisions are valued exactly with :meth:`keyart.sim.world.World.exp
 
 ``NonContextualArm``  Beta-Thompson per (title, artwork): :mod:`keyart.policy`'s
                       ``beta_ts`` (with its floor) on the arm's own Beta counts, starting
-                      from ``keyart.features.DEFAULT_PRIOR``.
+                      from ``keyart.feature_spec.DEFAULT_PRIOR``.
 ``VWArm``             Vowpal Wabbit ``--cb_explore_adf --squarecb``: shared features are the
                       member's ``genre:``/``cast:`` affinities (a member snapshot) and the
                       request context; action features the artwork's tags and its id.
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from keyart import features, policy
-from keyart.features import DEVICES
+from keyart import feature_spec, policy
+from keyart.feature_spec import DEVICES
 
 VW_ARGS = "--cb_explore_adf --squarecb -q UA -q CA -q UI -b 24 --quiet"
 """Shared namespaces U (affinities), C (context); action namespaces A (tags), I (artwork id).
@@ -62,8 +62,8 @@ class NonContextualArm:
 
     def __init__(self, n_artworks: int, cfg: policy.PolicyConfig | None = None, seed: int = 0):
         self.cfg = replace(cfg or policy.PolicyConfig(), name="beta_ts")
-        self.alpha = np.full(n_artworks, features.DEFAULT_PRIOR[0], dtype=np.float64)
-        self.beta = np.full(n_artworks, features.DEFAULT_PRIOR[1], dtype=np.float64)
+        self.alpha = np.full(n_artworks, feature_spec.DEFAULT_PRIOR[0], dtype=np.float64)
+        self.beta = np.full(n_artworks, feature_spec.DEFAULT_PRIOR[1], dtype=np.float64)
         self.n = np.zeros(n_artworks)
         self.rng = np.random.default_rng(seed)
 

@@ -4,7 +4,7 @@ feature rows of fresh simulated visits as serving would build them.
 The logs go through the real pipeline (``keyart.sim`` traffic -> ingest -> rewards ->
 features -> priors, in-process on ``local[2]``) so the model trains on exactly what the
 daily DAG would give it. For valuation, every candidate of every slot of new visits gets
-its feature row from :func:`keyart.features.feature_matrix` (the one specification), with
+its feature row from :func:`keyart.feature_spec.feature_matrix` (the one specification), with
 the member snapshot and priors of the last logged day: what the bundle would hold.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from keyart import features
+from keyart import feature_spec
 from keyart.lake import Lake, shift_ds
 from keyart.models.data import read_table_dir
 
@@ -117,18 +117,18 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
         col = lambda c: np.where(ok, keyed[c].to_numpy()[take], np.nan)  # noqa: E731
         return col("alpha"), col("beta"), col("n_impressions")
 
-    a_all, b_all, n_all = prior_of(features.SEGMENT_ALL)
-    seg = np.array([features.member_segment(x) for x in is_kids], dtype=object)
+    a_all, b_all, n_all = prior_of(feature_spec.SEGMENT_ALL)
+    seg = np.array([feature_spec.member_segment(x) for x in is_kids], dtype=object)
     a_seg, b_seg, _ = prior_of(seg)
-    prior = features.prior_inputs(a_all, b_all, n_all, a_seg, b_seg, title_ids)
+    prior = feature_spec.prior_inputs(a_all, b_all, n_all, a_seg, b_seg, title_ids)
     inputs = {
         "member_known": has.astype(int),
         "member_is_kids": member_col("member_is_kids", 0),
         "member_log_plays_28d": member_col("member_log_plays_28d", 0.0),
-        "member_days_since_last_play": member_col("member_days_since_last_play", features.DAYS_SINCE_CAP),
+        "member_days_since_last_play": member_col("member_days_since_last_play", feature_spec.DAYS_SINCE_CAP),
         "affinity_tags": member_col("affinity_tags", []),
         "affinity_values": member_col("affinity_values", []),
-        "device": np.asarray(features.DEVICES, dtype=object)[ctx["device"]],
+        "device": np.asarray(feature_spec.DEVICES, dtype=object)[ctx["device"]],
         "local_hour": ctx["local_hour"], "day_of_week": ctx["day_of_week"],
         "page_row": ctx["page_row"], "position": ctx["position"],
         "art_tags": [cat.art_tags[i] for i in art],
@@ -137,9 +137,9 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
         **prior,
     }
     missing = ~np.isfinite(a_all)
-    alpha = np.where(missing, features.DEFAULT_PRIOR[0], a_all)
-    beta = np.where(missing, features.DEFAULT_PRIOR[1], b_all)
-    return SlotRows(X=features.feature_matrix(inputs), offsets=offsets, prior_alpha=alpha, prior_beta=beta,
+    alpha = np.where(missing, feature_spec.DEFAULT_PRIOR[0], a_all)
+    beta = np.where(missing, feature_spec.DEFAULT_PRIOR[1], b_all)
+    return SlotRows(X=feature_spec.feature_matrix(inputs), offsets=offsets, prior_alpha=alpha, prior_beta=beta,
                     prior_n=np.where(missing, 0.0, np.nan_to_num(n_all)))
 
 

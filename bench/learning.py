@@ -2,7 +2,7 @@
 and how often the offline estimators' intervals cover the truth.
 
 1. Build the default simulated world; log two days of uniform-random traffic and label
-   them with the Spark jobs (:mod:`keyart.models.bench_data`). The first day only warms
+   them with the Spark jobs (:mod:`keyart.bench.learning_data`). The first day only warms
    up the Beta priors: training rows carry the priors of the day before the impression,
    as in steady state, so without it the model could not learn what the priors say.
 2. Train the reward model on the second day's impressions alone (>= 200k; rows labelled
@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from keyart.config import settings
-from keyart.lake import Lake, shift_ds
-from keyart.models.bench_data import (
+from keyart.bench.learning_data import (
     SlotRows,
     ensure_path,
     simulate_and_label,
     visit_rows,
 )
-from keyart.models.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
+from keyart.config import settings
+from keyart.lake import Lake, shift_ds
 from keyart.models.reward_model import TrainConfig, train_reward_model
+from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
 from keyart.policy import PolicyConfig, probabilities
 
 GRID: tuple[tuple[str, dict[str, float]], ...] = (
@@ -61,8 +61,8 @@ def train_on_logs(lake: Lake, ds: str):
     import pyarrow.compute as pc
 
     from keyart.lake import parse_ds
-    from keyart.models.cli_train import TRAIN_COLUMNS, logged_arrays
     from keyart.models.data import read_training
+    from keyart.models.train import TRAIN_COLUMNS, logged_arrays
 
     table = read_training(lake, [ds, shift_ds(ds, 1)], columns=[*TRAIN_COLUMNS, "impression_ds"])
     table = table.filter(pc.equal(table.column("impression_ds"), pa.scalar(parse_ds(ds), pa.date32())))

@@ -30,11 +30,10 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
+from keyart import registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 from keyart.lake import fmt_ds
-
-from . import registry
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from keyart import bundle, features
+from keyart import bundle, feature_spec
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 
@@ -123,14 +123,14 @@ def bundle_checksum(bundle_dir: Path) -> str:
 
 def signature() -> ModelSignature:
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, features.N_FEATURES), bundle.INPUT_NAME)]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_spec.N_FEATURES), bundle.INPUT_NAME)]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2), bundle.OUTPUT_NAME)]),
     )
 
 
 def input_example(n: int = 2) -> dict[str, np.ndarray]:
     """A valid model input: ``n`` rows of zeros (every feature is defined at 0)."""
-    return {bundle.INPUT_NAME: np.zeros((n, features.N_FEATURES), dtype=np.float32)}
+    return {bundle.INPUT_NAME: np.zeros((n, feature_spec.N_FEATURES), dtype=np.float32)}
 
 
 def _pip_requirements() -> list[str]:

@@ -13,10 +13,9 @@ import getpass
 import json
 import logging
 
+from keyart import registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
-
-from . import registry
 
 log = logging.getLogger(__name__)
 
