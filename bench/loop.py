@@ -76,9 +76,6 @@ def run_seed(spark, settings, seed: int, size: dict[str, int], start: str, workd
     world.save(lake.root)
     timings["world_s"] = time.perf_counter() - t0
     pipe = KeyartPipeline(spark, lake, settings)
-    workaround = pipe.check_export_catalog(start)
-    if workaround:
-        log(f"seed {seed}: workaround: {workaround}")
     t0 = time.perf_counter()
     pipe.ingest_history(shift_ds(start, -world.config.history_days), shift_ds(start, -1))
     affinity = pipe.history_affinity(shift_ds(start, -1), world.members.member_ids)
@@ -128,7 +125,7 @@ def run_seed(spark, settings, seed: int, size: dict[str, int], start: str, workd
         vw.close()
     timings.update({f"keyart_{k}_s": v for k, v in pipe.timings.items()})
     timings["total_s"] = time.perf_counter() - t_seed
-    return {"seed": seed, "days": days, "workarounds": [workaround] if workaround else [], "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return {"seed": seed, "days": days, "timings": {k: round(v, 1) for k, v in timings.items()}}
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,9 +193,6 @@ def format_tables(r: dict[str, Any]) -> str:
                          + ("*" if m["cold_start_split"] else "") + (f" {m['valid_auc']:.3f}" if m.get("valid_auc") else ""))
         lines.append(f"  seed {s['seed']}: " + "; ".join(parts))
     lines.append("  (* = cold start: trained on the early part of the held-out day)")
-    notes = sorted({w for s in r["per_seed"] for w in s["workarounds"]})
-    if notes:
-        lines += ["", *(f"workaround: {w}" for w in notes)]
     g = r["goal"]
     verdict = {True: "MET", False: "NOT MET", None: f"not measured (fewer than {GOAL_FROM_DAY + 1} days)"}[g["met"]]
     lines += ["", f"goal: {g['statement']}: {verdict} "
@@ -210,7 +204,7 @@ def format_tables(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from keyart.bench.loop_arms import VW_ARGS
-    from keyart.config import load_settings
+    from keyart.config import Settings
 
     size = sizes(args)
     first_seed = args.seed
@@ -219,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="keyart-bench-loop-")) if own_workdir else Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(home=workdir / "home", serve_client_clock=True)
+    settings = Settings(home=workdir / "home", serve_client_clock=True)
     first_seed = settings.sim_seed if first_seed is None else first_seed
     seeds = [first_seed + i for i in range(size["seeds"])]
     vw_args = args.vw_args or VW_ARGS

@@ -39,23 +39,18 @@ class ServiceChooser:
         from keyart.serving.schemas import ArtworkRequest
 
         self.service.rng = rng
-        v, p = visits.titles.shape
-        art = np.full((v, p), -1, dtype=np.int64)
-        prop = np.zeros((v, p))
-        eid = np.empty((v, p), dtype=object)
-        versions = np.empty(v, dtype=object)
-        policies = np.empty(v, dtype=object)
+        decisions = Decisions.empty(*visits.titles.shape)
         out = self.lake.raw("impressions", visits.ds)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"serving-{self.name}.jsonl", "wb") as log:
-            for i in range(v):
+            for i in range(len(visits.titles)):
                 req = ArtworkRequest.model_validate(build_page_request(world, visits, i, include_ts=True))
                 body, ds, lines, *_ = self.service.decide(req)
                 if ds != visits.ds:
                     raise RuntimeError(f"visit {i} of {visits.ds} was stamped {ds}")
                 log.write(lines)
-                parse_decisions(world, visits, i, body, art, prop, eid, versions, policies)
-        return Decisions(art, prop, eid, versions, policies)
+                parse_decisions(world, visits, i, body, decisions)
+        return decisions
 
 
 class KeyartPipeline:
@@ -100,37 +95,6 @@ class KeyartPipeline:
         return {pos[m]: list(zip(t, v, strict=True)) for m, t, v in
                 zip(frame["member_id"], frame["affinity_tags"], frame["affinity_values"], strict=True)
                 if m in pos and len(t)}
-
-    def check_export_catalog(self, ds: str) -> str | None:
-        """Work around ``models.export.active_artworks`` failing on an all-null ``active_to``.
-
-        With every ``active_to`` null (every simulated catalog) pandas keeps the column
-        datetime64 after ``.dt.date`` and ``end >= day`` raises TypeError, so
-        ``export_bundle`` cannot run. If (and only if) that happens, the null ``active_to``
-        of this lake's catalog are set to 2099-12-31, which every reader treats the same
-        as "no end". Returns a note when the workaround was applied.
-        """
-        import datetime as dt
-
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from keyart.models.export import active_artworks
-
-        try:
-            active_artworks(self.lake, ds)
-            return None
-        except TypeError as exc:
-            for f in sorted(self.lake.artworks.glob("*.parquet")):
-                t = pq.read_table(f)
-                i = t.schema.get_field_index("active_to")
-                far = pa.scalar(dt.date(2099, 12, 31), t.schema.field(i).type)
-                t = t.set_column(i, t.schema.field(i), pc.fill_null(t.column(i), far))
-                pq.write_table(t, f)
-            active_artworks(self.lake, ds)
-            return (f"models.export.active_artworks raised {type(exc).__name__}: {exc} on the catalog's all-null "
-                    "active_to; the bench set active_to = 2099-12-31 where null")
 
     def batch(self, ds: str) -> None:
         """ingest -> rewards -> features -> priors for ``ds`` (the DAG's Spark tasks)."""

@@ -105,11 +105,11 @@ def write_tables(bundle_dir: Path, *, seed: int = 0, n_titles: int = 60, per_tit
     arts = artwork_rows(rng, n_titles, per_title)
     members = member_rows(rng, n_members, arts)
     pq.write_table(pa.Table.from_pylist([{k: a[k] for k in ARTWORK_SCHEMA.names} for a in arts],
-                                        schema=ARTWORK_SCHEMA), bundle_dir / "artworks.parquet")
-    pq.write_table(pa.Table.from_pylist(members, schema=MEMBER_SCHEMA), bundle_dir / "members.parquet")
+                                        schema=ARTWORK_SCHEMA), bundle_dir / bundle.ARTWORKS_FILE)
+    pq.write_table(pa.Table.from_pylist(members, schema=MEMBER_SCHEMA), bundle_dir / bundle.MEMBERS_FILE)
     pq.write_table(pa.Table.from_pylist(prior_rows(rng, arts), schema=contracts.PRIORS.arrow_schema()),
-                   bundle_dir / "priors.parquet")
-    (bundle_dir / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+                   bundle_dir / bundle.PRIORS_FILE)
+    (bundle_dir / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
     artworks_of: dict[str, list[str]] = {}
     for a in arts:
         artworks_of.setdefault(a["title_id"], []).append(a["artwork_id"])
@@ -168,12 +168,11 @@ def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> byt
 
 def probe_block(model_bytes: bytes, seed: int = 0, n: int = 16) -> dict:
     """Probe rows for the manifest: random feature rows and the model's P(quality play)."""
-    import onnxruntime as ort
+    from keyart.scoring import OnnxScorer
 
     rng = np.random.default_rng(seed + 1)
     x = rng.uniform(0.0, 1.0, size=(n, feature_spec.N_FEATURES)).astype(np.float32)
-    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    p = sess.run([bundle.OUTPUT_NAME], {bundle.INPUT_NAME: x})[0][:, 1]
+    p = OnnxScorer(model_bytes).predict(x)
     return {"features": x.tolist(), "scores": [float(v) for v in p]}
 
 

@@ -23,8 +23,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-DAG_ID = "keyart_daily"
+from keyart.pipeline import DAG_ID
+
 DEFAULT_API_PORT = 8090  # keyart serve uses 8080, Airflow's default
+ADMIN_USER = "admin"
 _MIGRATED_MARKER = ".keyart-db-migrated"
 
 
@@ -38,10 +40,23 @@ def repo_dags_folder() -> Path:
     return folder
 
 
-def default_airflow_home() -> Path:
-    from keyart.config import load_settings
+def passwords_file(airflow_home: str | Path) -> Path:
+    """Where the simple auth manager keeps the generated passwords (JSON user -> password)."""
+    return Path(airflow_home) / "simple_auth_manager_passwords.json.generated"
 
-    return load_settings().home / "airflow"
+
+def admin_password(airflow_home: str | Path) -> str | None:
+    """The generated password of the ``admin`` user, once the API server has started."""
+    path = passwords_file(airflow_home)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(ADMIN_USER)
+
+
+def default_airflow_home() -> Path:
+    from keyart.config import Settings
+
+    return Settings().home / "airflow"
 
 
 def airflow_environ(
@@ -54,6 +69,7 @@ def airflow_environ(
     home = Path(airflow_home).resolve() if airflow_home else default_airflow_home()
     env = dict(os.environ if base is None else base)
     bin_dir = str(Path(sys.executable).parent)
+    port = env.get("AIRFLOW__API__PORT", str(DEFAULT_API_PORT))
     env.update(
         {
             "AIRFLOW_HOME": str(home),
@@ -63,20 +79,33 @@ def airflow_environ(
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # Two cores and SQLite: one task at a time is all the box can take anyway.
             "AIRFLOW__CORE__PARALLELISM": env.get("AIRFLOW__CORE__PARALLELISM", "2"),
-            "AIRFLOW__API__PORT": env.get("AIRFLOW__API__PORT", str(DEFAULT_API_PORT)),
-            # Local development: the UI opens without a login. Never in a shared deployment.
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": env.get(
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True"
+            "AIRFLOW__API__HOST": env.get("AIRFLOW__API__HOST", "127.0.0.1"),
+            "AIRFLOW__API__PORT": port,
+            # Task workers reach the API server's Execution API here; left to Airflow it is
+            # http://localhost:8080/execution/ whatever port the API server listens on, and
+            # every scheduled task is killed before it logs a line.
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": env.get(
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://127.0.0.1:{port}/execution/"
             ),
+            # A login even on one machine: the API can change connections and variables.
+            # The password of `admin` is generated into AIRFLOW_HOME on first start
+            # (`python -m keyart.demo.airflow_env login` prints it).
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": env.get(
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": env.get(
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", f"{ADMIN_USER}:admin"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(home)),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             # The venv's console scripts (spark-submit, keyart) first on PATH.
             "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
         }
     )
     if "KEYART_HOME" not in env:
-        from keyart.config import load_settings
+        from keyart.config import Settings
 
-        env["KEYART_HOME"] = str(load_settings().home)
+        env["KEYART_HOME"] = str(Settings().home)
     return env
 
 
@@ -243,6 +272,112 @@ def task_states(ds_or_run_id: str, env: Mapping[str, str]) -> dict[str, str]:
     raise ValueError(f"no task states in the output of states-for-dag-run:\n{out[-2000:]}")
 
 
+class AirflowServices:
+    """The Airflow an operator runs, on the project home: ``airflow api-server``, ``airflow
+    scheduler`` and ``airflow dag-processor`` as separate processes (LocalExecutor), bound to
+    127.0.0.1 with a login. Scheduled and triggered runs go through the scheduler and the
+    Execution API, which ``airflow dags test`` never exercises.
+
+    Use as a context manager; :meth:`client` returns an authenticated httpx client of the
+    REST API (``/api/v2``).
+    """
+
+    COMPONENTS = (("api-server",), ("scheduler",), ("dag-processor",))
+
+    def __init__(self, env: Mapping[str, str], log_dir: str | Path):
+        self.env = dict(env)
+        self.home = Path(self.env["AIRFLOW_HOME"])
+        self.port = int(self.env["AIRFLOW__API__PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = Path(log_dir)
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 180) -> AirflowServices:
+        import time
+
+        import httpx
+
+        migrate(self.env)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for args in self.COMPONENTS:
+            out = open(self.log_dir / f"airflow-{args[0]}.log", "ab")  # noqa: SIM115 - lives with the process
+            self.procs.append(subprocess.Popen([airflow_bin(), *args], env=self.env, stdout=out,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p.args for p in self.procs if p.poll() is not None]
+            if dead:
+                self.stop()
+                raise RuntimeError(f"Airflow component exited at start-up: {dead}; logs in {self.log_dir}")
+            try:
+                if httpx.get(f"{self.url}/api/v2/monitor/health", timeout=2).status_code == 200 \
+                        and admin_password(self.home):
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"the Airflow API server did not answer on {self.url} in {timeout:.0f}s; logs in {self.log_dir}")
+
+    def token(self) -> str:
+        import httpx
+
+        resp = httpx.post(f"{self.url}/auth/token", json={"username": ADMIN_USER, "password": admin_password(self.home)},
+                          timeout=30)
+        resp.raise_for_status()
+        return resp.json()["access_token"]
+
+    def client(self):
+        import httpx
+
+        return httpx.Client(base_url=f"{self.url}/api/v2", headers={"Authorization": f"Bearer {self.token()}"},
+                            timeout=30)
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.procs.clear()
+
+    def __enter__(self) -> AirflowServices:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def trigger_and_wait(client, ds: str, timeout: float = 1800) -> dict:
+    """Trigger ``keyart_daily`` for ``ds`` through the REST API (DAG unpaused, run with logical
+    date ``ds`` and the ``ds`` param), wait for it to end; return the final dag run."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while client.get(f"/dags/{DAG_ID}").status_code != 200:  # the dag processor has not parsed it yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{DAG_ID} never appeared in the API")
+        time.sleep(2)
+    client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
+    resp = client.post(f"/dags/{DAG_ID}/dagRuns",
+                       json={"dag_run_id": f"keyart__{ds}", "logical_date": f"{ds}T00:00:00Z", "conf": {"ds": ds}})
+    resp.raise_for_status()
+    run_id = resp.json()["dag_run_id"]
+    while True:
+        run = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
+        if run["state"] in ("success", "failed"):
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still {run['state']} after {timeout:.0f}s")
+        time.sleep(3)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keyart.demo.airflow_env", description=__doc__.splitlines()[0])
     parser.add_argument("--airflow-home", help="default <KEYART_HOME>/airflow")
@@ -251,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("migrate", help="airflow db migrate (once)")
     run = sub.add_parser("run", help="run a command in the project Airflow environment")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
+    sub.add_parser("up", help="api-server + scheduler + dag-processor on 127.0.0.1 until Ctrl-C; prints the URL and login")
+    sub.add_parser("login", help="print the UI login (after the first start)")
     test = sub.add_parser("dags-test", help="airflow dags test keyart_daily DS")
     test.add_argument("ds")
     test.add_argument("--conf", help="JSON run conf, e.g. '{\"ds\": \"2026-01-05\"}'")
@@ -263,7 +400,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in sorted(k for k in env if k.startswith(("AIRFLOW", "KEYART_")) or k == "PATH"):
             print(f"export {key}={shlex.quote(env[key])}")
         return 0
+    if args.command == "login":
+        password = admin_password(env["AIRFLOW_HOME"])
+        print(f"user {ADMIN_USER}, password {password}" if password else "no password yet: start Airflow once (up)")
+        return 0 if password else 1
     migrate(env)
+    if args.command == "up":
+        import time
+
+        with AirflowServices(env, Path(env["AIRFLOW_HOME"]) / "logs" / "services") as services:
+            print(f"Airflow UI: {services.url}  (user {ADMIN_USER}, password {admin_password(services.home)}); "
+                  f"component logs in {services.log_dir}. Ctrl-C stops it.", flush=True)
+            try:
+                while all(p.poll() is None for p in services.procs):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return 0
     if args.command == "migrate":
         print(f"Airflow metadata ready in {env['AIRFLOW_HOME']}")
         return 0

@@ -12,10 +12,11 @@ import argparse
 import importlib
 import logging
 
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart.jobs.common import add_common_arguments, get_spark, run_job
+from keyart.pipeline import SPARK_JOBS
 
-JOBS = ("ingest", "rewards", "features", "priors")
+JOBS = SPARK_JOBS
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.through and args.jobs != ["ingest"]:
         raise SystemExit("--through is supported by ingest only")
-    settings = load_settings()
+    settings = Settings()
     spark = get_spark(f"keyart-{'-'.join(args.jobs)}", master=args.master, shuffle_partitions=args.shuffle_partitions, settings=settings)
     try:
         for name in args.jobs:

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from keyart.config import Settings, load_settings
+from keyart.config import Settings
+from keyart.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,6 @@ def require_reachable(url: str, timeout: float = 5.0) -> None:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ConnectServer:
     """A Spark Connect server in a child process (its own process group), for the demo and tests.
 
@@ -123,7 +118,7 @@ class ConnectServer:
 
     def __init__(self, settings: Settings | None = None, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None):
-        self.settings = settings or load_settings()
+        self.settings = settings or Settings()
         self.host = host
         self.port = port or free_port()
         self.url = f"sc://{host}:{self.port}"
@@ -199,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the server in the foreground until it ends (Ctrl-C stops it)."""
-    settings = load_settings()
+    settings = Settings()
     argv = server_argv(settings, args.host, args.port)
     print(f"Spark Connect server on sc://{args.host}:{args.port} (master {settings.spark_master}); "
           f"point the jobs at it with KEYART_SPARK_REMOTE=sc://{args.host}:{args.port}", file=sys.stderr)

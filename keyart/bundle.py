@@ -22,7 +22,11 @@ from keyart import feature_spec
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-FILES = ("feature_spec.json", MODEL_FILE, "priors.parquet", "members.parquet", "artworks.parquet")
+SPEC_FILE = "feature_spec.json"
+PRIORS_FILE = "priors.parquet"
+MEMBERS_FILE = "members.parquet"
+ARTWORKS_FILE = "artworks.parquet"
+FILES = (SPEC_FILE, MODEL_FILE, PRIORS_FILE, MEMBERS_FILE, ARTWORKS_FILE)
 INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
 
@@ -111,7 +115,7 @@ def verify(bundle_dir: Path) -> Manifest:
             f"{bundle_dir}: built for feature spec {manifest.feature_spec_version}, "
             f"this build speaks {feature_spec.FEATURE_SPEC_VERSION}"
         )
-    spec = json.loads((bundle_dir / "feature_spec.json").read_text())
+    spec = json.loads((bundle_dir / SPEC_FILE).read_text())
     if spec.get("features") != list(feature_spec.FEATURE_NAMES):
-        raise BundleError(f"{bundle_dir}: feature_spec.json lists other features than this build")
+        raise BundleError(f"{bundle_dir}: {SPEC_FILE} lists other features than this build")
     return manifest

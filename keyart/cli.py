@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spark-connect": ("keyart.jobs.connect_server", "run a Spark Connect server the jobs can share (KEYART_SPARK_REMOTE)"),
     "train": ("keyart.models.train", "train the reward model for one ds"),
     "evaluate": ("keyart.models.evaluate", "offline policy evaluation (replay, IPS, SNIPS, DR) for one ds"),
+    "ope": ("keyart.models.offline", "value a target policy on any impression log or Open Bandit Dataset CSV"),
+    "obd": ("keyart.models.obd", "map an Open Bandit Dataset CSV onto the rewards contract under a lake"),
     "export": ("keyart.models.export", "export the ONNX bundle with a parity check"),
     "register": ("keyart.models.register", "log the run and register the bundle in MLflow"),
     "gate": ("keyart.models.gate", "promotion gate: challenger -> champion if it wins"),
@@ -28,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("keyart.serving.app", "run the artwork-selection HTTP endpoint"),
     "bench": ("keyart.bench", "benchmarks: jobs, learning, serving, loop"),
     "demo": ("keyart.demo.loop", "the closed loop on embedded defaults, with a report"),
+    "stack": ("keyart.demo.stack", "the production topology on this machine: up, down, status (make up / make down)"),
 }
 
 

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+# The data contract's devices, in the order of the ctx_device_* one-hot columns.
+from keyart.contracts import DEVICES
+
 FEATURE_SPEC_VERSION = "1"
 
 TONES = (
@@ -42,7 +45,6 @@ TONES = (
     "horror", "family", "animation", "documentary", "scifi",
 )
 FLAGS = ("closeup", "text_heavy", "group")
-DEVICES = ("tv", "mobile", "web", "tablet")
 DAYS_SINCE_CAP = 365.0
 SEGMENT_ALL = "all"
 # Prior used where no posterior exists yet (first day, unseen title): Beta(1, 9), mean 0.1.

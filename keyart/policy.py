@@ -8,8 +8,15 @@ per title and returns its exact propensity.
 Policies
 --------
 ``squarecb``  inverse-gap weighting over the blended scores (Foster & Rakhlin, 2020,
-              "Beyond UCB", ICML): p_a = 1 / (K + gamma * (s_best - s_a)) for a != best,
-              the rest on the best arm. Closed form, so propensities are exact.
+              "Beyond UCB", ICML): p_a = 1 / (K + gamma * gap_a) for a != best, the rest
+              on the best arm. Closed form, so propensities are exact. With ``gap_unit``
+              ``stderr`` (the default) the gap is measured in standard errors of the
+              difference: gap_a = (s_best - s_a) / sqrt(v_best / m_best + v_a / m_a), with
+              v = s (1 - s) and m = alpha + beta the arm's Beta posterior concentration.
+              SquareCB's rate grows like sqrt(T) with the data behind the estimates; here it
+              grows with each arm's own: a new or rarely shown artwork (small m) keeps
+              close to 1/K, a well-measured one at the same score gap fades like 1/sqrt(m).
+              With ``score`` the gap is s_best - s_a (a fixed rate, whatever the data).
 ``thompson``  Thompson sampling around the blended score: each arm's rate is
               Beta(s * m, (1 - s) * m) with m = n_a + n0. P(arm is the argmax) is estimated
               with ``thompson_samples`` vectorised draws; the arm is then drawn *from that
@@ -21,7 +28,8 @@ Policies
 ``beta_ts``   the non-contextual bandit: Thompson sampling on the Beta priors alone.
 
 Every policy except ``greedy`` mixes in a floor: p = floor + (1 - K * floor) * p_policy,
-so every candidate keeps support for offline evaluation (K * floor is capped at 0.5).
+so every candidate keeps support for offline evaluation (K * floor is capped at
+:data:`MAX_FLOOR_MASS`; the floor itself at :data:`MAX_FLOOR`).
 
 Blending model and priors: the model knows little about an artwork with few
 impressions, so the score used is  w * model + (1 - w) * prior_mean, with
@@ -32,42 +40,56 @@ and thereby the score.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
-POLICIES = ("squarecb", "thompson", "egreedy", "greedy", "random", "beta_ts")
+PolicyName = Literal["squarecb", "thompson", "egreedy", "greedy", "random", "beta_ts"]
+POLICIES: tuple[str, ...] = get_args(PolicyName)
+
+MAX_FLOOR = 0.125
+"""Largest floor one may configure: 8 candidates at 0.125 would leave nothing to exploit."""
+MAX_FLOOR_MASS = 0.5
+"""Cap on K * floor when a page is scored, so a title with many candidates still exploits."""
+
+# Each setting's type carries its rule and meaning; keyart.config.Settings uses the same
+# types for its flat fields, so a value is accepted by both or by neither.
+Floor = Annotated[float, Field(
+    ge=0, le=MAX_FLOOR,
+    description=f"Minimum probability of every candidate (at most {MAX_FLOOR}); on a title with K "
+    f"candidates it shrinks to {MAX_FLOOR_MASS} / K where K * floor would pass {MAX_FLOOR_MASS}. "
+    "Greedy ignores it.")]
+Gamma = Annotated[float, Field(gt=0, description="SquareCB / inverse-gap-weighting learning rate, per unit of "
+                                "gap (per standard error with gap_unit stderr, per unit of score with score).")]
+GapUnit = Annotated[Literal["stderr", "score"], Field(
+    description="squarecb: measure an arm's gap to the best in standard errors of the difference (stderr: "
+    "exploration fades as the arm's data grows) or in score (score: a fixed rate).")]
+Epsilon = Annotated[float, Field(ge=0, le=1, description="egreedy: probability spread uniformly over the candidates.")]
+BlendN0 = Annotated[float, Field(
+    ge=0, description="Model-vs-prior blend: weight on prior grows as the artwork's data shrinks below this.")]
+
+SETTINGS_FIELDS = {"name": "policy", "floor": "policy_floor", "gamma": "squarecb_gamma",
+                   "gap_unit": "squarecb_gap_unit", "epsilon": "egreedy_epsilon", "prior_blend_n0": "prior_blend_n0"}
+"""PolicyConfig field -> the flat keyart.config.Settings field (env KEYART_<FIELD>) that sets it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class PolicyConfig:
-    """Validated policy settings."""
+    """Validated policy settings: the one place their defaults and rules are written."""
 
-    name: str = "squarecb"
-    floor: float = 0.01
-    gamma: float = 3000.0
-    epsilon: float = 0.1
-    prior_blend_n0: float = 50.0
-    thompson_samples: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.name!r}")
-        if not 0.0 <= self.floor < 1.0:
-            raise ValueError(f"floor must be in [0, 1), got {self.floor}")
-        if self.gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
-        if self.prior_blend_n0 < 0:
-            raise ValueError(f"prior_blend_n0 must be >= 0, got {self.prior_blend_n0}")
-        if self.thompson_samples < 1:
-            raise ValueError("thompson_samples must be >= 1")
+    name: PolicyName = "squarecb"
+    floor: Floor = 0.01
+    gamma: Gamma = 50.0
+    gap_unit: GapUnit = "stderr"
+    epsilon: Epsilon = 0.1
+    prior_blend_n0: BlendN0 = 50.0
+    thompson_samples: Annotated[int, Field(ge=1, description="Monte Carlo draws per title for thompson and beta_ts.")] = 1024
 
     @classmethod
-    def from_settings(cls, s) -> PolicyConfig:
-        return cls(name=s.policy, floor=s.policy_floor, gamma=s.squarecb_gamma,
-                   epsilon=s.egreedy_epsilon, prior_blend_n0=s.prior_blend_n0)
+    def from_settings(cls, s: Any) -> PolicyConfig:
+        return cls(**{field: getattr(s, setting) for field, setting in SETTINGS_FIELDS.items()})
 
 
 def _check_page(n: int, offsets: np.ndarray) -> np.ndarray:
@@ -107,11 +129,25 @@ def blend_scores(model_scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: 
     return w * model_scores + (1.0 - w) * prior_mean
 
 
+def gap_stderr(scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: np.ndarray, best: np.ndarray,
+               gid: np.ndarray) -> np.ndarray:
+    """Standard error of s_best - s_a for every row [n]: sqrt(v_best / m_best + v_a / m_a).
+
+    v = s (1 - s) is the Bernoulli variance at the score, m = alpha + beta (at least 1) the
+    Beta posterior's concentration: the effective impressions behind the arm, pseudo-counts
+    of its empirical-Bayes prior included.
+    """
+    q = np.clip(scores, 1e-4, 1.0 - 1e-4)
+    m = np.maximum(np.asarray(prior_alpha, dtype=np.float64) + np.asarray(prior_beta, dtype=np.float64), 1.0)
+    var = q * (1.0 - q) / m
+    return np.sqrt(var + var[best][gid])
+
+
 def _apply_floor(p: np.ndarray, offsets: np.ndarray, floor: float) -> np.ndarray:
     if floor <= 0:
         return p
     k = np.diff(offsets).astype(np.float64)
-    f = np.minimum(floor, 0.5 / k)  # K * floor never above one half
+    f = np.minimum(floor, MAX_FLOOR_MASS / k)
     fk = np.repeat(f, np.diff(offsets))
     kk = np.repeat(k, np.diff(offsets))
     return fk + (1.0 - kk * fk) * p
@@ -205,6 +241,8 @@ def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarr
         p = cfg.epsilon / k + (1.0 - cfg.epsilon) * is_best
     elif cfg.name == "squarecb":
         gap = s[best][gid] - s
+        if cfg.gap_unit == "stderr":
+            gap = gap / gap_stderr(s, prior_alpha, prior_beta, best, gid)
         p = np.where(is_best, 0.0, 1.0 / (k + cfg.gamma * gap))
         rest = 1.0 - np.add.reduceat(p, offsets[:-1])
         p[best] = rest

@@ -1,4 +1,5 @@
-"""The MLflow registry of keyart bundles: versions, aliases, champion history, downloads.
+"""The MLflow registry of keyart bundles: versions, aliases, champion history, and the one
+way a model URI becomes a local bundle folder.
 
 Every daily bundle is one version of the registered model ``settings.registered_model``
 (``keyart-artwork``), logged with the ``mlflow.onnx`` flavor (signature and input example)
@@ -12,8 +13,26 @@ in ``manifest.json`` holds.
 
 Aliases: ``challenger`` is the newest registered candidate, ``champion`` the version
 serving loads. The registered model's tag ``keyart.champion_history`` lists the champion
-versions, oldest first; :func:`rollback` restores the newest entry before the current one.
-Every promotion and rollback is also written as tags on the versions concerned.
+versions, oldest first; :func:`rollback` restores the newest earlier entry that serves
+another model. Every promotion and rollback is also written as tags on the versions concerned.
+
+Versions are of two kinds (tag ``keyart.kind``): ``trained`` (a day's training run; versions
+without the tag are trained) and ``table_refresh`` (the champion's unchanged model.onnx with
+a later day's priors, member snapshot and catalog, registered by the gate when it keeps the
+champion). A refresh names the trained version its model comes from (``keyart.model_from``),
+so "which model serves" (:func:`model_identity`, the model file's sha256) and "which day's
+tables serve" (``keyart.tables_ds``) are both answered from the version's tags.
+
+Model URIs (:func:`resolve`, :func:`fetch`, :func:`bundle_path`) are a bundle folder,
+``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``models:/<name>`` (its
+champion). Serving's hot swap and offline evaluation's champion both go through them, so
+both see the same version and share one download cache, ``<home>/cache/bundles/<name>-v<version>``:
+a version is downloaded to a temporary folder, verified and only then renamed into place,
+and a cached copy that no longer verifies is downloaded again.
+
+MLflow is imported on first use, not with this module: serving imports it to resolve its
+model URI, and importing MLflow drags in pandas and pyspark, which a server loading a
+bundle folder must not pay for.
 """
 
 from __future__ import annotations
@@ -26,27 +45,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import mlflow
 import numpy as np
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
 
 from keyart import bundle, feature_spec
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import Model, ModelSignature
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+MODELS_SCHEME = "models:/"
 MODEL_NAME_IN_RUN = "bundle"  # name of the logged model inside a run
 HISTORY_TAG = "keyart.champion_history"
 HISTORY_KEEP = 200
@@ -55,6 +75,17 @@ HISTORY_KEEP = 200
 TAG_DS = "keyart.ds"
 TAG_SHA = "keyart.bundle_sha256"
 TAG_STATUS = "keyart.status"
+TAG_BUNDLE_VERSION = "keyart.bundle_version"
+TAG_KIND = "keyart.kind"
+TAG_MODEL_SHA = "keyart.model_sha256"  # sha256 of model.onnx: the model's identity
+TAG_MODEL_FROM = "keyart.model_from"  # refresh: the trained version its model comes from
+TAG_MODEL_DS = "keyart.model_ds"  # refresh: the ds that model was trained for
+TAG_TABLES_DS = "keyart.tables_ds"  # the day of the priors / members / catalog the bundle carries
+KIND_TRAINED = "trained"
+KIND_REFRESH = "table_refresh"
+
+# What MLflow answers for a registered model or alias that does not exist.
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 class RegistryError(RuntimeError):
@@ -67,6 +98,8 @@ class RegistryError(RuntimeError):
 
 def configure(settings: Settings | None = None) -> Settings:
     """Point MLflow (tracking and registry) at ``settings.tracking_uri``; return the settings."""
+    import mlflow
+
     settings = settings or default_settings()
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
@@ -78,7 +111,19 @@ def configure(settings: Settings | None = None) -> Settings:
     return settings
 
 
+def registry_exists(settings: Settings) -> bool:
+    """False while the registry is a SQLite file not created yet: there is nothing to read
+    then, and opening it would create an empty registry as a side effect of a lookup."""
+    uri = settings.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return True
+    db = uri[len("sqlite:///"):]
+    return db == ":memory:" or Path(db).exists()
+
+
 def client(settings: Settings | None = None) -> MlflowClient:
+    from mlflow import MlflowClient
+
     settings = configure(settings)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
@@ -95,6 +140,9 @@ def artifact_location(settings: Settings) -> str:
 
 def ensure_experiment(settings: Settings | None = None) -> str:
     """Id of ``settings.mlflow_experiment``, created with ``artifact_root`` when new."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     settings = configure(settings)
     exp = mlflow.get_experiment_by_name(settings.mlflow_experiment)
     if exp is not None:
@@ -122,6 +170,9 @@ def bundle_checksum(bundle_dir: Path) -> str:
 
 
 def signature() -> ModelSignature:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, feature_spec.N_FEATURES), bundle.INPUT_NAME)]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2), bundle.OUTPUT_NAME)]),
@@ -166,6 +217,8 @@ class _BundleFlavor:
 
 def log_bundle_model(bundle_dir: Path, run_id: str, model_tags: Mapping[str, str] | None = None) -> str:
     """Log ``bundle_dir`` as an mlflow.onnx model of ``run_id``; return its ``models:/`` URI."""
+    from mlflow.models import Model
+
     bundle.verify(bundle_dir)
     info = Model.log(
         artifact_path=None, name=MODEL_NAME_IN_RUN, flavor=_BundleFlavor, flavor_name="mlflow.onnx", run_id=run_id,
@@ -178,6 +231,8 @@ def log_bundle_model(bundle_dir: Path, run_id: str, model_tags: Mapping[str, str
 
 def register_version(model_uri: str, tags: Mapping[str, str], settings: Settings | None = None) -> ModelVersion:
     """Register ``model_uri`` as a new version of the registered model, with ``tags``."""
+    import mlflow
+
     settings = configure(settings)
     return mlflow.register_model(model_uri, settings.registered_model,
                                  tags={k: str(v) for k, v in tags.items()})
@@ -194,17 +249,52 @@ def versions(settings: Settings | None = None) -> list[ModelVersion]:
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
-def versions_for_ds(ds: str, settings: Settings | None = None) -> list[ModelVersion]:
-    """Versions registered for partition ``ds``, newest first."""
-    return [v for v in versions(settings) if v.tags.get(TAG_DS) == ds]
+def version_kind(tags: Mapping[str, str]) -> str:
+    """``trained`` or ``table_refresh`` (versions registered before kinds existed are trained)."""
+    return tags.get(TAG_KIND) or KIND_TRAINED
+
+
+def versions_for_ds(ds: str, settings: Settings | None = None, kind: str | None = KIND_TRAINED) -> list[ModelVersion]:
+    """Versions registered for partition ``ds``, newest first: the day's trained versions by
+    default, its table refreshes with ``kind=KIND_REFRESH``, every version with ``kind=None``."""
+    return [v for v in versions(settings)
+            if v.tags.get(TAG_DS) == ds and (kind is None or version_kind(v.tags) == kind)]
 
 
 def find_version(ds: str, checksum: str, settings: Settings | None = None) -> ModelVersion | None:
-    """The version registered for ``ds`` with this bundle checksum, if any."""
+    """The trained version registered for ``ds`` with this bundle checksum, if any."""
     return next((v for v in versions_for_ds(ds, settings) if v.tags.get(TAG_SHA) == checksum), None)
 
 
+def model_identity(tags: Mapping[str, str]) -> str | None:
+    """What identifies a version's model: the sha256 of its model.onnx (the same for a trained
+    version and every table refresh of it), else its bundle version (versions registered
+    before the tag existed)."""
+    if tags.get(TAG_MODEL_SHA):
+        return f"sha256:{tags[TAG_MODEL_SHA]}"
+    return f"bundle:{tags[TAG_BUNDLE_VERSION]}" if tags.get(TAG_BUNDLE_VERSION) else None
+
+
+def model_ds(tags: Mapping[str, str]) -> str | None:
+    """The ds the version's model was trained for (a refresh: its model's, not its tables')."""
+    return tags.get(TAG_MODEL_DS) or tags.get(TAG_DS)
+
+
+def tables_ds(tags: Mapping[str, str]) -> str | None:
+    """The day of the tables (priors, members, catalog) the version's bundle carries."""
+    return tags.get(TAG_TABLES_DS) or tags.get(TAG_DS)
+
+
+def model_origin(version: str | int, settings: Settings | None = None) -> ModelVersion:
+    """The trained version whose model ``version`` serves (itself unless it is a refresh)."""
+    mv = get_version(version, settings)
+    origin = mv.tags.get(TAG_MODEL_FROM)
+    return get_version(origin, settings) if origin and origin != str(mv.version) else mv
+
+
 def get_version(version: str | int, settings: Settings | None = None) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
     settings = settings or default_settings()
     try:
         return client(settings).get_model_version(settings.registered_model, str(version))
@@ -212,13 +302,19 @@ def get_version(version: str | int, settings: Settings | None = None) -> ModelVe
         raise RegistryError(f"{settings.registered_model} has no version {version}: {exc.message}") from None
 
 
-def get_alias_version(alias: str, settings: Settings | None = None) -> str | None:
-    """The version number behind ``alias``, or None (no alias or no registered model)."""
+def get_alias_version(alias: str, settings: Settings | None = None, name: str | None = None) -> str | None:
+    """The version number behind ``alias`` of ``name`` (default: the registered model), or
+    None when there is no registry, no such model or no such alias. Other registry errors
+    (unreachable server, ...) propagate: "nothing there" and "cannot tell" differ."""
     settings = settings or default_settings()
+    if not registry_exists(settings):
+        return None
+    from mlflow.exceptions import MlflowException
+
     try:
-        return str(client(settings).get_model_version_by_alias(settings.registered_model, alias).version)
+        return str(client(settings).get_model_version_by_alias(name or settings.registered_model, alias).version)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code in _MISSING:
             return None
         raise
 
@@ -242,6 +338,8 @@ def _now() -> str:
 
 def champion_history(settings: Settings | None = None) -> list[str]:
     """Champion versions, oldest first (the last is normally the current champion)."""
+    from mlflow.exceptions import MlflowException
+
     settings = settings or default_settings()
     try:
         rm = client(settings).get_registered_model(settings.registered_model)
@@ -290,17 +388,25 @@ def promote(version: str | int, reason: str, actor: str, settings: Settings | No
 
 
 def rollback(reason: str, actor: str, settings: Settings | None = None) -> tuple[str, str]:
-    """Restore the champion before the current one; return (rolled back, restored)."""
+    """Restore the newest earlier champion that serves another model; return (rolled back,
+    restored). Table refreshes of the current model are skipped: rolling back is about the
+    model, and going back to the same model with older tables would change nothing a
+    reviewer asked for."""
     settings = settings or default_settings()
     current = get_champion_version(settings)
     if current is None:
         raise RegistryError("there is no champion to roll back")
     history = champion_history(settings)
-    existing = {str(v.version) for v in versions(settings)}
+    by_version = {str(v.version): v for v in versions(settings)}
+    current_model = model_identity(by_version[current].tags) if current in by_version else None
+
+    def other_model(v: str) -> bool:
+        return v != current and (current_model is None or model_identity(by_version[v].tags) != current_model)
+
     idx = next((i for i in range(len(history) - 1, -1, -1)
-                if history[i] != current and history[i] in existing), None)
+                if history[i] in by_version and other_model(history[i])), None)
     if idx is None:
-        raise RegistryError(f"version {current} is the only champion on record; nothing to roll back to")
+        raise RegistryError(f"no earlier champion serves another model than version {current}; nothing to roll back to")
     target = history[idx]
     client(settings).set_registered_model_alias(settings.registered_model, CHAMPION, target)
     _save_history(history[: idx + 1], settings)
@@ -313,31 +419,126 @@ def rollback(reason: str, actor: str, settings: Settings | None = None) -> tuple
 
 
 # ---------------------------------------------------------------------------------------
-# Downloads
+# Model URIs and downloads
 # ---------------------------------------------------------------------------------------
 
+def champion_uri(settings: Settings | None = None) -> str:
+    """``models:/<registered model>@champion``: what serving loads unless told otherwise."""
+    settings = settings or default_settings()
+    return f"{MODELS_SCHEME}{settings.registered_model}@{CHAMPION}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of a ``models:/`` URI; exactly one of alias and version is
+    set, and a bare ``models:/<name>`` means its champion."""
+    spec = uri.removeprefix(MODELS_SCHEME)
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        return name, alias, None
+    if "/" in spec:
+        name, version = spec.split("/", 1)
+        return name, None, version
+    return spec, CHAMPION, None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The bundle a model URI points at right now.
+
+    ``identity`` changes exactly when the URI comes to point at another bundle (serving
+    reloads on a change): ``models:/<name>/<version>`` for a registry version,
+    ``<folder>:<bundle_version>`` for a bundle folder.
+    """
+
+    identity: str
+    name: str | None = None  # registered model; None for a folder
+    version: str | None = None  # registry version number; None for a folder
+    path: Path | None = None  # the folder, for a folder URI
+
+
+def resolve(uri: str, settings: Settings | None = None) -> Resolved | None:
+    """What ``uri`` points at, or None when nothing is there (no such folder or manifest,
+    no registry yet, no such model or alias). Other registry errors propagate."""
+    if not uri.startswith(MODELS_SCHEME):
+        path = Path(uri.removeprefix("file://")).resolve()
+        try:
+            return Resolved(f"{path}:{bundle.read_manifest(path).version}", path=path)
+        except bundle.BundleError:
+            return None
+    settings = settings or default_settings()
+    if not registry_exists(settings):
+        return None
+    name, alias, version = parse_model_uri(uri)
+    if version is None:
+        version = get_alias_version(alias, settings, name=name)
+        if version is None:
+            return None
+    return Resolved(f"{MODELS_SCHEME}{name}/{version}", name=name, version=str(version))
+
+
+def fetch(found: Resolved, settings: Settings | None = None) -> Path:
+    """A local folder holding the bundle ``found`` names (a registry version is downloaded
+    and verified once, see :func:`download_bundle`)."""
+    if found.path is not None:
+        return found.path
+    return download_bundle(found.version, settings, name=found.name)
+
+
+def bundle_path(uri: str, settings: Settings | None = None) -> Path | None:
+    """The bundle ``uri`` points at as a local folder, or None when nothing is there."""
+    found = resolve(uri, settings)
+    return None if found is None else fetch(found, settings)
+
+
+def champion_bundle_path(settings: Settings | None = None) -> Path | None:
+    """The champion's bundle as a verified local folder, or None when there is no champion."""
+    return bundle_path(champion_uri(settings), settings)
+
+
 def bundle_cache_dir(settings: Settings) -> Path:
+    """The one download cache of registry bundles (serving and evaluation share it)."""
     return settings.home / "cache" / "bundles"
 
 
-def download_bundle(version: str | int, settings: Settings | None = None,
-                    cache_dir: Path | None = None) -> Path:
-    """Download version ``version`` to ``<cache>/v<version>/`` (once), verify it, return the path."""
+def find_bundle_dir(root: Path) -> Path:
+    """The folder holding manifest.json inside a downloaded artifact tree."""
+    root = Path(root)
+    if (root / bundle.MANIFEST).is_file():
+        return root
+    hits = sorted(root.rglob(bundle.MANIFEST), key=lambda p: len(p.parts))
+    if not hits:
+        raise bundle.BundleError(f"{root}: downloaded artifacts hold no {bundle.MANIFEST}")
+    return hits[0].parent
+
+
+def download_bundle(version: str | int, settings: Settings | None = None, name: str | None = None) -> Path:
+    """Version ``version`` of ``name`` (default: the registered model) as a verified folder
+    ``<cache>/<name>-v<version>/``, downloaded once.
+
+    The download goes to a temporary folder and is renamed into place only after it
+    verifies, so a half-written or corrupt copy is never reused; a cached copy that no
+    longer verifies is downloaded again. Concurrent downloads (serving workers) are safe:
+    the first rename wins and the others use its copy.
+    """
+    import mlflow.artifacts
+
     settings = configure(settings)
-    cache = Path(cache_dir) if cache_dir else bundle_cache_dir(settings)
-    target = cache / f"v{version}"
+    name = name or settings.registered_model
+    cache = bundle_cache_dir(settings)
+    target = cache / f"{name}-v{version}"
     if target.is_dir():
         try:
             bundle.verify(target)
             return target
         except bundle.BundleError:
             log.warning("cached bundle %s is damaged; downloading again", target)
-            shutil.rmtree(target)
+            shutil.rmtree(target, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
     try:
-        uri = f"models:/{settings.registered_model}/{version}"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{MODELS_SCHEME}{name}/{version}",
+                                                    dst_path=str(tmp))
+        local = find_bundle_dir(Path(local))
         bundle.verify(local)
         try:
             local.rename(target)
@@ -347,10 +548,3 @@ def download_bundle(version: str | int, settings: Settings | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def champion_bundle_path(settings: Settings | None = None) -> Path | None:
-    """The champion's bundle as a verified local folder, or None when there is no champion."""
-    settings = settings or default_settings()
-    version = get_champion_version(settings)
-    return None if version is None else download_bundle(version, settings)

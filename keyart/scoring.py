@@ -1,7 +1,12 @@
 """Score feature rows with a bundle's ``model.onnx`` (onnxruntime only, no LightGBM).
 
-Serving and offline evaluation of the champion share this: one session per process,
-one intra-op thread (scale with processes, not threads), the whole page in one call.
+:class:`OnnxScorer` is the only way keyart opens and runs the reward model. Export's parity
+check, offline evaluation of the champion and serving all use it, so the parity figures
+describe the very session (options, provider) and the very call serving runs.
+
+The session is single-threaded and sequential on the CPU provider: serving scales with
+processes, not threads, and a thread pool per request would only add hand-off latency to
+a model call of a few dozen microseconds.
 """
 
 from __future__ import annotations
@@ -11,11 +16,39 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from keyart.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME
+from keyart.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleError
+from keyart.feature_spec import N_FEATURES
+
+PROVIDERS = ("CPUExecutionProvider",)
+
+
+def session_options() -> ort.SessionOptions:
+    """The options of every keyart session (see the module docstring for why)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(model: str | Path | bytes) -> ort.InferenceSession:
+    """A session on ``model``: the path of ``model.onnx``, a bundle folder holding it, or the bytes."""
+    if not isinstance(model, bytes):
+        path = Path(model)
+        model = str(path / MODEL_FILE if path.is_dir() else path)
+    return ort.InferenceSession(model, sess_options=session_options(), providers=list(PROVIDERS))
+
+
+def _static(dim: object) -> int | None:
+    return dim if isinstance(dim, int) else None
 
 
 class OnnxScorer:
-    """A loaded reward model: ``predict(X [n, F]) -> P(quality play) [n]``.
+    """A loaded reward model: ``score``/``predict(X [n, N_FEATURES]) -> P(quality play) [n]``.
+
+    The model's input and output names and widths are checked once here, so :meth:`score`,
+    serving's per-request call, runs the session and nothing else.
 
     Parameters
     ----------
@@ -23,31 +56,42 @@ class OnnxScorer:
     """
 
     def __init__(self, model: str | Path | bytes):
-        if isinstance(model, str | Path):
-            path = Path(model)
-            model = path / MODEL_FILE if path.is_dir() else path
-            model = str(model)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = make_session(model)
         inputs = self.session.get_inputs()
-        outputs = self.session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
-            raise ValueError(f"model must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
-                             f"got {[i.name for i in inputs]} -> {[o.name for o in outputs]}")
-        self.n_features = inputs[0].shape[1]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+            raise BundleError(f"model inputs {[i.name for i in inputs]} / outputs {list(outputs)}: "
+                              f"need input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
+        shape_in, shape_out = inputs[0].shape, outputs[OUTPUT_NAME].shape
+        if len(shape_in) != 2 or _static(shape_in[1]) not in (None, N_FEATURES):
+            raise BundleError(f"model input {INPUT_NAME!r} is {shape_in}, need [N, {N_FEATURES}]")
+        if len(shape_out) != 2 or _static(shape_out[1]) not in (None, 2):
+            raise BundleError(f"model output {OUTPUT_NAME!r} is {shape_out}, need [N, 2]")
+        self.n_features = N_FEATURES
+        self._run = self.session.run
+        self._outputs = [OUTPUT_NAME]
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """P(quality play) [R] of ``x``, which must already be float32, C-contiguous and
+        [R >= 1, N_FEATURES]: the per-request path, without checks or copies."""
+        return self._run(self._outputs, {INPUT_NAME: x})[0][:, 1]
+
+    def _checked(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"X must be [n, {self.n_features}], got {X.shape}")
+        return X
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities [n, 2] (float32; column 1 = P(quality play))."""
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        if X.ndim != 2 or (isinstance(self.n_features, int) and X.shape[1] != self.n_features):
-            raise ValueError(f"X must be [n, {self.n_features}], got {X.shape}")
+        """Class probabilities [n, 2] (float32; column 1 = P(quality play)) of any array-like."""
+        X = self._checked(X)
         if len(X) == 0:
             return np.zeros((0, 2), np.float32)
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: X})[0]
+        return self._run(self._outputs, {INPUT_NAME: X})[0]
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """P(quality play) [n]."""
-        return self.predict_proba(X)[:, 1]
+        """P(quality play) [n] (float32) of any array-like: converted and checked, then :meth:`score`."""
+        X = self._checked(X)
+        if len(X) == 0:
+            return np.zeros(0, np.float32)
+        return self.score(X)

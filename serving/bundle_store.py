@@ -1,12 +1,13 @@
 """Loading, validating and hot-swapping the model bundle.
 
 The model URI is a bundle folder or ``models:/<name>@<alias>`` (default
-``models:/keyart-artwork@champion``) or ``models:/<name>/<version>``. Registry bundles are
-downloaded with MLflow into ``<home>/serving-cache/<name>-v<version>`` (downloaded to a
-temporary folder, then renamed, so a half-downloaded copy is never reused).
+``models:/keyart-artwork@champion``) or ``models:/<name>/<version>``. :mod:`keyart.registry`
+resolves it and downloads registry versions (into the cache offline evaluation uses too);
+this module only decides when to load and what to swap in.
 
 A candidate bundle is swapped in only after :func:`keyart.bundle.verify` (files, checksums,
-feature-spec version), a successful build of its tables and an ONNX session, and a parity
+feature-spec version), a successful build of its tables and of its
+:class:`keyart.scoring.OnnxScorer` (the scorer export's parity check ran), and a parity
 probe: the manifest's stored probe rows (``probe.features`` / ``probe.scores``) must score
 within ``PROBE_TOLERANCE``; without them, a smoke batch must give finite probabilities
 whose rows sum to 1. The swap is one reference assignment, so a request sees either the
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,18 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from keyart import bundle as kbundle
-from keyart import feature_spec
+from keyart import feature_spec, registry
 from keyart.config import Settings
 from keyart.lake import Lake
 from keyart.policy import PolicyConfig
+from keyart.scoring import OnnxScorer
 from keyart.serving.tables import ArtworkTable, MemberTable, not_expired, read_rows
 
 log = logging.getLogger("keyart.serving.bundle")
 PROBE_TOLERANCE = 1e-4
-DEFAULT_ALIAS = "champion"
 
 
 @dataclass
@@ -53,7 +51,7 @@ class LoadedBundle:
     manifest: kbundle.Manifest
     artworks: ArtworkTable
     members: MemberTable
-    session: ort.InferenceSession
+    scorer: OnnxScorer
     policy: PolicyConfig
     priors_ds: str | None = None
     # the policy's segment-'all' Beta posteriors with today's online rewards ([N] each),
@@ -63,38 +61,24 @@ class LoadedBundle:
     prior_n: np.ndarray | None = None
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """P(quality play) of every row of ``x`` [R, N_FEATURES] in one model call: [R]."""
-        return self.session.run([kbundle.OUTPUT_NAME], {kbundle.INPUT_NAME: x})[0][:, 1]
-
-
-def make_session(model_path: Path) -> ort.InferenceSession:
-    """One single-threaded CPU session (scale with processes, not threads)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        """P(quality play) of every row of ``x`` [R, N_FEATURES] (float32, C-contiguous, as
+        :func:`keyart.serving.page.page_matrix` builds it) in one model call: [R]."""
+        return self.scorer.score(x)
 
 
 def parity_probe(b: LoadedBundle) -> None:
-    """Refuse a model whose outputs are malformed or differ from the manifest's probe."""
-    inputs = [i.name for i in b.session.get_inputs()]
-    outputs = [o.name for o in b.session.get_outputs()]
-    if inputs != [kbundle.INPUT_NAME] or kbundle.OUTPUT_NAME not in outputs:
-        raise kbundle.BundleError(f"model inputs {inputs} / outputs {outputs}: need input "
-                                  f"{kbundle.INPUT_NAME!r} and output {kbundle.OUTPUT_NAME!r}")
+    """Refuse a model whose outputs are malformed or differ from the manifest's probe
+    (input and output names and widths were checked when its scorer was built)."""
     probe = b.manifest.get("probe") or (b.manifest.get("parity") or {}).get("probe")
     if probe and probe.get("features"):
-        x = np.asarray(probe["features"], dtype=np.float32)
         want = np.asarray(probe["scores"], dtype=np.float64)
-        got = b.score(x).astype(np.float64)
+        got = b.scorer.predict(probe["features"]).astype(np.float64)
         if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=PROBE_TOLERANCE):
             worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("nan")
             raise kbundle.BundleError(f"{b.path}: parity probe failed (max |dp| = {worst:.3g} > {PROBE_TOLERANCE})")
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, size=(64, feature_spec.N_FEATURES)).astype(np.float32)
-    full = b.session.run([kbundle.OUTPUT_NAME], {kbundle.INPUT_NAME: x})[0]
+    full = b.scorer.predict_proba(x)
     if full.shape != (64, 2) or not np.all(np.isfinite(full)) or np.any(full < 0) or np.any(full > 1) \
             or not np.allclose(full.sum(axis=1), 1.0, atol=1e-4):
         raise kbundle.BundleError(f"{b.path}: model output is not [N, 2] probabilities")
@@ -106,19 +90,19 @@ def load_bundle(path: Path, source: str, settings: Settings) -> LoadedBundle:
     manifest = kbundle.verify(path)
     try:
         # keep artworks that start later (resolved per request); drop only the retired ones
-        arts = [r for r in read_rows(path / "artworks.parquet") if not_expired(r, dt.datetime.now(dt.UTC).date())]
-        table = ArtworkTable.build(arts, read_rows(path / "priors.parquet"))
-        members = MemberTable(read_rows(path / "members.parquet"), table.vocab)
-        session = make_session(path / kbundle.MODEL_FILE)
+        arts = [r for r in read_rows(path / kbundle.ARTWORKS_FILE) if not_expired(r, dt.datetime.now(dt.UTC).date())]
+        table = ArtworkTable.build(arts, read_rows(path / kbundle.PRIORS_FILE))
+        members = MemberTable(read_rows(path / kbundle.MEMBERS_FILE), table.vocab)
+        scorer = OnnxScorer(path / kbundle.MODEL_FILE)
     except kbundle.BundleError:
         raise
     except Exception as exc:  # any unreadable table or model refuses the bundle
         raise kbundle.BundleError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
     if not table.artwork_ids:
-        raise kbundle.BundleError(f"{path}: artworks.parquet has no active artwork")
+        raise kbundle.BundleError(f"{path}: {kbundle.ARTWORKS_FILE} has no active artwork")
     priors_ds = manifest.get("priors_ds") or manifest.get("ds")
     b = LoadedBundle(version=manifest.version, source=source, path=path, manifest=manifest,
-                     artworks=table, members=members, session=session,
+                     artworks=table, members=members, scorer=scorer,
                      policy=PolicyConfig.from_settings(settings),
                      priors_ds=str(priors_ds) if priors_ds else None)
     try:
@@ -130,78 +114,24 @@ def load_bundle(path: Path, source: str, settings: Settings) -> LoadedBundle:
     return b
 
 
-def find_bundle_dir(root: Path) -> Path:
-    """The folder holding manifest.json inside a downloaded artifact tree."""
-    root = Path(root)
-    if (root / kbundle.MANIFEST).is_file():
-        return root
-    hits = sorted(root.rglob(kbundle.MANIFEST), key=lambda p: len(p.parts))
-    if not hits:
-        raise kbundle.BundleError(f"{root}: downloaded artifacts hold no {kbundle.MANIFEST}")
-    return hits[0].parent
-
-
 class Resolver:
-    """Turns the model URI into (identity, local bundle folder)."""
+    """Turns the model URI into what it points at and a local folder, via :mod:`keyart.registry`.
+
+    No registry yet, no such model or alias, or no manifest in the folder: :meth:`resolve`
+    gives None (serve without a model). A registry that cannot answer raises, and
+    :meth:`BundleStore.poll_once` keeps serving what it has.
+    """
 
     def __init__(self, uri: str, settings: Settings):
         self.uri = uri
         self.settings = settings
-        self.is_registry = uri.startswith("models:/")
 
-    def identity(self) -> str | None:
-        """A string that changes when the URI points at another bundle; None if nothing is there."""
-        if not self.is_registry:
-            path = Path(self.uri.removeprefix("file://")).resolve()
-            try:
-                return f"{path}:{kbundle.read_manifest(path).version}"
-            except kbundle.BundleError:
-                return None
-        name, version = self._registry_version()
-        return None if version is None else f"models:/{name}/{version}"
+    def resolve(self) -> registry.Resolved | None:
+        return registry.resolve(self.uri, self.settings)
 
-    def _registry_version(self) -> tuple[str, str | None]:
-        spec = self.uri.removeprefix("models:/")
-        if "@" in spec:
-            name, alias = spec.split("@", 1)
-        elif "/" in spec:
-            name, version = spec.split("/", 1)
-            return name, version
-        else:
-            name, alias = spec, DEFAULT_ALIAS
-        uri = self.settings.tracking_uri
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-            return name, None  # no registry yet: creating one here would be a side effect
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, alias)
-        except MlflowException as exc:
-            log.info("no model behind %s: %s", self.uri, str(exc).splitlines()[0][:200])
-            return name, None
-        return name, str(mv.version)
-
-    def fetch(self, identity: str) -> Path:
-        """A local folder with the bundle named by ``identity``."""
-        if not self.is_registry:
-            return Path(identity.rsplit(":", 1)[0])
-        name, version = identity.removeprefix("models:/").rsplit("/", 1)
-        cache = self.settings.home / "serving-cache" / f"{name}-v{version}"
-        if not cache.is_dir():
-            import mlflow
-
-            mlflow.set_tracking_uri(self.settings.tracking_uri)
-            mlflow.set_registry_uri(self.settings.tracking_uri)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
-            try:
-                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-                tmp.rename(cache)
-            except Exception:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return find_bundle_dir(cache)
+    def fetch(self, found: registry.Resolved) -> Path:
+        """A local folder with the bundle ``found`` names (registry versions downloaded once)."""
+        return registry.fetch(found, self.settings)
 
 
 class BundleStore:
@@ -211,7 +141,7 @@ class BundleStore:
                  on_swap: Callable[[LoadedBundle], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None):
         self.settings = settings
-        self.uri = uri or settings.serve_model_uri or f"models:/{settings.registered_model}@{DEFAULT_ALIAS}"
+        self.uri = uri or settings.serve_model_uri or registry.champion_uri(settings)
         self.resolver = Resolver(self.uri, settings)
         self.current: LoadedBundle | None = None
         self.fallback: ArtworkTable | None = None
@@ -227,18 +157,19 @@ class BundleStore:
         """Load the bundle the URI points at if it changed; True if a new one was swapped in."""
         with self._lock:
             try:
-                identity = self.resolver.identity()
+                found = self.resolver.resolve()
             except Exception as exc:  # registry unreachable: keep serving what we have
                 self._on_event("bundle_resolve_failed", {"uri": self.uri, "error": str(exc)[:300]})
                 if self.current is None and self.fallback is None:
                     self.load_fallback()
                 return False
+            identity = found.identity if found is not None else None
             if identity is None or identity == self._identity or identity in self.bad:
                 if self.current is None and self.fallback is None:
                     self.load_fallback()
                 return False
             try:
-                path = self.resolver.fetch(identity)
+                path = self.resolver.fetch(found)
                 new = load_bundle(path, identity, self.settings)
             except Exception as exc:
                 self.bad[identity] = str(exc)

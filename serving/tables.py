@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from keyart import feature_spec
+from keyart import catalog, feature_spec
 
 SEGMENTS = (feature_spec.member_segment(0), feature_spec.member_segment(1))
 
@@ -87,16 +87,24 @@ class ArtworkTable:
     tone_idx: np.ndarray
     genre_idx: np.ndarray
     genre_count: np.ndarray
-    # [N] first day (date ordinal) each artwork may be shown; 0 = always. A bundle carries the
-    # artworks that start within its export horizon, so "all active" is resolved per request.
+    # [N] first and last day (date ordinals, keyart.catalog) each artwork may be shown. A bundle
+    # carries the artworks that start within its export horizon and a server runs for days, so
+    # activity is resolved per request.
     active_from_day: np.ndarray | None = None
+    active_to_day: np.ndarray | None = None
 
     def active_rows(self, title: int, day: dt.date) -> np.ndarray:
         """Rows of ``title`` that may be shown on ``day``."""
         rows = self.title_rows[title]
-        if self.active_from_day is None:
+        if self.active_from_day is None or self.active_to_day is None:
             return rows
-        return rows[self.active_from_day[rows] <= day.toordinal()]
+        return rows[catalog.active_on(self.active_from_day[rows], self.active_to_day[rows], day.toordinal())]
+
+    def is_active(self, rows: np.ndarray, day: dt.date) -> np.ndarray:
+        """Which of ``rows`` may be shown on ``day``."""
+        if self.active_from_day is None or self.active_to_day is None:
+            return np.ones(len(rows), dtype=bool)
+        return catalog.active_on(self.active_from_day[rows], self.active_to_day[rows], day.toordinal())
 
     @property
     def n_vocab(self) -> int:
@@ -164,21 +172,17 @@ class ArtworkTable:
             vocab=vocab, cast_idx=_padded(cast, pad), cast_count=np.array([len(c) for c in cast], np.int64),
             tone_idx=_padded(tone, pad), genre_idx=_padded(genre, pad),
             genre_count=np.array([len(g) for g in genres], np.int64),
-            active_from_day=np.array([_ordinal(a.get("active_from")) for a in arts], np.int64),
+            active_from_day=catalog.ordinals((a.get("active_from") for a in arts), catalog.ALWAYS),
+            active_to_day=catalog.ordinals((a.get("active_to") for a in arts), catalog.OPEN_ENDED),
         )
 
 
-def _ordinal(day: Any) -> int:
-    if day is None:
-        return 0
-    return (dt.date.fromisoformat(day) if isinstance(day, str) else day).toordinal()
-
-
 def not_expired(row: Mapping[str, Any], day: dt.date) -> bool:
-    """Whether a catalog artwork row may still be shown on ``day`` or later."""
-    end = row.get("active_to")
-    end = dt.date.fromisoformat(end) if isinstance(end, str) else end
-    return end is None or day <= end
+    """Whether a catalog artwork row may still be shown on ``day`` or later (retired rows are
+    dropped at load; the per-request check is :meth:`ArtworkTable.active_rows`)."""
+    frm = catalog.to_ordinal(row.get("active_from"), catalog.ALWAYS)
+    to = catalog.to_ordinal(row.get("active_to"), catalog.OPEN_ENDED)
+    return bool(catalog.active_between(np.array([frm]), np.array([to]), day.toordinal(), catalog.OPEN_ENDED)[0])
 
 
 @dataclass(frozen=True)

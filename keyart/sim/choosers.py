@@ -45,6 +45,13 @@ class Decisions:
     model_version: np.ndarray
     policy: np.ndarray
 
+    @classmethod
+    def empty(cls, visits: int, slots: int) -> Decisions:
+        """Arrays for ``visits`` x ``slots`` decisions, every artwork -1 until filled."""
+        return cls(np.full((visits, slots), -1, dtype=np.int64), np.zeros((visits, slots)),
+                   np.empty((visits, slots), dtype=object), np.empty(visits, dtype=object),
+                   np.empty(visits, dtype=object))
+
 
 class Chooser(Protocol):
     """Anything that decides artworks for a batch of visits."""
@@ -140,11 +147,7 @@ class HttpChooser:
         import httpx
 
         v, p = visits.titles.shape
-        art = np.full((v, p), -1, dtype=np.int64)
-        prop = np.zeros((v, p))
-        eid = np.empty((v, p), dtype=object)
-        versions = np.empty(v, dtype=object)
-        policies = np.empty(v, dtype=object)
+        out = Decisions.empty(v, p)
         with self._client() as client:
             try:
                 client.get("/healthz")
@@ -159,12 +162,12 @@ class HttpChooser:
                     raise self._unreachable(exc) from exc
                 if resp.status_code != 200:
                     raise ChooserError(f"POST {self.url}/v1/artwork -> {resp.status_code}: {resp.text[:300]}")
-                parse_decisions(world, visits, i, resp.json(), art, prop, eid, versions, policies)
+                parse_decisions(world, visits, i, resp.json(), out)
 
             with ThreadPoolExecutor(self.workers) as pool:
                 for _ in pool.map(one, range(v)):
                     pass
-        return Decisions(art, prop, eid, versions, policies)
+        return out
 
     def send_rewards(self, events: list[tuple[str, float, str]]) -> dict[str, int]:
         """POST a reward of 1 for each (event_id, minutes, play ts ISO-8601); returns counts of
@@ -194,8 +197,8 @@ class HttpChooser:
         return counts
 
 
-def parse_decisions(world: World, visits: Visits, i: int, payload: Any, art, prop, eid, versions, policies) -> None:
-    """Fill row ``i`` of the decision arrays from a ``/v1/artwork`` response; check it fully."""
+def parse_decisions(world: World, visits: Visits, i: int, payload: Any, out: Decisions) -> None:
+    """Fill row ``i`` of ``out`` from a ``/v1/artwork`` response; check it fully."""
     try:
         decisions = {d["title_id"]: d for d in payload["decisions"]}
         for j, t in enumerate(visits.titles[i].tolist()):
@@ -203,10 +206,10 @@ def parse_decisions(world: World, visits: Visits, i: int, payload: Any, art, pro
             a = world.artwork_index(d["artwork_id"])
             if a not in visits.candidates[i, j]:
                 raise ChooserError(f"visit {i}: endpoint chose {d['artwork_id']}, not a candidate of {world.catalog.title_ids[t]}")
-            art[i, j] = a
-            prop[i, j] = float(d["propensity"])
-            eid[i, j] = str(d["event_id"])
-        versions[i] = str(payload.get("model_version", ""))
-        policies[i] = str(payload.get("policy", ""))
+            out.artwork_idx[i, j] = a
+            out.propensity[i, j] = float(d["propensity"])
+            out.event_id[i, j] = str(d["event_id"])
+        out.model_version[i] = str(payload.get("model_version", ""))
+        out.policy[i] = str(payload.get("policy", ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise ChooserError(f"visit {i}: malformed /v1/artwork response ({type(exc).__name__}: {exc}): {str(payload)[:300]}") from exc

@@ -1,8 +1,12 @@
 """Real runs of keyart_daily: ``airflow dags test`` on SQLite over a small simulated world.
 
-Day D1 is the lake's first day of traffic: every task runs, the model training on the early
-part of D1 and evaluated on the late part (a cold start). Day D2 runs every task. Then D1..D2 run again, as a backfill
-with ``--reprocess-behavior completed`` would: the registry must end as it was.
+Day D1 is the lake's first day of traffic: every task runs (``airflow dags test``), the model
+training on the early part of D1 and evaluated on the late part (a cold start). Day D2 runs
+the way production runs it: an API server, a scheduler and a DAG processor run as separate
+processes, the day is triggered through the REST API with a login, the LocalExecutor's
+workers report to the Execution API, and the task logs are read back through the REST API.
+Then D1..D2 run again, as a backfill with ``--reprocess-behavior completed`` would: the
+registry must end as it was.
 
     pytest tests/airflow/test_dag_run.py      # a few minutes on two cores
 """
@@ -18,7 +22,9 @@ from pathlib import Path
 import pytest
 from airflow_helpers import run_python
 
+from keyart import pipeline
 from keyart.demo import airflow_env
+from keyart.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.timeout(1800)]
 
@@ -61,14 +67,14 @@ def _failure_excerpt(text: str, width: int = 6000) -> str:
 
 REGISTRY_STATE = """
 import json
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart import registry
-s = load_settings()
+s = Settings()
 c = registry.client(s)
 versions = c.search_model_versions(f"name = '{s.registered_model}'")
 model = c.get_registered_model(s.registered_model)
 print("REGISTRY=" + json.dumps({
-    "versions": sorted((int(v.version), v.tags.get("keyart.ds")) for v in versions),
+    "versions": sorted((int(v.version), v.tags.get("keyart.ds"), registry.version_kind(v.tags)) for v in versions),
     "aliases": dict(sorted(model.aliases.items())),
 }))
 """
@@ -91,8 +97,11 @@ def world(tmp_path_factory) -> dict:
         "KEYART_SPARK_SHUFFLE_PARTITIONS": "2",
         "KEYART_SPARK_DRIVER_MEMORY": "1g",
         "PYSPARK_PYTHON": sys.executable,
+        # a port of its own, so a running `make airflow-ui` or another test is never reached
+        "AIRFLOW__API__PORT": str(free_port()),
     }
     env.pop("KEYART_CONFIG", None)
+    env.pop("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", None)
     keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
            "--history-days", "6", "--start", D1)  # fmt: skip
     keyart(env, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
@@ -109,8 +118,23 @@ def day1(world) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def day2(world, day1) -> dict[str, str]:
-    return dags_test(D2, world["env"], world["logs"])
+def day2(world, day1) -> dict:
+    """D2 triggered through the REST API of running Airflow services (scheduler + executor)."""
+    # Only the triggered run: unpausing must not also schedule today's interval, a day with no data.
+    env = {**world["env"], "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
+    services = airflow_env.AirflowServices(env, world["logs"] / "airflow-services")
+    with services, services.client() as api:
+        run = airflow_env.trigger_and_wait(api, D2, timeout=1500)
+        base = f"/dags/{pipeline.DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances"
+        tis = api.get(base).json()["task_instances"]
+        states = {t["task_id"]: t["state"] for t in tis}
+        logs = {task: api.get(f"{base}/{task}/logs/1", headers={"Accept": "application/json"})
+                for task in ("ingest", "train", "promote")}
+    if run["state"] != "success":
+        scheduler = (world["logs"] / "airflow-services" / "airflow-scheduler.log").read_text()[-6000:]
+        pytest.fail(f"triggered run of {D2} ended {run['state']}: {states}\nscheduler log tail:\n{scheduler}")
+    return {"states": states, "run": run,
+            "logs": {task: (r.status_code, json.dumps(r.json())) for task, r in logs.items()}}
 
 
 def _has_parquet(path: Path) -> bool:
@@ -124,8 +148,9 @@ def test_first_day_runs_every_task_on_a_cold_start(world, day1):
 
 
 def test_every_task_succeeds_and_writes_its_outputs(world, day2):
-    states = day2
+    states = day2["states"]
     assert states == {task_id: "success" for task_id in ALL_TASKS}
+    assert day2["run"]["run_type"] == "manual" and day2["run"]["conf"] == {"ds": D2}
 
     lake = world["lake"]
     for log in ("impressions", "plays"):
@@ -141,8 +166,19 @@ def test_every_task_succeeds_and_writes_its_outputs(world, day2):
         assert (run_dir / name).is_file(), name
 
     state = registry_state(world["env"])
-    assert [ds for _, ds in state["versions"]] == [D1, D2], state
+    assert [ds for _, ds, kind in state["versions"] if kind == "trained"] == [D1, D2], state
     assert "champion" in state["aliases"], state  # D1's version had no champion to beat
+    # promoted or kept, the champion serves D2's tables (D2's model, or a table refresh)
+    champion = {str(v): (ds, kind) for v, ds, kind in state["versions"]}[state["aliases"]["champion"]]
+    assert champion[0] == D2, state
+
+
+def test_task_logs_of_a_scheduled_run_are_readable_through_the_rest_api(day2):
+    for task, (status, content) in day2["logs"].items():
+        assert status == 200, (task, content[:500])
+    assert f"ingest/ds={D2}" in day2["logs"]["ingest"][1]  # the job's last line: its output partition
+    assert "trained on" in day2["logs"]["train"][1]
+    assert "champion" in day2["logs"]["promote"][1]
 
 
 def test_backfill_rerun_leaves_the_registry_as_it_was(world, day2):
@@ -154,7 +190,7 @@ def test_backfill_rerun_leaves_the_registry_as_it_was(world, day2):
 
 def test_backfill_plans_the_days_oldest_first(world, day1):
     proc = subprocess.run(
-        [airflow_env.airflow_bin(), "backfill", "create", "--dag-id", "keyart_daily",
+        [airflow_env.airflow_bin(), "backfill", "create", "--dag-id", pipeline.DAG_ID,
          "--from-date", D1, "--to-date", D2, "--reprocess-behavior", "completed", "--dry-run"],
         env=world["env"], text=True, capture_output=True, timeout=120,
     )  # fmt: skip

@@ -1,20 +1,17 @@
-"""DagBag integrity of dags/keyart_daily.py, and the DAG's small pure helpers."""
+"""DagBag integrity of dags/keyart_daily.py: it parses, cheaply, into the step table's tasks."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import runpy
 
 import pytest
-from airflow_helpers import DAG_FILE, REPO, run_python
+from airflow_helpers import REPO, run_python
+
+from keyart import pipeline
 
 HEAVY_MODULES = ("pyspark", "lightgbm", "mlflow", "onnxruntime", "onnx", "pandas", "sklearn")
 
-EXPECTED_ORDER = [
-    "partition_date", "ingest", "check_data_quality", "rewards", "features", "priors",
-    "training_window", "train", "evaluate", "export", "register", "promote",
-]  # fmt: skip
+EXPECTED_ORDER = [step.task_id for step in pipeline.STEPS]
 
 # Parse the dags folder the way the scheduler does, in a fresh interpreter, and report what
 # the test needs as JSON (the DagBag and sys.modules of *that* process).
@@ -22,7 +19,7 @@ PARSE = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1] if len(sys.argv) > 1 else {folder!r}, include_examples=False)
-dag = bag.dags.get("keyart_daily")
+dag = bag.dags.get({dag_id!r})
 out = {{
     "import_errors": {{str(k): str(v) for k, v in bag.import_errors.items()}},
     "dag_ids": sorted(bag.dags),
@@ -59,7 +56,7 @@ def parsed(tmp_path_factory) -> dict:
 
     home = tmp_path_factory.mktemp("airflow-parse")
     env = airflow_env.airflow_environ(home, base=os.environ)
-    code = PARSE.format(folder=str(REPO / "dags"), heavy=set(HEAVY_MODULES))
+    code = PARSE.format(folder=str(REPO / "dags"), heavy=set(HEAVY_MODULES), dag_id=pipeline.DAG_ID)
     proc = run_python(code, env, timeout=60)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("DAGBAG_JSON="))
     return json.loads(line.removeprefix("DAGBAG_JSON="))
@@ -67,7 +64,7 @@ def parsed(tmp_path_factory) -> dict:
 
 def test_no_import_errors(parsed):
     assert parsed["import_errors"] == {}
-    assert parsed["dag_ids"] == ["keyart_daily"]
+    assert parsed["dag_ids"] == [pipeline.DAG_ID]
 
 
 def test_nothing_heavy_imported_at_parse_time(parsed):
@@ -105,109 +102,3 @@ def test_retries_with_backoff(parsed):
             assert t["backoff"] >= 2, task_id
     # days chain through yesterday's priors and the registry: a backfill must run in order
     assert {t for t, v in tasks.items() if v["depends_on_past"]} == {"priors", "register", "promote"}
-
-
-# --- the DAG module's helpers, run in this process --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dag_module() -> dict:
-    return runpy.run_path(str(DAG_FILE))
-
-
-UTC = dt.UTC
-
-
-@pytest.mark.parametrize(
-    ("param", "logical", "run_after", "expected"),
-    [
-        ("2026-03-02", dt.datetime(2026, 1, 1, tzinfo=UTC), None, "2026-03-02"),
-        (None, dt.datetime(2026, 3, 1, tzinfo=UTC), dt.datetime(2026, 3, 2, 0, 5, tzinfo=UTC), "2026-03-01"),
-        ("", dt.datetime(2026, 3, 1, 23, 0, tzinfo=UTC), None, "2026-03-01"),
-        (None, None, dt.datetime(2026, 3, 2, 9, 30, tzinfo=UTC), "2026-03-01"),
-    ],
-)
-def test_resolve_ds(dag_module, param, logical, run_after, expected):
-    assert dag_module["resolve_ds"](param, logical, run_after) == expected
-
-
-@pytest.mark.parametrize(
-    ("param", "match"),
-    [("2026-13-01", "YYYY-MM-DD"), ("yesterday", "YYYY-MM-DD")],
-)
-def test_resolve_ds_rejects_bad_param(dag_module, param, match):
-    with pytest.raises(ValueError, match=match):
-        dag_module["resolve_ds"](param, None, None)
-
-
-def test_resolve_ds_needs_some_date(dag_module):
-    with pytest.raises(ValueError, match="pass the ds param"):
-        dag_module["resolve_ds"](None, None, None)
-
-
-def _metrics(imp_read, imp_q, plays_read=10, plays_q=0, reasons=None):
-    return {
-        "step": "ingest",
-        "ds": "2026-03-01",
-        "impressions": {"read": imp_read, "clean": imp_read - imp_q, "quarantined": imp_q,
-                        "duplicates": 0, "reasons": reasons or {}},
-        "plays": {"read": plays_read, "clean": plays_read - plays_q, "quarantined": plays_q,
-                  "duplicates": 0},
-    }  # fmt: skip
-
-
-def test_quality_gate_passes_a_normal_day(dag_module):
-    summary = dag_module["check_ingest_metrics"](_metrics(1000, 10), "2026-03-01", 0.05)
-    assert summary["impressions"]["read"] == 1000
-    assert summary["impressions"]["quarantine_rate"] == pytest.approx(0.01)
-    json.dumps(summary)  # small and serialisable: it goes to XCom
-
-
-@pytest.mark.parametrize(
-    ("metrics", "match"),
-    [
-        (_metrics(0, 0), "no impressions were read for ds=2026-03-01"),
-        (_metrics(100, 6, reasons={"propensity out of range": 6}),
-         r"impressions: 6 of 100 rows quarantined \(6.00%\) > max_quarantine_rate 5.00%.*propensity out of range"),
-        (_metrics(100, 0, plays_read=50, plays_q=10), r"plays: 10 of 50 rows quarantined"),
-        ({"step": "ingest", "ds": "2026-03-01"}, "no impressions were read"),
-    ],
-)  # fmt: skip
-def test_quality_gate_fails_with_a_clear_message(dag_module, metrics, match):
-    with pytest.raises(ValueError, match=match):
-        dag_module["check_ingest_metrics"](metrics, "2026-03-01", 0.05)
-
-
-def test_spark_command_uses_the_installed_jobs_and_configured_master(dag_module, monkeypatch):
-    import keyart.jobs
-
-    monkeypatch.setenv("KEYART_SPARK_MASTER", "spark://cluster:7077")
-    monkeypatch.delenv("KEYART_SPARK_REMOTE", raising=False)
-    command = dag_module["spark_job_command"]("rewards", "2026-03-01")
-    jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
-    assert "spark-submit --master spark://cluster:7077 " in command
-    assert f"{jobs_dir}/rewards.py --ds 2026-03-01" in command
-    assert command.rstrip().endswith("rewards/ds=2026-03-01")  # XCom: the output path
-
-
-def test_spark_command_with_a_connect_server_runs_the_job_file_as_its_client(dag_module, monkeypatch):
-    import sys
-
-    import keyart.jobs
-
-    monkeypatch.setenv("KEYART_SPARK_REMOTE", "sc://spark-connect:15002")
-    command = dag_module["spark_job_command"]("features", "2026-03-01")
-    jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
-    assert "spark-submit" not in command  # no JVM of its own: the server runs the plans
-    assert command.startswith(f"{sys.executable} {jobs_dir}/features.py --ds 2026-03-01 && echo ")
-    assert command.rstrip().endswith("training/ds=2026-03-01")
-
-
-def test_model_command_passes_ds_and_echoes_output(dag_module):
-    command = dag_module["keyart_command"]("train", "2026-03-01")
-    assert "-m keyart.cli train --ds 2026-03-01" in command
-    assert command.endswith("runs/ds=2026-03-01/model.txt")
-    register = dag_module["keyart_command"]("register", "2026-03-01")
-    assert "echo" not in register  # its printed JSON line is the XCom
-    assert dag_module["last_line_value"]('{"version": "3"}') == {"version": "3"}
-    assert dag_module["last_line_value"]("/lake/x") == "/lake/x"

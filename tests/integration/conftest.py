@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from keyart.net import free_port
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 SERVER_START_TIMEOUT_S = 90.0
@@ -55,12 +56,6 @@ def postgres_db() -> Iterator[str]:
         conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -81,7 +76,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
 @pytest.fixture
 def mlflow_server(postgres_db: str, tmp_path: Path) -> Iterator[str]:
     """``mlflow server`` on a random local port over ``postgres_db``; yields its http URI."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "mlflow-server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart.lake import Lake
 
 
@@ -13,4 +13,4 @@ def lake(tmp_path) -> Lake:
 
 @pytest.fixture
 def settings():
-    return load_settings()
+    return Settings()

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from test_standalone import D1, D2, assert_same_outputs, build_lake, run_local
 
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart.jobs import connect_server
+from keyart.net import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def test_server_command_binds_loopback_with_the_jobs_driver_settings():
-    settings = load_settings(spark_master="local[2]", spark_driver_memory="3g")
+    settings = Settings(spark_master="local[2]", spark_driver_memory="3g")
     argv = connect_server.server_argv(settings, port=15999)
     assert argv[argv.index("--class") + 1] == connect_server.SERVER_CLASS
     assert argv[argv.index("--master") + 1] == "local[2]"
@@ -44,13 +45,13 @@ def test_remote_address_of_a_connect_url(url, address):
 def test_a_job_pointed_at_no_server_fails_at_once_and_says_what_to_do(tmp_path):
     from keyart.jobs.common import get_spark
 
-    url = f"sc://127.0.0.1:{connect_server.free_port()}"
+    url = f"sc://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match="no Spark Connect server listens at .*keyart spark-connect"):
-        get_spark("keyart-test", settings=load_settings(spark_remote=url))
+        get_spark("keyart-test", settings=Settings(spark_remote=url))
 
 
 def test_a_dead_server_is_reported_not_waited_for(tmp_path):
-    server = connect_server.ConnectServer(load_settings(spark_driver_memory="not-a-size"), log_path=tmp_path / "server.log")
+    server = connect_server.ConnectServer(Settings(spark_driver_memory="not-a-size"), log_path=tmp_path / "server.log")
     with pytest.raises(RuntimeError, match="exited with"):
         server.start(timeout=120)
     assert not server.alive()
@@ -64,7 +65,7 @@ def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, settings):
     shutil.copytree(local.root, remote.root)
     run_local(spark, local, settings)
 
-    server = connect_server.ConnectServer(load_settings(spark_master="local[2]"), log_path=tmp_path / "server.log", cwd=tmp_path)
+    server = connect_server.ConnectServer(Settings(spark_master="local[2]"), log_path=tmp_path / "server.log", cwd=tmp_path)
     with server:
         env = {**os.environ, "KEYART_SPARK_REMOTE": server.url}
         common = ["--lake", str(remote.root), "--shuffle-partitions", "2"]

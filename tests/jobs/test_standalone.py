@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from jobs_fixtures import args, artwork, frame, impression, jsonl, member, play,
 from pyspark.testing import assertDataFrameEqual
 
 from keyart.jobs import features, ingest, priors, rewards
+from keyart.lake import mark_plays_delivered
+from keyart.net import free_port
 
 pytestmark = pytest.mark.slow
 D1, D2 = "2026-03-01", "2026-03-02"
@@ -43,12 +44,7 @@ def build_lake(spark, lake) -> None:
             folder = lake.raw(log, ds)
             folder.mkdir(parents=True)
             (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        mark_plays_delivered(lake, ds)  # the play log of the day is complete: its windows may close
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from keyart import bundle, feature_spec
 from keyart.bench import synthetic
+from keyart.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,12 +81,6 @@ def page(world: synthetic.SyntheticWorld, n_titles: int = 5, member: str | None 
             "titles": titles}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A real ``keyart serve`` subprocess on 127.0.0.1."""
 
@@ -125,7 +119,8 @@ class Server:
 @pytest.fixture()
 def serve_env(tmp_path: Path, _isolated_home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"KEYART_HOME": str(_isolated_home), "KEYART_SERVE_POLL_SECONDS": "0.3"})
+    env.update({"KEYART_HOME": str(_isolated_home), "KEYART_SERVE_POLL_SECONDS": "0.3",
+                "KEYART_SERVE_EVENT_SECRET": "serving-tests-event-secret-" + "0" * 40})
     return env
 
 

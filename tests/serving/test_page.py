@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from keyart import feature_spec
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart.serving.bundle_store import load_bundle
 from keyart.serving.page import page_matrix
 
@@ -49,7 +49,7 @@ def reference_matrix(bundle_path, member_id, ctx, slots):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_page_matrix_equals_feature_matrix(bundle_dir, seed):
     path, world = bundle_dir
-    b = load_bundle(path, "test", load_settings())
+    b = load_bundle(path, "test", Settings())
     rng = np.random.default_rng(seed)
     for trial in range(10):
         member = world.member_ids[int(rng.integers(len(world.member_ids)))] if trial % 3 else "unknown-member"

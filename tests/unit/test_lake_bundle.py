@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from keyart import bundle, feature_spec
+from keyart import bundle, feature_spec, registry
+from keyart.config import Settings
 from keyart.lake import Lake, parse_ds, shift_ds
+from keyart.scoring import OnnxScorer
 
 
 def test_lake_paths_are_partitioned_by_ds(tmp_path):
@@ -58,3 +60,44 @@ def test_bundle_for_another_feature_spec_is_refused(tmp_path):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(bundle.BundleError, match="feature spec 999"):
         bundle.verify(d)
+
+
+def test_model_uris_parse_to_name_alias_version():
+    assert registry.parse_model_uri("models:/keyart-artwork@champion") == ("keyart-artwork", "champion", None)
+    assert registry.parse_model_uri("models:/keyart-artwork/7") == ("keyart-artwork", None, "7")
+    assert registry.parse_model_uri("models:/keyart-artwork") == ("keyart-artwork", registry.CHAMPION, None)
+    assert registry.champion_uri(Settings()) == f"models:/{Settings().registered_model}@{registry.CHAMPION}"
+
+
+def test_a_bundle_folder_resolves_to_itself_and_its_version(tmp_path):
+    d = _bundle(tmp_path)
+    found = registry.resolve(str(d), Settings())
+    assert found == registry.Resolved(f"{d.resolve()}:v1", path=d.resolve())
+    assert registry.resolve(f"file://{d}", Settings()) == found
+    assert registry.fetch(found) == d.resolve()
+    assert registry.resolve(str(tmp_path / "nothing-here"), Settings()) is None
+
+
+def test_no_registry_yet_resolves_to_nothing_without_creating_one(_isolated_home):
+    s = Settings()
+    db = s.home / "mlflow" / "mlflow.db"
+    assert s.tracking_uri == f"sqlite:///{db}"
+    for uri in (registry.champion_uri(s), "models:/keyart-artwork/3"):
+        assert registry.resolve(uri, s) is None
+    assert registry.champion_bundle_path(s) is None and registry.get_champion_version(s) is None
+    assert not db.exists()  # a lookup creates no registry
+
+
+def test_a_model_with_other_io_names_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    def identity_model(input_name: str) -> bytes:
+        node = helper.make_node("Identity", [input_name], [bundle.OUTPUT_NAME])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, 2])],
+                                  [helper.make_tensor_value_info(bundle.OUTPUT_NAME, TensorProto.FLOAT, [None, 2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]).SerializeToString()
+
+    with pytest.raises(bundle.BundleError, match="need input 'features'"):
+        OnnxScorer(identity_model("x"))
+    with pytest.raises(bundle.BundleError, match=r"need \[N, \d+\]"):
+        OnnxScorer(identity_model(bundle.INPUT_NAME))  # 2 features, not the spec's

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from keyart.policy import POLICIES, PolicyConfig, blend_scores, draw, group_argmax, probabilities
+from keyart.policy import (
+    MAX_FLOOR,
+    MAX_FLOOR_MASS,
+    POLICIES,
+    PolicyConfig,
+    PolicyName,
+    blend_scores,
+    draw,
+    gap_stderr,
+    group_argmax,
+    probabilities,
+)
 
 RNG_POLICIES = ("thompson", "beta_ts")
 
@@ -30,17 +42,37 @@ def probs_of(cfg: PolicyConfig, seed: int = 0, **kw):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"name": "ucb"}, "policy must be one of"),
-    ({"floor": -0.1}, "floor must be in"),
-    ({"floor": 1.0}, "floor must be in"),
-    ({"gamma": 0.0}, "gamma must be > 0"),
-    ({"epsilon": 1.5}, "epsilon must be in"),
-    ({"prior_blend_n0": -1}, "prior_blend_n0 must be >= 0"),
-    ({"thompson_samples": 0}, "thompson_samples must be >= 1"),
+    ({"name": "ucb"}, "name\n.*'squarecb'"),
+    ({"floor": -0.1}, "floor\n.*greater than or equal to 0"),
+    ({"floor": MAX_FLOOR + 1e-9}, f"floor\n.*less than or equal to {MAX_FLOOR}"),
+    ({"floor": 1.0}, "floor\n.*less than or equal to"),
+    ({"gamma": 0.0}, "gamma\n.*greater than 0"),
+    ({"gap_unit": "logit"}, "gap_unit\n.*'stderr'"),
+    ({"epsilon": 1.5}, "epsilon\n.*less than or equal to 1"),
+    ({"prior_blend_n0": -1}, "prior_blend_n0\n.*greater than or equal to 0"),
+    ({"thompson_samples": 0}, "thompson_samples\n.*greater than or equal to 1"),
+    ({"temperature": 1.0}, "temperature\n.*Unexpected keyword argument"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PolicyConfig(**kwargs)
+
+
+def test_replace_validates_too():
+    with pytest.raises(ValueError, match="floor"):
+        replace(PolicyConfig(), floor=0.5)
+
+
+def test_names_are_the_literal_type():
+    assert POLICIES == get_args(PolicyName)
+    assert PolicyConfig().name in POLICIES
+
+
+def test_largest_floor_is_accepted_and_the_mass_cap_applies_per_page():
+    p = probabilities(PolicyConfig(name="greedy", floor=MAX_FLOOR), *page(kmin=8, kmax=8))
+    assert np.all((p == 0) | (p == 1))  # greedy ignores the floor
+    p = probabilities(PolicyConfig(name="egreedy", epsilon=0.0, floor=MAX_FLOOR), *page(kmin=2, kmax=2))
+    assert p.min() == pytest.approx(MAX_FLOOR)  # K * floor = 0.25: below the cap, kept
 
 
 @pytest.mark.parametrize(("offsets", "match"), [
@@ -70,7 +102,7 @@ def test_probabilities_sum_to_one_and_respect_the_floor(name, floor):
     assert np.all(p >= 0)
     if name != "greedy":
         k = np.repeat(np.diff(offsets), np.diff(offsets))
-        assert np.all(p >= np.minimum(floor, 0.5 / k) - 1e-12)
+        assert np.all(p >= np.minimum(floor, MAX_FLOOR_MASS / k) - 1e-12)
 
 
 def test_floor_mass_is_capped_at_one_half():
@@ -107,13 +139,55 @@ def test_egreedy_without_epsilon_or_floor_is_greedy():
 
 
 def test_squarecb_is_inverse_gap_weighting():
-    cfg = PolicyConfig(name="squarecb", gamma=100.0, floor=0.0, prior_blend_n0=0.0)
+    cfg = PolicyConfig(name="squarecb", gamma=100.0, gap_unit="score", floor=0.0, prior_blend_n0=0.0)
     s = np.array([0.10, 0.20, 0.15, 0.20])
     p = probabilities(cfg, s, np.array([0, 4]), np.ones(4), np.ones(4), np.zeros(4))
     expect = np.array([1 / (4 + 100 * 0.10), 0.0, 1 / (4 + 100 * 0.05), 1 / 4])
     expect[1] = 1 - expect.sum()
     np.testing.assert_allclose(p, expect)
     assert p.argmax() == 1  # the first of the tied best
+
+
+def test_squarecb_gap_in_standard_errors_is_inverse_gap_weighting_in_z():
+    """gap_unit stderr: p_a = 1 / (K + gamma * z_a), z_a = gap / sqrt(v_best/m_best + v_a/m_a)."""
+    cfg = PolicyConfig(name="squarecb", gamma=30.0, floor=0.0, prior_blend_n0=0.0)
+    s = np.array([0.05, 0.06, 0.04])
+    alpha, beta = np.array([20.0, 300.0, 5.0]), np.array([380.0, 4700.0, 95.0])  # m = 400, 5000, 100
+    p = probabilities(cfg, s, np.array([0, 3]), alpha, beta, alpha + beta)
+    v, m = s * (1 - s), alpha + beta
+    z = (0.06 - s) / np.sqrt(v[1] / m[1] + v / m)
+    expect = 1 / (3 + 30 * z)
+    expect[1] = 1 - expect[0] - expect[2]
+    np.testing.assert_allclose(p, expect)
+    np.testing.assert_allclose(gap_stderr(s, alpha, beta, np.array([1]), np.zeros(3, int)), np.sqrt(v[1] / m[1] + v / m))
+
+
+def test_squarecb_explores_new_artworks_and_barely_the_well_measured():
+    """Same model gap to the best (0.01): the exploration an artwork gets falls with its data."""
+    cfg = PolicyConfig(name="squarecb", floor=0.0, prior_blend_n0=0.0)
+    s = np.array([0.06, 0.05, 0.05, 0.05])
+    m = np.array([20000.0, 20000.0, 500.0, 20.0])  # best, well-measured, a few days' data, new (EB prior only)
+    p = probabilities(cfg, s, np.array([0, 4]), 0.05 * m, 0.95 * m, m)
+    known, some, new = p[1], p[2], p[3]
+    assert new > some > known
+    assert new > 10 * known and known < 0.01  # a new artwork is explored, a well-measured one barely
+    assert p.sum() == pytest.approx(1.0)
+    # the fixed-rate rule spends the same on all three
+    flat = probabilities(replace(cfg, gap_unit="score", gamma=3000.0), s, np.array([0, 4]), 0.05 * m, 0.95 * m, m)
+    assert flat[1] == pytest.approx(flat[2]) == pytest.approx(flat[3])
+
+
+@pytest.mark.parametrize("m", [10.0, 100.0, 1000.0, 10000.0, 100000.0])
+def test_squarecb_exploration_of_an_arm_falls_as_its_data_grows(m):
+    cfg = PolicyConfig(name="squarecb", floor=0.0, prior_blend_n0=0.0)
+    s, off = np.array([0.06, 0.05]), np.array([0, 2])
+
+    def p_of(mm: float) -> float:
+        mass = np.array([1e5, mm])
+        return probabilities(cfg, s, off, 0.05 * mass, 0.95 * mass, mass)[1]
+
+    assert p_of(m) > p_of(4 * m)
+    assert 0 < p_of(4 * m) < 0.5
 
 
 @pytest.mark.parametrize("name", ["squarecb", "egreedy", "random", "thompson", "beta_ts"])

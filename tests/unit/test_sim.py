@@ -22,7 +22,13 @@ from keyart.contracts import (
     validate_records,
 )
 from keyart.lake import Lake
-from keyart.sim.choosers import ChooserError, RandomChooser, build_page_request, parse_decisions
+from keyart.sim.choosers import (
+    ChooserError,
+    Decisions,
+    RandomChooser,
+    build_page_request,
+    parse_decisions,
+)
 from keyart.sim.names import G
 from keyart.sim.traffic import simulate_day
 from keyart.sim.world import World
@@ -240,18 +246,16 @@ def test_page_request_body(world):
 
 def test_parse_decisions_checks_the_response(world):
     v = world.visits(DS, 3)
-    shape = v.titles.shape
-    art, prop, eid = np.full(shape, -1), np.zeros(shape), np.empty(shape, dtype=object)
-    versions, policies = np.empty(3, dtype=object), np.empty(3, dtype=object)
+    out = Decisions.empty(*v.titles.shape)
     body = build_page_request(world, v, 0)
     payload = {"model_version": "3", "policy": "squarecb", "decisions": [
         {"title_id": t["title_id"], "artwork_id": t["candidates"][-1], "propensity": 0.5, "event_id": f"e{j}"}
         for j, t in enumerate(body["titles"])]}
-    parse_decisions(world, v, 0, payload, art, prop, eid, versions, policies)
-    assert (prop[0] == 0.5).all() and versions[0] == "3" and policies[0] == "squarecb"
+    parse_decisions(world, v, 0, payload, out)
+    assert (out.propensity[0] == 0.5).all() and out.model_version[0] == "3" and out.policy[0] == "squarecb"
     bad = {"decisions": payload["decisions"][1:]}
     with pytest.raises(ChooserError, match="malformed"):
-        parse_decisions(world, v, 0, bad, art, prop, eid, versions, policies)
+        parse_decisions(world, v, 0, bad, out)
 
 
 def test_simulate_day_in_memory(world):
