@@ -20,8 +20,8 @@ import contextlib
 import gc
 import json
 import os
+import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from keyart.net import free_port
 
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 25.0
@@ -73,14 +75,14 @@ def _stats(latencies: list[float], seconds: float, decisions_per_page: int) -> d
 
 def floor(bundle_dir: Path, page: dict[str, Any], seconds: float) -> dict[str, float]:
     """Prepare + features + one ONNX call + policy for the page, in this process."""
-    from keyart.config import load_settings
+    from keyart.config import Settings
     from keyart.serving.app import settle_heap
     from keyart.serving.bundle_store import BundleStore
     from keyart.serving.rewards import EventSigner
     from keyart.serving.schemas import ArtworkRequest
     from keyart.serving.service import Service
 
-    settings = load_settings()
+    settings = Settings()
     store = BundleStore(settings, str(bundle_dir))
     store.poll_once()
     if store.current is None:
@@ -190,17 +192,12 @@ def quiet_client():
         gc.unfreeze()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(bundle_dir: Path, workers: int, home: Path) -> tuple[subprocess.Popen, int]:
     import httpx
 
-    port = _free_port()
-    env = dict(os.environ, KEYART_HOME=str(home))
+    port = free_port()
+    # a fresh event-signing secret per run: `keyart serve` refuses the default
+    env = dict(os.environ, KEYART_HOME=str(home), KEYART_SERVE_EVENT_SECRET=secrets.token_hex(32))
     proc = subprocess.Popen([sys.executable, "-m", "keyart.cli", "serve", "--bundle", str(bundle_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

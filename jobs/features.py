@@ -54,7 +54,7 @@ SNAPSHOT_SCHEMA = T.StructType([
 ])
 ROW_COLUMNS = (
     "event_id", "impression_ds", "ts", "member_id", "title_id", "artwork_id", "is_logged",
-    "logged_artwork_id", "propensity", "policy", "model_version", "reward", "minutes", "played",
+    "logged_artwork_id", "propensity", "logging_probability", "policy", "model_version", "reward", "minutes", "played",
     "segment", "prior_alpha", "prior_beta", "prior_n",
 )
 _DAY_US = 86_400 * 1_000_000
@@ -137,11 +137,14 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     """
     base = rewards.select(
         "event_id", "impression_ds", "ts", "member_id", "title_id",
-        F.explode("candidates").alias("artwork_id"),
-        F.col("artwork_id").alias("logged_artwork_id"),
+        F.posexplode("candidates").alias("candidate_pos", "artwork_id"),
+        F.col("artwork_id").alias("logged_artwork_id"), "candidate_probabilities",
         "propensity", "policy", "model_version", "reward", "minutes", "played",
         *[F.col(f"context.{c}").alias(c) for c in ("device", "local_hour", "day_of_week", "page_row", "position")],
     ).withColumn("is_logged", F.col("artwork_id") == F.col("logged_artwork_id")).withColumn("known_ds", F.date_sub("impression_ds", 1))
+    # the logging policy's probability of this candidate, as served (null in older logs)
+    base = base.withColumn("logging_probability", F.get("candidate_probabilities", F.col("candidate_pos"))).drop(
+        "candidate_pos", "candidate_probabilities")
     snap = snapshots.select(*MEMBER_COLUMNS, F.col("snapshot_ds").alias("known_ds"), F.lit(1).alias("member_known"))
     rows = base.join(snap, ["member_id", "known_ds"], "left").withColumn("member_known", F.coalesce("member_known", F.lit(0)))
     rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(feature_spec.UNKNOWN_MEMBER["member_is_kids"])))

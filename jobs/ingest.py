@@ -9,11 +9,37 @@ Reads ``raw/{impressions,plays}/ds=D/`` (``*.jsonl``/``*.json`` JSON Lines and/o
 
 JSON Lines are read as text, so a malformed line becomes a quarantined row ("malformed
 JSON") instead of failing the job; Parquet rows are turned into the same JSON text, so one
-validation path serves both. Checks come from :mod:`keyart.contracts`; a row whose ``ts``
-is not in day D is quarantined too. Duplicates (same ``event_id`` for impressions, same
-``(member_id, title_id, ts)`` for plays) are kept once. For every log and day:
-``read = clean + quarantined + duplicates``. A day without raw files writes empty
-partitions and reports ``read = 0``; the DAG's data-quality gate decides what that means.
+validation path serves both. A row is quarantined, with the first reason that applies:
+
+1. ``checksum mismatch``: the line carries serving's ``_crc32`` and it does not match
+   (a torn or altered line). Lines without a checksum (older logs, your own) are checked
+   like any other and counted as ``without_checksum``.
+2. ``malformed JSON``.
+3. ``<field>: expected string, got <JSON type>``: string, timestamp and date fields and
+   the items of arrays of strings must be JSON strings, never cast (a numeric
+   ``member_id`` 123 is not the id "123"). Numbers, booleans, arrays and objects are
+   parsed strictly by the contract's types (``propensity must be a double, got high``).
+4. The contract's checks (:mod:`keyart.contracts`: ids are whole strings, so "m1\n" is
+   not an id; at most ``MAX_CANDIDATES`` candidates), then, for impressions that carry
+   ``candidate_probabilities`` (:func:`probability_reason`): one per candidate, each in
+   [0, 1], summing to 1 within ``PROBABILITY_SUM_TOL``, and the shown artwork's equal to
+   ``propensity`` exactly; then ``ts`` outside day D.
+5. ``malformed JSON: duplicate key or too large to check`` (the types cannot be checked).
+6. ``conflicting duplicate event_id``: impressions that share an event_id but differ in
+   any field; every row of that event_id is quarantined (which one is true cannot be told).
+
+Exact duplicates (same ``event_id`` and content for impressions, same
+``(member_id, title_id, ts)`` for plays) are kept once and counted as duplicates. For every
+log and day: ``read = clean + quarantined + duplicates`` (+ ``late`` for plays). A day without
+raw files writes empty partitions and reports ``read = 0``; the DAG's data-quality gate
+decides what that means.
+
+Plays: a play delivered on D that started on one of the ``late_play_lookback_days`` days
+before D is a late play, kept in ``clean/late_plays/ds=D/`` (rewards relabels with it); an
+older one is quarantined. The deliverer's completeness marker ``raw/plays/ds=D/_COMPLETE``
+(contracts.PLAYS_COMPLETE) is checked (valid, for D, at least its ``rows`` read) and copied to
+``clean/plays/ds=D/_COMPLETE``; without it the day's plays count as incomplete (metrics
+``plays.completeness`` says why) and rewards waits for them.
 """
 
 from __future__ import annotations
@@ -22,12 +48,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from keyart.config import Settings
-from keyart.contracts import IMPRESSIONS, PLAYS, QUARANTINE_EXTRA, Contract
+from keyart.contracts import IMPRESSIONS, PLAYS, QUARANTINE_EXTRA, Contract, Field
 from keyart.jobs.common import (
     contract_reason,
     day_range,
@@ -37,14 +63,28 @@ from keyart.jobs.common import (
     write_day,
     write_metrics,
 )
-from keyart.lake import Lake
+from keyart.lake import Lake, PlaysMarker, read_plays_marker, write_plays_marker
 
 LOGS: dict[str, Contract] = {"impressions": IMPRESSIONS, "plays": PLAYS}
+# Logs that accept rows of the lookback days before the partition's day (late arrivals).
+LATE_LOGS = frozenset({"plays"})
+# Logs whose key is a unique id: rows sharing it must be identical, else all are quarantined.
+# (A play re-logged with other minutes under the same member, title and ts keeps the first.)
+UNIQUE_KEY_LOGS = frozenset({"impressions"})
 MALFORMED = "malformed JSON"
+CHECKSUM_MISMATCH = "checksum mismatch"
+UNCHECKABLE = "malformed JSON: duplicate key or too large to check"
+PROBABILITY_SUM_TOL = 1e-5
+"""Serving rounds candidate probabilities to 6 significant digits: their sum is within 5e-6 of 1."""
+_CRC_HEAD = '{"_crc32":"'  # serving's line format (keyart.serving.event_log.frame)
+_JSON_TYPE = {"string": "string", "timestamp": "string", "date": "string", "long": "number", "int": "number",
+              "double": "number", "boolean": "boolean", "array<string>": "array", "array<double>": "array",
+              "struct": "object"}
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # Microseconds survive the Parquet -> JSON text round trip (the default keeps milliseconds).
 _TS_FORMAT = "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"
 _CORRUPT = "_corrupt_record"
+COUNTS = ("read", "clean", "quarantined", "duplicates", "without_checksum")
 
 RAW_SCHEMA = T.StructType([
     T.StructField("ds", T.StringType(), False),
@@ -62,6 +102,8 @@ class Ingested:
     quarantine: DataFrame
     counts: DataFrame
     reasons: DataFrame
+    late: DataFrame | None = None
+    """Valid rows that started on an earlier day within the lookback (``ds`` = delivery day)."""
 
 
 def quarantine_schema() -> T.StructType:
@@ -101,41 +143,157 @@ def extract(spark: SparkSession, lake: Lake, log: str, days: list[str]) -> tuple
 # transform
 # ----------------------------------------------------------------------------------------
 
-def classify(raw: DataFrame, contract: Contract) -> DataFrame:
-    """Each raw row with its parsed ``row`` struct, ``reason`` (null = valid) and ``is_duplicate``."""
+def has_checksum(raw: Column) -> Column:
+    """True for a line in serving's checksummed format."""
+    return F.substring(raw, 1, len(_CRC_HEAD)) == F.lit(_CRC_HEAD)
+
+
+def checksum_ok(raw: Column) -> Column:
+    """A checksummed line's CRC-32 matches the object it carries: ``{`` + everything after
+    the 21-character prefix ``{"_crc32":"xxxxxxxx",`` (see keyart.serving.event_log)."""
+    start = len(_CRC_HEAD) + 1
+    digits = F.substring(raw, start, 8)
+    payload = F.concat(F.lit("{"), raw.substr(F.lit(start + 10), F.length(raw)))
+    return (
+        (F.substring(raw, start + 8, 2) == F.lit('",'))
+        & digits.rlike("^[0-9a-f]{8}$")
+        & (F.crc32(F.encode(payload, "UTF-8")) == F.conv(digits, 16, 10).cast("long"))
+    )
+
+
+def _json_type(schema: Column) -> Column:
+    """The JSON type of a value from its ``schema_of_variant`` text."""
+    return (F.when(schema == "STRING", "string").when(schema == "BOOLEAN", "boolean").when(schema == "VOID", "null")
+            .when(schema.startswith("OBJECT"), "object").when(schema.startswith("ARRAY"), "array")
+            .otherwise("number"))
+
+
+def type_reasons(fields: tuple[Field, ...], variant: Column, prefix: str = "", path: str = "$") -> list[Column]:
+    """Why a value's JSON type is not the contract's, where Spark's JSON reader would cast
+    it instead of failing: a number, boolean, array or object in a string, timestamp or
+    date field (123 would read as "123", a number as epoch seconds) or as an item of an
+    array of strings. Numbers, booleans, arrays and objects themselves the reader parses
+    strictly; the contract's checks report those, and absent or null values."""
+    out: list[Column] = []
+    for f in fields:
+        name, here = prefix + f.name, f"{path}.{f.name}"
+        if f.dtype == "struct":
+            out.extend(type_reasons(f.children, variant, name + ".", here))
+            continue
+        if f.dtype == "array<double>" or _JSON_TYPE[f.dtype] not in ("string", "array"):
+            continue  # arrays of numbers: an item that is not a number fails to parse (contract check)
+        schema = F.schema_of_variant(F.try_variant_get(variant, here, "variant"))
+        got = _json_type(schema)
+        if f.dtype == "array<string>":
+            out.append(F.when((got == "array") & ~schema.isin("ARRAY<STRING>", "ARRAY<VOID>"),
+                              F.lit(f"{name}: expected an array of strings, got an item that is not a string")))
+        else:
+            out.append(F.when(schema.isNotNull() & ~got.isin("string", "null"),
+                              F.concat(F.lit(f"{name}: expected string, got "), got)))
+    return out
+
+
+def probability_reason(row: Column) -> Column:
+    """Why an impression's ``candidate_probabilities`` do not describe the distribution it
+    was drawn from (null if they do, or if the row has none)."""
+    probs, cands = row["candidate_probabilities"], row["candidates"]
+    total = F.aggregate(probs, F.lit(0.0), lambda acc, x: acc + x)
+    shown = F.get(probs, F.array_position(cands, row["artwork_id"]).cast("int") - 1)
+    name = "candidate_probabilities"
+    return (
+        F.when(probs.isNull(), F.lit(None).cast("string"))
+        .when(F.size(probs) != F.size(cands), F.format_string(f"{name} must have one value per candidate, got %d for %d",
+                                                               F.size(probs), F.size(cands)))
+        .when(F.exists(probs, lambda x: x.isNull() | F.isnan(x) | (x < 0) | (x > 1)), F.lit(f"{name} must be numbers in [0, 1]"))
+        .when(F.abs(total - 1.0) > PROBABILITY_SUM_TOL, F.concat(F.lit(f"{name} must sum to 1, got "), total.cast("string")))
+        .when(shown.isNotNull() & (shown != row["propensity"]),
+              F.concat(F.lit(f"propensity must equal the shown artwork's {name} entry, got "), _clip_num(row["propensity"]),
+                       F.lit(" vs "), _clip_num(shown)))
+    )
+
+
+def _clip_num(col: Column) -> Column:
+    return F.substring(col.cast("string"), 1, 24)
+
+
+def classify(raw: DataFrame, contract: Contract, late_lookback_days: int = 0) -> DataFrame:
+    """Each raw row with its parsed ``row`` struct, ``reason`` (null = valid), ``is_duplicate``,
+    ``is_late`` (valid, started 1..``late_lookback_days`` days before ``ds``; logs of
+    ``LATE_LOGS`` only) and ``checksummed`` (the line carried a checksum)."""
     text = T.StructType(text_schema(contract.fields).fields + [T.StructField(_CORRUPT, T.StringType())])
     parsed = raw.select(
         "ds", "source_file", "raw",
         F.from_json("raw", contract.spark_schema()).alias("row"),
         F.from_json("raw", text, {"columnNameOfCorruptRecord": _CORRUPT}).alias("text"),
+        F.try_parse_json("raw").alias("variant"),
+        has_checksum(F.col("raw")).alias("checksummed"),
     )
     malformed = F.col("raw").isNull() | F.col("text").isNull() | F.col(f"text.{_CORRUPT}").isNotNull()
     ts = F.col("row.ts")
+    lookback = late_lookback_days if contract.name in LATE_LOGS else 0
+    days_late = F.datediff(F.to_date("ds"), F.to_date(ts))
+    in_lookback = (days_late >= 1) & (days_late <= lookback) if lookback > 0 else F.lit(False)
+    too_late = F.lit(f" (more than late_play_lookback_days={lookback} days late)") if lookback > 0 else F.lit("")
     off_day = F.when(
-        F.to_date(ts) != F.to_date("ds"),
-        F.concat(F.lit("ts is not in day "), F.col("ds"), F.lit(", got "), F.date_format(ts, "yyyy-MM-dd'T'HH:mm:ss'Z'")),
+        (F.to_date(ts) != F.to_date("ds")) & ~in_lookback,
+        F.concat(F.lit("ts is not in day "), F.col("ds"), F.when(days_late > lookback, too_late).otherwise(F.lit("")),
+                 F.lit(", got "), F.date_format(ts, "yyyy-MM-dd'T'HH:mm:ss'Z'")),
     )
-    reason = F.when(malformed, F.lit(MALFORMED)).otherwise(F.coalesce(contract_reason(contract, F.col("row"), F.col("text")), off_day))
-    classified = parsed.withColumn("reason", reason).drop("text")
+    variant = F.col("variant")
+    reason = (
+        F.when(F.col("checksummed") & ~F.coalesce(checksum_ok(F.col("raw")), F.lit(False)), F.lit(CHECKSUM_MISMATCH))
+        .when(malformed, F.lit(MALFORMED))
+        .otherwise(F.coalesce(
+            *type_reasons(contract.fields, variant),
+            contract_reason(contract, F.col("row"), F.col("text")),
+            probability_reason(F.col("row")) if contract.name == "impressions" else F.lit(None).cast("string"),
+            off_day,
+            F.when(variant.isNull(), F.lit(UNCHECKABLE)),
+        ))
+    )
+    classified = parsed.withColumn("reason", reason).drop("text", "variant")
     key = [F.col(f"row.{k}") for k in contract.key]
-    first = Window.partitionBy(F.col("ds"), F.col("reason").isNull(), *key).orderBy("source_file", "raw")
-    dup = F.col("reason").isNull() & (F.row_number().over(first) > 1)
-    return classified.withColumn("is_duplicate", dup)
+    valid = F.col("reason").isNull()
+    if contract.name in UNIQUE_KEY_LOGS:
+        content = F.sha2(F.to_json(F.col("row")), 256)
+        same_key = Window.partitionBy(F.col("ds"), valid, *key)
+        conflict = valid & (F.min(content).over(same_key) != F.max(content).over(same_key))
+        classified = classified.withColumn(
+            "reason", F.when(conflict, F.lit(f"conflicting duplicate {', '.join(contract.key)}")).otherwise(F.col("reason")))
+        valid = F.col("reason").isNull()
+    first = Window.partitionBy(F.col("ds"), valid, *key).orderBy("source_file", "raw")
+    dup = valid & (F.row_number().over(first) > 1)
+    return classified.withColumn("is_duplicate", dup).withColumn("is_late", valid & F.coalesce(in_lookback, F.lit(False)))
 
 
-def transform(raw: DataFrame, contract: Contract) -> Ingested:
-    """Split raw rows into clean (contract columns + ds), quarantine and per-day counts. Pure."""
-    classified = classify(raw, contract)
-    clean = classified.where(F.col("reason").isNull() & ~F.col("is_duplicate")).select("ds", *[F.col(f"row.{c}").alias(c) for c in contract.columns])
+def transform(raw: DataFrame, contract: Contract, late_lookback_days: int = 0, quality_minutes: float | None = None) -> Ingested:
+    """Split raw rows into clean (contract columns + ds), quarantine and per-day counts. Pure.
+
+    For logs of ``LATE_LOGS`` valid rows that started 1..``late_lookback_days`` days before
+    ``ds`` go to ``late`` (counted as ``late``); with ``quality_minutes`` the counts also hold
+    ``quality``, the clean plays of at least that many minutes."""
+    classified = classify(raw, contract, late_lookback_days)
+    ok = F.col("reason").isNull() & ~F.col("is_duplicate")
+    columns = [F.col(f"row.{c}").alias(c) for c in contract.columns]
+    clean = classified.where(ok & ~F.col("is_late")).select("ds", *columns)
+    late = classified.where(ok & F.col("is_late")).select("ds", *columns) if contract.name in LATE_LOGS else None
     quarantine = classified.where(F.col("reason").isNotNull()).select("ds", "reason", "source_file", "raw")
+    extra = []
+    if late is not None:
+        extra.append(F.sum(F.when(ok & F.col("is_late"), 1).otherwise(0)).alias("late"))
+    if quality_minutes is not None:
+        quality = ok & ~F.col("is_late") & (F.col("row.minutes_played") >= F.lit(float(quality_minutes)))
+        extra.append(F.sum(F.when(quality, 1).otherwise(0)).alias("quality"))
     counts = classified.groupBy("ds").agg(
         F.count(F.lit(1)).alias("read"),
-        F.sum(F.when(F.col("reason").isNull() & ~F.col("is_duplicate"), 1).otherwise(0)).alias("clean"),
+        F.sum(F.when(ok & ~F.col("is_late"), 1).otherwise(0)).alias("clean"),
         F.sum(F.when(F.col("reason").isNotNull(), 1).otherwise(0)).alias("quarantined"),
         F.sum(F.when(F.col("is_duplicate"), 1).otherwise(0)).alias("duplicates"),
+        F.sum(F.when(F.col("checksummed"), 0).otherwise(1)).alias("without_checksum"),
+        *extra,
     )
     reasons = quarantine.groupBy("ds", reason_kind(F.col("reason")).alias("kind")).count()
-    return Ingested(classified=classified, clean=clean, quarantine=quarantine, counts=counts, reasons=reasons)
+    return Ingested(classified=classified, clean=clean, quarantine=quarantine, counts=counts, reasons=reasons, late=late)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,21 +301,25 @@ def transform(raw: DataFrame, contract: Contract) -> Ingested:
 # ----------------------------------------------------------------------------------------
 
 def load(spark: SparkSession, result: Ingested, lake: Lake, log: str, contract: Contract, days: list[str]) -> dict[str, dict[str, Any]]:
-    """Write clean and quarantine partitions for every day of ``days``; return per-day counts.
+    """Write clean, quarantine (and late) partitions for every day of ``days``; return per-day counts.
 
     Days present in the rows are written with ``partitionBy("ds")`` (dynamic overwrite);
     a day with no rows gets an empty partition, so a rerun never leaves stale rows behind.
     """
     result.classified.persist()
+    keys = [c for c in result.counts.columns if c != "ds"]
     try:
-        counts = {r["ds"]: {k: int(r[k] or 0) for k in ("read", "clean", "quarantined", "duplicates")} for r in result.counts.collect()}
+        counts = {r["ds"]: {k: int(r[k] or 0) for k in keys} for r in result.counts.collect()}
         reasons: dict[str, dict[str, int]] = {}
         for r in result.reasons.collect():
             reasons.setdefault(r["ds"], {})[r["kind"]] = int(r["count"])
-        for df, base, schema, n in (
+        outputs = [
             (result.clean, lake.clean(log), contract.spark_schema(), "clean"),
             (result.quarantine, lake.quarantine(log, days[0]).parent, quarantine_schema(), "quarantined"),
-        ):
+        ]
+        if result.late is not None:
+            outputs.append((result.late, lake.late_plays(), contract.spark_schema(), "late"))
+        for df, base, schema, n in outputs:
             with_rows = [d for d in days if counts.get(d, {}).get(n, 0) > 0]
             if with_rows:
                 out = df.where(F.col("ds").isin(with_rows))
@@ -171,8 +333,8 @@ def load(spark: SparkSession, result: Ingested, lake: Lake, log: str, contract: 
         result.classified.unpersist()
     out: dict[str, dict[str, Any]] = {}
     for d in days:
-        c = counts.get(d, {"read": 0, "clean": 0, "quarantined": 0, "duplicates": 0})
-        c["balanced"] = c["read"] == c["clean"] + c["quarantined"] + c["duplicates"]
+        c = counts.get(d, dict.fromkeys(keys, 0))
+        c["balanced"] = c["read"] == c["clean"] + c.get("late", 0) + c["quarantined"] + c["duplicates"]
         c["reasons"] = dict(sorted(reasons.get(d, {}).items(), key=lambda kv: -kv[1])[:20])
         out[d] = c
     return out
@@ -184,12 +346,33 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     per_day: dict[str, dict[str, Any]] = {d: {} for d in days}
     for log, contract in LOGS.items():
         raw, files = extract(spark, lake, log, days)
-        counts = load(spark, transform(raw, contract), lake, log, contract, days)
+        quality = settings.quality_play_minutes if log == "plays" else None
+        counts = load(spark, transform(raw, contract, settings.late_play_lookback_days, quality), lake, log, contract, days)
         for d in days:
             per_day[d][log] = {**counts[d], "files": files.get(d, 0)}
     for d in days:
+        per_day[d]["plays"]["completeness"] = carry_plays_marker(lake, d, per_day[d]["plays"])
         write_metrics(lake, "ingest", d, per_day[d])
     return {"days": len(days), "read": {log: sum(per_day[d][log]["read"] for d in days) for log in LOGS}}
+
+
+def carry_plays_marker(lake: Lake, ds: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """Check the deliverer's ``raw/plays/ds=D/_COMPLETE`` against what was read and write
+    ``clean/plays/ds=D/_COMPLETE`` (rows = clean rows) when it holds; remove a stale one when
+    it does not. Returns the ``completeness`` figures of the day's metrics."""
+    source = lake.plays_marker(ds)
+    marker, why = read_plays_marker(source, ds)
+    if marker is not None and marker.rows is not None and counts["read"] < marker.rows:
+        # a torn or still-running upload: the marker promises rows that are not there
+        marker, why = None, f"{source} says {marker.rows} rows were delivered, ingest read {counts['read']}"
+    target = lake.plays_marker(ds, "clean")
+    if marker is None:
+        target.unlink(missing_ok=True)
+        return {"complete": False, "delivered_through": None, "reason": why}
+    write_plays_marker(target, PlaysMarker(marker.ds, marker.delivered_through, counts["clean"]))
+    through = marker.delivered_through.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {"complete": marker.whole_day, "delivered_through": through,
+            "reason": None if marker.whole_day else f"{source} covers the day only through {through}"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ row validation for Python-side data (:meth:`Contract.validate_row`,
 fields (see ``keyart.jobs.common``). docs/data-contracts.md describes them for users.
 
 Types: ``string``, ``long``, ``int``, ``double``, ``boolean``, ``timestamp`` (UTC),
-``date``, ``array<string>``, and ``struct`` (with ``children``).
+``date``, ``array<string>``, ``array<double>`` (``minimum``/``maximum`` bound each item),
+and ``struct`` (with ``children``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+# An id is the whole string: 1-128 of these characters. In Java (Spark's rlike) and Python
+# `$` also matches before a final newline, so `(?!\n)` refuses "m1\n". Engines without
+# look-ahead (pydantic's Rust regex, JSON Schema), where `$` is the end of the text, use
+# ID_SCHEMA_PATTERN: the same set of strings.
+ID_CHARS = r"[A-Za-z0-9_.:\-]{1,128}"
+ID_PATTERN = rf"^{ID_CHARS}$(?!\n)"
+ID_SCHEMA_PATTERN = rf"^{ID_CHARS}$"
 _ID_RE = re.compile(ID_PATTERN)
+# Most candidate artworks one impression may list (serving's serve_max_artworks may not exceed it).
+MAX_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,17 @@ class Field:
             if self.maximum is not None and len(value) > self.maximum:
                 return f"must have at most {int(self.maximum)} items, got {len(value)}"
             return None
+        if t == "array<double>":
+            if not isinstance(value, list | tuple):
+                return f"must be a list of numbers, got {type(value).__name__}"
+            for i, item in enumerate(value):
+                if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
+                    return f"[{i}] must be a finite number, got {str(item)[:40]!r}"
+                if self.minimum is not None and item < self.minimum:
+                    return f"[{i}] must be >= {self.minimum}, got {item!r}"
+                if self.maximum is not None and item > self.maximum:
+                    return f"[{i}] must be <= {self.maximum}, got {item!r}"
+            return None
         if t == "struct":
             if not isinstance(value, Mapping):
                 return f"must be an object, got {type(value).__name__}"
@@ -159,6 +179,7 @@ class Contract:
                 "timestamp": T.TimestampType(),
                 "date": T.DateType(),
                 "array<string>": T.ArrayType(T.StringType(), containsNull=False),
+                "array<double>": T.ArrayType(T.DoubleType(), containsNull=False),
             }
             if f.dtype == "struct":
                 return T.StructType([T.StructField(c.name, to_spark(c), c.nullable) for c in f.children])
@@ -179,6 +200,7 @@ class Contract:
                 "timestamp": pa.timestamp("us", tz="UTC"),
                 "date": pa.date32(),
                 "array<string>": pa.list_(pa.string()),
+                "array<double>": pa.list_(pa.float64()),
             }
             if f.dtype == "struct":
                 return pa.struct([pa.field(c.name, to_arrow(c), c.nullable) for c in f.children])
@@ -292,6 +314,24 @@ PLAYS = Contract(
     ),
 )
 
+PLAYS_COMPLETE = Contract(
+    name="plays_complete",
+    key=("ds",),
+    partitioned_by_ds=True,
+    doc="The play log's completeness marker: one JSON object in `raw/plays/ds=D/_COMPLETE`, written by whoever "
+    "delivers the play log after the partition's files; ingest carries it to `clean/plays/ds=D/_COMPLETE`. "
+    "Without it the day's plays count as incomplete and no attribution window that needs them is labelled.",
+    fields=(
+        Field("ds", "date", doc="The partition it describes."),
+        Field("delivered_through", "timestamp",
+              doc="Every play that started on ds before this instant (UTC) has been delivered (in this partition, or "
+              "as a late play in a later one already delivered); ds+1 at 00:00Z or later = the whole day."),
+        Field("rows", "long", nullable=True, minimum=0,
+              doc="Rows delivered in raw/plays/ds=D, every file; ingest counts the day incomplete when it reads "
+              "fewer. Null = not checked."),
+    ),
+)
+
 CONTEXT_FIELDS = (
     Field("device", "string", allowed=DEVICES),
     Field("country", "string"),
@@ -312,8 +352,13 @@ IMPRESSIONS = Contract(
         Field("member_id", "string", is_id=True),
         Field("title_id", "string", is_id=True),
         Field("artwork_id", "string", is_id=True, doc="The artwork shown."),
-        Field("candidates", "array<string>", is_id=True, minimum=1, doc="Every artwork that could have been shown."),
+        Field("candidates", "array<string>", is_id=True, minimum=1, maximum=MAX_CANDIDATES,
+              doc="Every artwork that could have been shown."),
         Field("propensity", "double", minimum=1e-9, maximum=1.0, doc="P(artwork_id | context) under the logging policy."),
+        Field("candidate_probabilities", "array<double>", nullable=True, minimum=0.0, maximum=1.0,
+              doc="The logging policy's probability of every candidate, aligned with `candidates`: the served "
+              "distribution (6 significant digits; the shown artwork's entry is `propensity` exactly). They sum "
+              "to 1 within 1e-5. Null in logs written before serving logged it."),
         Field("model_version", "string", doc="Bundle version that decided, or 'default'/'random'."),
         Field("policy", "string", doc="Policy name that decided (e.g. squarecb, random)."),
         Field("context", "struct", children=CONTEXT_FIELDS),
@@ -356,7 +401,7 @@ QUARANTINE_EXTRA = (
 )
 
 ALL: dict[str, Contract] = {
-    c.name: c for c in (TITLES, ARTWORKS, MEMBERS, PLAYS, IMPRESSIONS, REWARDS, PRIORS)
+    c.name: c for c in (TITLES, ARTWORKS, MEMBERS, PLAYS, PLAYS_COMPLETE, IMPRESSIONS, REWARDS, PRIORS)
 }
 
 

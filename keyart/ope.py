@@ -44,6 +44,39 @@ import numpy as np
 from keyart.policy import draw
 
 ESTIMATORS = ("replay", "ips", "snips", "dr")
+LOGGED_SUM_TOL = 1e-5
+"""Logged probabilities are rounded to 6 significant digits: each impression's sum is within 5e-6 of 1."""
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size (sum w)^2 / sum w^2 of importance weights: n when every
+    weight is equal (on-policy), far fewer when a few weights dominate."""
+    w = np.asarray(weights, dtype=np.float64)
+    sww = float(np.dot(w, w))
+    return float(w.sum()) ** 2 / sww if sww > 0 else 0.0
+
+
+def weighted_evidence(sw: float, sww: float, swr: float) -> tuple[float, float, float]:
+    """Self-normalised importance-weighted evidence of a Bernoulli rate as Beta counts.
+
+    From the sums of the weights w, of w^2 and of w r over the observations: the rate
+    r_w = swr / sw (self-normalised IPS) counted as e = sw^2 / sww observations (Kish's
+    effective sample size), i.e. ``(successes, failures, e) = (e r_w, e - e r_w, e)``. The
+    priors job (jobs/priors.py ``evidence``) and serving's online priors both use this, so
+    a day's online delta is what the next day's priors add for it.
+    """
+    if not isinstance(sw, np.ndarray):  # serving: one key at a time
+        if sw <= 0.0 or sww <= 0.0:
+            return (0.0, 0.0, 0.0)
+        e = sw * sw / sww
+        s = e * min(max(swr / sw, 0.0), 1.0)
+        return (s, e - s, e)
+    sw, sww, swr = (np.asarray(x, dtype=np.float64) for x in (sw, sww, swr))
+    ok = (sw > 0) & (sww > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.where(ok, sw * sw / sww, 0.0)
+        s = e * np.where(ok, np.clip(swr / sw, 0.0, 1.0), 0.0)
+    return (s, e - s, e)
 
 
 @dataclass(frozen=True)
@@ -57,6 +90,12 @@ class LoggedPages:
     reward : [n] float, the observed reward (0/1 for quality plays).
     propensity : [n] float in (0, 1], logging probability of the shown candidate.
     groups : [n] optional cluster ids for the bootstrap (e.g. member ids).
+    logging : [n_rows] optional, the logging policy's probability of every candidate as
+        logged with the impression (serving logs them to 6 significant digits and the shown
+        one exactly): each impression's sum within ``LOGGED_SUM_TOL`` of 1 and its shown
+        candidate's equal to ``propensity``; NaN for the impressions logged without them
+        (:attr:`logged_known`). :meth:`logging_target` is then the logging policy as a
+        target, whose importance weights are exactly 1.
     """
 
     offsets: np.ndarray
@@ -64,6 +103,7 @@ class LoggedPages:
     reward: np.ndarray
     propensity: np.ndarray
     groups: np.ndarray | None = None
+    logging: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         off = np.asarray(self.offsets, dtype=np.int64)
@@ -93,6 +133,22 @@ class LoggedPages:
             if g.shape != (n,):
                 raise ValueError(f"groups must have shape ({n},), got {g.shape}")
             object.__setattr__(self, "groups", np.unique(g, return_inverse=True)[1])
+        if self.logging is not None:
+            q = np.array(self.logging, dtype=np.float64)
+            if q.shape != (int(off[-1]),):
+                raise ValueError(f"logging must have shape ({int(off[-1])},), got {q.shape}")
+            sizes = np.diff(off)
+            known = np.add.reduceat(np.isfinite(q), off[:-1]) == sizes
+            q[~np.repeat(known, sizes)] = np.nan
+            k = np.repeat(known, sizes)
+            if np.any(q[k] < 0) or np.any(q[k] > 1):
+                raise ValueError("logging probabilities must be in [0, 1]")
+            sums = np.add.reduceat(np.where(k, q, 0.0), off[:-1])[known]
+            if np.any(np.abs(sums - 1.0) > LOGGED_SUM_TOL):
+                raise ValueError(f"logging probabilities must sum to 1 per impression (worst {sums[np.argmax(np.abs(sums - 1))]:.8f})")
+            if np.any(q[row][known] != p[known]):
+                raise ValueError("logging probabilities must give the shown candidate its propensity exactly")
+            object.__setattr__(self, "logging", q)
 
     @property
     def n_impressions(self) -> int:
@@ -117,6 +173,29 @@ class LoggedPages:
     def weights(self, target: np.ndarray) -> np.ndarray:
         """Importance weights target(logged) / propensity: [n]."""
         return self.check_target(target)[self.logged_row] / self.propensity
+
+    @property
+    def logged_known(self) -> np.ndarray:
+        """[n] bool: the impression carries its logged probabilities."""
+        if self.logging is None:
+            return np.zeros(self.n_impressions, dtype=bool)
+        return ~np.isnan(self.logging[self.logged_row])
+
+    def logging_target(self) -> np.ndarray:
+        """The logged distribution as a target [n_rows] summing to 1 per impression: the
+        candidates not shown rescaled to 1 - propensity (undoing the rounding of their
+        logged values), the shown one at its propensity, so its importance weights are 1.
+        NaN on the impressions logged without probabilities."""
+        if self.logging is None:
+            raise ValueError("these pages carry no logged probabilities")
+        t = self.logging.copy()
+        others = np.add.reduceat(t, self.offsets[:-1]) - t[self.logged_row]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(others > 0, (1.0 - self.propensity) / others, 0.0)
+        t *= np.repeat(scale, np.diff(self.offsets))
+        t[self.logged_row] = self.propensity
+        t[np.repeat(~self.logged_known, np.diff(self.offsets))] = np.nan
+        return t
 
 
 @dataclass(frozen=True)
@@ -337,6 +416,25 @@ def evaluate_policies(pages: LoggedPages, targets: Mapping[str, np.ndarray], q_h
                                                         reps[:, col[(a, name)]] - reps[:, col[(b, name)]])
                                for name in ests}
             for a, b in differences}
+    return out
+
+
+def weight_diagnostics(pages: LoggedPages, targets: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per policy, its importance weights on the logged impressions: effective sample size
+    (Kish), its share of n, and the largest weight. The logging policy's weights are 1 by
+    construction when the pages carry logged probabilities (ESS = n); a target rebuilt from
+    other inputs than the ones that served drifts from it (ESS < n on its own logs)."""
+    out: dict[str, dict[str, float]] = {}
+    named = dict(targets)
+    if pages.logging is not None and pages.logged_known.all():
+        named = {"logging": pages.logging_target(), **named}
+    n = pages.n_impressions
+    for name, target in named.items():
+        w = pages.weights(target)
+        ess = effective_sample_size(w)
+        out[name] = {"ess": ess, "ess_share": ess / n, "max_weight": float(w.max())}
+    if "logging" not in out:  # on-policy by definition: the shown artwork's probability is the propensity
+        out["logging"] = {"ess": float(n), "ess_share": 1.0, "max_weight": 1.0}
     return out
 
 

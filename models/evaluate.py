@@ -4,18 +4,25 @@ Policies valued (``evaluation.json`` keys):
 
 ``candidate``      the configured exploration policy on this run's model (model.txt)
 ``champion``       the same policy settings on the champion bundle's model.onnx
-                   (``--champion-bundle``, else the registry's champion; skipped if none)
-``logging``        what was actually served: its on-policy mean reward
+                   (``--champion-bundle``, else the registry's champion; skipped if none);
+                   on the impressions the champion itself served, exactly the distribution
+                   it served (logged with each impression)
+``logging``        what was actually served: its on-policy mean reward (its importance
+                   weights on the logged probabilities are 1: ``weights.logging.ess`` = n)
 ``random``         uniform over the candidates
 ``noncontextual``  ``beta_ts`` on the Beta priors (per-title Thompson, no model)
 
-Every policy's distribution is computed by :func:`keyart.policy.probabilities` from the
-training table's candidate rows of the held-out day (the priors there are the ones
-serving had), and valued with replay, IPS, SNIPS and DR (:mod:`keyart.ope`).
-DR uses this run's model as q-hat for every policy, so the policies are compared on the
-same footing; lifts are over the logging policy with paired bootstrap intervals, and
+Distributions that are rebuilt (the candidate; the champion where it did not serve; the
+baselines) come from :func:`keyart.policy.probabilities` on the training table's candidate
+rows of the held-out day, with the Beta priors serving's online rule would have held at
+each impression (:func:`online_priors`: the day-start priors plus the importance-weighted
+evidence of the day's impressions whose attribution window had closed by then), and are
+valued with replay, IPS, SNIPS and DR (:mod:`keyart.ope`). DR uses this run's model as
+q-hat for every policy, so the policies are compared on the same footing; lifts are over
+the logging policy with paired bootstrap intervals, and
 ``difference.candidate_minus_champion`` is V_candidate - V_champion with a paired bootstrap
-interval (what the promotion gate reads).
+interval (what the promotion gate reads). ``weights`` gives every policy's importance-weight
+diagnostics (Kish's effective sample size and its share of n, the largest weight).
 """
 
 from __future__ import annotations
@@ -32,19 +39,28 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from keyart import bundle
 from keyart.config import settings
-from keyart.lake import Lake, fmt_ds
+from keyart.lake import Lake, fmt_ds, heldout_day
 from keyart.models.data import (
     PAGE_COLUMNS,
     feature_array,
-    heldout_day,
     pages_from_frame,
     read_training,
     time_split_rows,
 )
-from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies, to_json
+from keyart.ope import (
+    ESTIMATORS,
+    LOGGED_SUM_TOL,
+    Bootstrap,
+    LoggedPages,
+    evaluate_policies,
+    to_json,
+    weight_diagnostics,
+    weighted_evidence,
+)
 from keyart.policy import PolicyConfig, probabilities
 
 log = logging.getLogger(__name__)
@@ -52,15 +68,17 @@ BASELINES = ("random", "noncontextual")
 
 
 def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.ndarray]],
-                   cfg: PolicyConfig, seed: int = 0, baselines: bool = True) -> dict[str, np.ndarray]:
+                   cfg: PolicyConfig, seed: int = 0, baselines: bool = True,
+                   priors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Candidate-row probabilities [n_rows] of every policy.
 
     ``scorers`` maps a model-based policy name to a function returning its model scores
-    [n_rows]; ``random`` and ``noncontextual`` are added if ``baselines``. ``rows`` holds the priors.
+    [n_rows]; ``random`` and ``noncontextual`` are added if ``baselines``. The Beta priors
+    are ``priors`` (alpha, beta, n) [n_rows] (e.g. :func:`online_priors`), else ``rows``'.
     """
-    a = rows["prior_alpha"].to_numpy(dtype=np.float64)
-    b = rows["prior_beta"].to_numpy(dtype=np.float64)
-    n = rows["prior_n"].to_numpy(dtype=np.float64)
+    if priors is None:
+        priors = tuple(rows[c].to_numpy(dtype=np.float64) for c in ("prior_alpha", "prior_beta", "prior_n"))
+    a, b, n = priors
     rng = np.random.default_rng(seed)
     out = {name: probabilities(cfg, score(), pages.offsets, a, b, n, rng) for name, score in scorers.items()}
     if not baselines:
@@ -71,16 +89,98 @@ def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.
     return out
 
 
+def _micros(ts: pd.Series) -> np.ndarray:
+    """Microseconds since the epoch of a timestamp column (aware or naive UTC)."""
+    ts = pd.to_datetime(ts, utc=True).dt.tz_convert(None)
+    return ts.to_numpy(dtype="datetime64[us]").astype(np.int64)
+
+
+def online_priors(pages: LoggedPages, rows: pd.DataFrame, window_hours: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The segment-``all`` Beta priors [n_rows] serving's online rule would hold at each
+    held-out impression, for every candidate row: the row's day-start prior (priors of the
+    day before the impression, what the bundle serves with) plus the evidence of the logged
+    impressions of the same decision day and artwork whose attribution window had closed
+    by the impression's time, importance-weighted (w = 1 / (K propensity)) and turned into
+    Beta counts by :func:`keyart.ope.weighted_evidence`, as serving and the priors job do.
+
+    What is approximated, and why: (1) the day unfolds as logged: a rebuilt policy would
+    have shown other artworks and so moved its own priors differently, which only a
+    simulator can replay; (2) serving also counts the open windows, as rewards so far out
+    of the share of the impressions whose outcome is known by then, which needs the
+    rewards' arrival times: the training table has each impression's final label but not
+    when it arrived, so open windows are left out. Both leave the expected prior mean as
+    serving's (the open-window evidence is unbiased for the same rate), with less
+    evidence behind it; (3) only the held-out table's impressions count, so an impression
+    decided the day before the held-out day sees the evidence of that day's impressions
+    labelled on the held-out day only.
+    """
+    a = rows["prior_alpha"].to_numpy(dtype=np.float64)
+    b = rows["prior_beta"].to_numpy(dtype=np.float64)
+    n = rows["prior_n"].to_numpy(dtype=np.float64)
+    t = _micros(rows["ts"])
+    code, _ = pd.factorize(rows["impression_ds"].astype(str) + "/" + rows["artwork_id"].astype(str))
+    code = code.astype(np.int64)
+    logged = pages.logged_row
+    w = 1.0 / (np.diff(pages.offsets) * pages.propensity)
+    close = t[logged] + int(window_hours * 3600e6)
+    lo = int(min(t.min(), close.min()))
+    span = int(max(t.max(), close.max())) - lo + 1
+    keys = code[logged] * span + (close - lo)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    cums = [np.concatenate([[0.0], np.cumsum(x[order])]) for x in (w, w * w, w * pages.reward)]
+    upto = np.searchsorted(keys, code * span + (t - lo), side="right")
+    start = np.searchsorted(keys, code * span, side="left")
+    sw, sww, swr = (c[upto] - c[start] for c in cums)
+    s, f, e = weighted_evidence(sw, sww, swr)
+    return a + s, b + f, n + e
+
+
+def logged_probabilities(pages: LoggedPages, rows: pd.DataFrame) -> np.ndarray:
+    """The logging policy's probability of every candidate row [n_rows] as logged with its
+    impression (``logging_probability``), NaN where the impression carries none or they do
+    not describe its draw (see :class:`keyart.ope.LoggedPages`). Uniform (``random``) and
+    default-artwork (``default``) logging need none: their distribution is 1/K, or all on
+    the shown artwork."""
+    sizes = np.diff(pages.offsets)
+    q = (rows["logging_probability"].to_numpy(dtype=np.float64, na_value=np.nan)
+         if "logging_probability" in rows.columns else np.full(pages.n_rows, np.nan))
+    missing = np.add.reduceat(np.isnan(q), pages.offsets[:-1]) > 0
+    policy = rows["policy"].astype(str).to_numpy()[pages.logged_row]
+    shown = np.zeros(pages.n_rows)
+    shown[pages.logged_row] = 1.0
+    for name, fill in (("random", 1.0 / np.repeat(sizes, sizes)), ("default", shown)):
+        todo = np.repeat(missing & (policy == name), sizes)
+        q[todo] = fill[todo]
+        q[pages.logged_row[missing & (policy == name)]] = pages.propensity[missing & (policy == name)]
+    with np.errstate(invalid="ignore"):
+        sums = np.add.reduceat(q, pages.offsets[:-1])
+        bad = ~((np.abs(sums - 1.0) <= LOGGED_SUM_TOL) & (q[pages.logged_row] == pages.propensity))
+    q[np.repeat(bad, sizes)] = np.nan
+    return q
+
+
+def as_served(pages: LoggedPages, rows: pd.DataFrame, rebuilt: np.ndarray, version: str) -> tuple[np.ndarray, float]:
+    """A model's distribution [n_rows]: on the impressions bundle ``version`` served (and
+    logged the probabilities of), exactly what it served, whatever its online priors were
+    then; elsewhere ``rebuilt``. Also the share of impressions taken from the logs."""
+    versions = rows["model_version"].astype(str).to_numpy()[pages.logged_row]
+    served = pages.logged_known & (versions == str(version))
+    out = np.array(rebuilt, dtype=np.float64)
+    if served.any():
+        at = np.repeat(served, np.diff(pages.offsets))
+        out[at] = pages.logging_target()[at]
+    return out, float(served.mean())
+
+
 def find_champion(path: str | Path | None) -> tuple[Path | None, str]:
     """The champion bundle to value: the given path, else the registry's, else none (why)."""
     if path:
         return Path(path), "given"
+    from keyart import registry  # MLflow: only when no bundle is given
+
     try:
-        from keyart.registry import champion_bundle_path
-    except ImportError:
-        return None, "no registry module"
-    try:
-        found = champion_bundle_path()
+        found = registry.champion_bundle_path()
     except Exception as exc:  # a missing or empty registry must not fail evaluation
         return None, f"registry lookup failed: {exc}"
     return (Path(found), "registry") if found else (None, "no champion registered")
@@ -111,7 +211,9 @@ def load_heldout(lake: Lake, ds: str, run_dir: Path | None = None) -> HeldOut:
     """The held-out impressions of the run for ``ds`` (its ``train.json`` tells a cold start)."""
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
     day = heldout_day(lake, ds)
-    table = read_training(lake, [day], columns=[*PAGE_COLUMNS, "features"])
+    files = sorted(lake.training(day).glob("*.parquet"))
+    logged = ["logging_probability"] if files and "logging_probability" in pq.read_schema(files[0]).names else []
+    table = read_training(lake, [day], columns=[*PAGE_COLUMNS, *logged, "features"])
     train_json = run_dir / "train.json"
     cold_start = train_json.exists() and json.loads(train_json.read_text()).get("cold_start_split", False)
     if cold_start:  # the model trained on the early part of this day: value the late part only
@@ -119,13 +221,17 @@ def load_heldout(lake: Lake, ds: str, run_dir: Path | None = None) -> HeldOut:
     frame = table.drop_columns(["features"]).to_pandas()
     frame["_row"] = np.arange(len(frame))
     pages, rows = pages_from_frame(frame)
+    pages = replace(pages, logging=logged_probabilities(pages, rows))
     X = feature_array(table.column("features"))[rows["_row"].to_numpy()]
     return HeldOut(day=day, cold_start=bool(cold_start), pages=pages, rows=rows, X=X)
 
 
 def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = None,
-                 champion_bundle: str | Path | None = None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Value the policies on the held-out day of ``ds``; write and return evaluation.json."""
+                 champion_bundle: str | Path | None = None, n_boot: int = 200, seed: int = 0,
+                 window_hours: float | None = None) -> dict[str, Any]:
+    """Value the policies on the held-out day of ``ds``; write and return evaluation.json.
+    ``window_hours``: the attribution window of serving's online priors (default: settings)."""
+    window_hours = settings().attribution_window_hours if window_hours is None else window_hours
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
@@ -149,10 +255,12 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
         champion_info.update(bundle=str(champion_path), bundle_version=manifest.version)
         if isinstance(manifest.get("policy"), dict):
             champion_cfg = PolicyConfig(**manifest["policy"])
-    targets = policy_targets(pages, rows, {"candidate": scorers["candidate"]}, cfg, seed)
+    priors = online_priors(pages, rows, window_hours)
+    targets = policy_targets(pages, rows, {"candidate": scorers["candidate"]}, cfg, seed, priors=priors)
     if "champion" in scorers:
-        targets.update(policy_targets(pages, rows, {"champion": scorers["champion"]}, champion_cfg, seed,
-                                      baselines=False))
+        champion = policy_targets(pages, rows, {"champion": scorers["champion"]}, champion_cfg, seed,
+                                  baselines=False, priors=priors)["champion"]
+        targets["champion"], champion_info["served_share"] = as_served(pages, rows, champion, manifest.version)
     timings["score_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -164,6 +272,9 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
            "logging_policies": sorted(rows.loc[rows["is_logged"].astype(bool), "policy"].astype(str).unique().tolist()),
            "policy": asdict(cfg), "estimators": list(ESTIMATORS), "champion": champion_info,
            "bootstrap": {"n_boot": n_boot, "level": 0.95, "cluster": "member_id"},
+           "logged_probabilities_share": float(pages.logged_known.mean()),
+           "online_priors": {"window_hours": window_hours, "evidence": "closed attribution windows"},
+           "weights": weight_diagnostics(pages, targets),
            **to_json(result), "timings": {k: round(v, 3) for k, v in timings.items()}}
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "evaluation.json.tmp"

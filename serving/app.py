@@ -1,36 +1,56 @@
 """The FastAPI app: thin routes over :class:`Runtime` (service, rewards, logs, store, metrics).
 
-``create_app()`` is the uvicorn factory (``keyart serve`` runs it). The lifespan loads
-the bundle (or the fallback catalog), starts the alias poller and the log writers, and
-replays today's reward log; shutdown flushes and fsyncs the logs.
+``create_app()`` is the uvicorn factory (``keyart serve`` runs it). The lifespan checks
+the settings (:func:`check_settings`: a real event secret, API keys), starts the log
+writers, folds the kept days' impression and reward logs into the online priors, loads the
+bundle (or the fallback catalog), starts the alias poller and the periodic fold of the
+other workers' log lines (``serve_online_sync_seconds``); shutdown flushes and fsyncs the logs.
+
+Every error is JSON ``{"detail": "..."}`` (invalid requests add ``errors``: loc, msg,
+type per field) and never echoes the input, so it always encodes; bodies are parsed by
+orjson, which refuses NaN, Infinity, numbers beyond a double and lone surrogates (422).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import gc
+import hashlib
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from keyart import config
+from keyart.contracts import ID_SCHEMA_PATTERN, MAX_CANDIDATES
 from keyart.lake import Lake
 from keyart.serving.bundle_store import BundleStore, LoadedBundle
 from keyart.serving.event_log import JsonlLog
-from keyart.serving.metrics import Metrics, MetricsMiddleware
-from keyart.serving.rewards import EventSigner, OnlinePriors, RewardBook, RewardRefused
+from keyart.serving.metrics import CLIENT_KEY, Guard, GuardMiddleware, Metrics, MetricsMiddleware
+from keyart.serving.rewards import (
+    EventSigner,
+    LocalState,
+    LogTail,
+    OnlinePriors,
+    RewardBook,
+    RewardRefused,
+)
 from keyart.serving.schemas import (
     ArtworkRequest,
     ArtworkResponse,
@@ -44,11 +64,61 @@ from keyart.serving.service import PageRefused, Service, client_clock_ms
 
 log = logging.getLogger("keyart.serving")
 MAX_BODY_BYTES = 1 << 20
+MIN_SECRET_BYTES = 32
+MIN_API_KEY_CHARS = 16
+DEFAULT_EVENT_SECRET = config.Settings.model_fields["serve_event_secret"].default
+MAX_ERRORS = 20
 
 
 def log_event(event: str, fields: dict[str, Any]) -> None:
     """A structured (JSON) log line."""
     log.info(json.dumps({"event": event, **fields}, default=str))
+
+
+class StartupRefused(RuntimeError):
+    """The settings are not safe to serve with; the message says what to change."""
+
+
+def check_settings(s: config.Settings) -> list[bytes]:
+    """Refuse to serve with a guessable event secret (unless ``serve_dev_mode``) or with
+    limits the data contracts cannot hold; return the API keys (empty = no authentication)."""
+    secret = s.serve_event_secret
+    why = ("is the built-in default" if secret == DEFAULT_EVENT_SECRET
+           else f"is {len(secret.encode())} bytes" if len(secret.encode()) < MIN_SECRET_BYTES else None)
+    if why is not None:
+        if not s.serve_dev_mode:
+            raise StartupRefused(
+                f"serve_event_secret {why}: anyone who knows or guesses it can forge event ids and post "
+                f"rewards. Set a random secret of at least {MIN_SECRET_BYTES} bytes, the same on every "
+                "worker and replica, e.g. export KEYART_SERVE_EVENT_SECRET=$(python -c "
+                "'import secrets; print(secrets.token_hex(32))') (or serve_event_secret in keyart.yaml). "
+                "For local development or a demo only, KEYART_SERVE_DEV_MODE=true starts anyway.")
+        log_event("insecure_event_secret", {"why": why, "serve_dev_mode": True})
+    if s.serve_max_artworks > MAX_CANDIDATES:
+        raise StartupRefused(f"serve_max_artworks is {s.serve_max_artworks}; the impressions contract allows at "
+                             f"most {MAX_CANDIDATES} candidates (keyart.contracts.MAX_CANDIDATES)")
+    return load_api_keys(s)
+
+
+def load_api_keys(s: config.Settings) -> list[bytes]:
+    """API keys from ``serve_api_keys`` (comma-separated) and ``serve_api_keys_file`` (one
+    per line, ``#`` comments). A keys file that cannot be read or holds no key refuses start-up."""
+    keys = [k.strip() for k in (s.serve_api_keys or "").split(",") if k.strip()]
+    if s.serve_api_keys_file is not None:
+        path = Path(s.serve_api_keys_file)
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StartupRefused(f"serve_api_keys_file {path} cannot be read: {exc}") from None
+        found = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+        if not found:
+            raise StartupRefused(f"serve_api_keys_file {path} holds no key (one key per line)")
+        keys += found
+    for k in keys:
+        if len(k) < MIN_API_KEY_CHARS or not all(0x21 <= ord(c) <= 0x7E for c in k):
+            raise StartupRefused(f"API keys must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
+                                 "without spaces or commas (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return [k.encode() for k in dict.fromkeys(keys)]
 
 
 @dataclass
@@ -62,6 +132,8 @@ class Runtime:
     impressions: JsonlLog
     reward_log: JsonlLog
     metrics: Metrics
+    replays: Idempotency = field(default_factory=lambda: Idempotency(0, 0))
+    api_keys: list[bytes] = field(default_factory=list)
 
 
 def settle_heap() -> None:
@@ -77,11 +149,104 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+# --- idempotency -----------------------------------------------------------------------
+
+class IdempotencyConflict(Exception):
+    """The key was used for a different request."""
+
+
+@dataclass
+class _Pending:
+    fingerprint: bytes
+    future: asyncio.Future
+
+
+class Idempotency:
+    """Answers of ``/v1/artwork`` by (client, request_id) for ``ttl_s``; beyond ``max_bytes``
+    the oldest are dropped first (entries are kept in answer order, which is also expiry
+    order). A retry while the first request is still being decided waits for its answer.
+    Only 200 answers are kept (a refused or failed page decided nothing, so its retry is
+    decided afresh). Per process; the event loop is its lock."""
+
+    def __init__(self, ttl_s: float, max_bytes: int):
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._done: OrderedDict[tuple, tuple[bytes, bytes, float]] = OrderedDict()  # key -> (fp, body, expires)
+        self._pending: dict[tuple, _Pending] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0 and self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    @staticmethod
+    def _cost(key: tuple, body: bytes) -> int:
+        return len(body) + len(str(key)) + 200
+
+    def _drop(self, key: tuple) -> None:
+        _, body, _ = self._done.pop(key)
+        self.bytes -= self._cost(key, body)
+
+    def find(self, key: tuple, fingerprint: bytes) -> bytes | asyncio.Future | None:
+        """The stored body, a future of the answer in progress, or None (decide it)."""
+        now = time.monotonic()
+        while self._done:
+            oldest = next(iter(self._done))
+            if self._done[oldest][2] > now:
+                break
+            self._drop(oldest)
+        hit = self._done.get(key)
+        if hit is not None:
+            if hit[0] != fingerprint:
+                raise IdempotencyConflict
+            return hit[1]
+        pending = self._pending.get(key)
+        if pending is not None:
+            if pending.fingerprint != fingerprint:
+                raise IdempotencyConflict
+            return pending.future
+        return None
+
+    def start(self, key: tuple, fingerprint: bytes) -> None:
+        self._pending[key] = _Pending(fingerprint, asyncio.get_running_loop().create_future())
+
+    def finish(self, key: tuple, status: int, body: bytes) -> None:
+        pending = self._pending.pop(key)
+        if status == 200:
+            if key in self._done:
+                self._drop(key)
+            self._done[key] = (pending.fingerprint, body, time.monotonic() + self.ttl_s)  # expiry from the answer
+            self.bytes += self._cost(key, body)
+            while self.bytes > self.max_bytes and self._done:
+                self._drop(next(iter(self._done)))
+        if not pending.future.done():
+            pending.future.set_result((status, body))
+
+
+def _fingerprint(page: ArtworkRequest) -> bytes:
+    return hashlib.sha256(page.model_dump_json(exclude={"request_id"}).encode()).digest()
+
+
 def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | None = None,
                   rng: np.random.Generator | None = None) -> Runtime:
-    """Load the bundle and open the logs (no background threads yet besides the log writers)."""
+    """Check the settings, open the logs, fold the kept days' impression and reward logs into
+    the online priors and load the bundle (no background threads yet besides the log
+    writers). :class:`StartupRefused` if the settings are unsafe."""
+    api_keys = check_settings(settings)
     signer = EventSigner(settings.serve_event_secret)
-    priors = OnlinePriors()
+    lake = Lake(settings.lake)
+    fsync = dict(fsync=settings.serve_log_fsync, fsync_interval_ms=settings.serve_log_fsync_interval_ms)
+    impressions = JsonlLog(settings.impression_log_dir, "impressions", **fsync)
+    reward_log = JsonlLog(lake.root / "raw" / "rewards", "rewards", **fsync)
+    max_age_s = settings.attribution_window_hours * 3600 + 3600
+    state = LocalState(settings.attribution_window_hours * 3600, max_age_s,
+                       logs=[(LogTail(impressions.root, "impressions", own=impressions), "impressions"),
+                             (LogTail(reward_log.root, "rewards", own=reward_log), "rewards")],
+                       wall_clock=not settings.serve_client_clock)
+    priors = OnlinePriors(state)
 
     def on_swap(b: LoadedBundle) -> None:
         b.prior_alpha, b.prior_beta, b.prior_n = priors.bind(b.artworks, b.priors_ds)
@@ -96,49 +261,99 @@ def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | 
         log_event(event, fields)
 
     store = BundleStore(settings, model_uri, on_swap=on_swap, on_event=on_event)
-    rewards = RewardBook(signer, priors, max_age_s=settings.attribution_window_hours * 3600 + 3600)
-    lake = Lake(settings.lake)
-    fsync = dict(fsync=settings.serve_log_fsync, fsync_interval_ms=settings.serve_log_fsync_interval_ms)
-    rt = Runtime(settings, store, Service(store, signer, settings, rng), rewards,
-                 JsonlLog(settings.impression_log_dir, "impressions", **fsync),
-                 JsonlLog(lake.root / "raw" / "rewards", "rewards", **fsync), metrics)
-    replayed = rewards.replay(_reward_lines(lake))
+    rewards = RewardBook(signer, priors, max_age_s=max_age_s)
+    rt = Runtime(settings, store, Service(store, signer, settings, rng), rewards, impressions, reward_log, metrics,
+                 Idempotency(settings.serve_idempotency_ttl_seconds, settings.serve_idempotency_max_bytes),
+                 api_keys)
+    t0 = time.perf_counter()
+    priors.sync()  # a restart resumes the day's online priors from the logs
+    folded = {"keys": len(state.keys()), "seconds": round(time.perf_counter() - t0, 3)}
     store.poll_once()
     if store.current is None:
         metrics.set_model(None, None)
     log_event("serving_ready", {"uri": store.uri, "version": store.current.version if store.current else None,
-                                "fallback": store.current is None, "rewards_replayed": replayed})
+                                "fallback": store.current is None, "online_priors": folded,
+                                "api_keys": len(api_keys)})
     return rt
 
 
-def _reward_lines(lake: Lake) -> list[tuple[str, bytes]]:
-    today = dt.datetime.now(dt.UTC).date()
-    out = []
-    for days in (1, 0):
-        ds = (today - dt.timedelta(days=days)).strftime("%Y-%m-%d")
-        for f in sorted((lake.root / "raw" / "rewards" / f"ds={ds}").glob("*.jsonl")):
-            out.extend((ds, line) for line in f.read_bytes().splitlines() if line.strip())
-    return out
+async def sync_online_priors(rt: Runtime, every_s: float) -> None:
+    """Fold in what the other workers logged every ``every_s`` seconds (until cancelled)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(rt.rewards.priors.sync)
+        except Exception as exc:  # a log that cannot be read now is read next time
+            log_event("online_priors_sync_failed", {"error": str(exc)})
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _problem(status: int, detail: str) -> Response:
     return _json({"detail": detail}, status)
 
 
-ERRORS = {400: {"model": Problem, "description": "Body is not parseable (not UTF-8 JSON)"},
+def _safe(value: Any, limit: int = 300) -> str:
+    """Text that always encodes: lone surrogates and other unencodable characters escaped."""
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
+def validation_problem(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The 422 body for pydantic/FastAPI errors: each field's loc, msg and type, never its input."""
+    out = []
+    for e in errors[:MAX_ERRORS]:
+        loc = [x if isinstance(x, int) else _safe(x, 80) for x in e.get("loc", ())]
+        msg = _safe(e.get("msg", "invalid value"))
+        kind = _safe(e.get("type", "value_error"), 80)
+        if kind == "json_invalid":
+            where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+            msg = f"body is not valid JSON{where}: {_safe((e.get('ctx') or {}).get('error', 'decode error'))}"
+            loc = ["body"]
+        out.append({"loc": loc, "msg": msg, "type": kind})
+    more = f" (and {len(errors) - MAX_ERRORS} more)" if len(errors) > MAX_ERRORS else ""
+    detail = "; ".join(m["msg"] if m["type"] == "json_invalid" else f"{'.'.join(map(str, m['loc']))}: {m['msg']}"
+                       for m in out) + more
+    return {"detail": detail or "invalid request", "errors": out}
+
+
+class StrictJsonRequest(Request):
+    """A request whose JSON body is parsed by orjson: no NaN/Infinity, no number beyond a
+    double, valid UTF-8 without lone surrogates (its errors are json.JSONDecodeError, so
+    FastAPI reports them as invalid JSON)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = orjson.loads(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
+
+
+AUTH = {401: {"model": Problem, "description": "API keys are configured and the request has no valid one"}}
+ERRORS = {400: {"model": Problem, "description": "Body is not parseable"},
+          **AUTH,
           413: {"model": Problem, "description": "Too many titles or artworks, or body too large"},
-          422: {"model": Problem, "description": "Invalid request, unknown title or artwork ids"},
+          422: {"model": Problem, "description": "Invalid request or JSON, unknown title or artwork ids, "
+                                                 "Idempotency-Key reused for another request"},
           503: {"model": Problem, "description": "No catalog loaded, or the log is unavailable"}}
-REWARD_ERRORS = {400: {"model": Problem, "description": "Body is not parseable (not UTF-8 JSON)"},
+REWARD_ERRORS = {400: {"model": Problem, "description": "Body is not parseable"},
+                 **AUTH,
                  403: {"model": Problem, "description": "Forged event id"},
                  409: {"model": Problem, "description": "Duplicate reward (already recorded)"},
                  410: {"model": Problem, "description": "Event older than the reward window"},
                  413: {"model": Problem, "description": "Body too large"},
-                 422: {"model": Problem, "description": "Malformed request or event id"},
+                 422: {"model": Problem, "description": "Malformed request, JSON or event id"},
                  503: {"model": Problem, "description": "Reward log unavailable"}}
 
 
@@ -146,18 +361,24 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
                rng: np.random.Generator | None = None, poll: bool = True) -> FastAPI:
     """The ASGI app. ``settings`` default to :func:`keyart.config.settings`."""
     metrics = Metrics()
+    guard = Guard(MAX_BODY_BYTES)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings or config.settings()
         rt = build_runtime(s, metrics, model_uri, rng)
+        guard.api_keys = rt.api_keys
         app.state.runtime = rt
         settle_heap()
         if poll:
             rt.store.start()
+        syncing = (asyncio.create_task(sync_online_priors(rt, s.serve_online_sync_seconds))
+                   if s.serve_online_sync_seconds > 0 else None)
         try:
             yield
         finally:
+            if syncing is not None:
+                syncing.cancel()
             rt.store.stop()
             rt.impressions.close()
             rt.reward_log.close()
@@ -165,12 +386,15 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
     app = FastAPI(title="keyart serving", version="1", lifespan=lifespan,
                   description="Personalized artwork selection with exploration, durable impression "
                               "logging and online priors. See docs/serving.md.")
-    app.add_middleware(MetricsMiddleware, metrics=metrics, max_body_bytes=MAX_BODY_BYTES)
+    app.router.route_class = StrictJsonRoute
+    app.add_middleware(GuardMiddleware, guard=guard)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401/413 too
 
-    @app.post("/v1/artwork", response_model=ArtworkResponse, responses=ERRORS)
-    async def choose_artwork(page: ArtworkRequest, request: Request) -> Response:
-        """Choose one artwork per title of the page; log every decision durably before answering."""
-        rt: Runtime = request.app.state.runtime
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return _json(validation_problem(list(exc.errors())), 422)
+
+    async def decide(rt: Runtime, page: ArtworkRequest) -> Response:
         try:
             decided = rt.service.decide(page)
         except PageRefused as exc:
@@ -182,7 +406,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         except Exception as exc:  # not logged = not decided: never acknowledge it
             log_event("impression_log_failed", {"error": str(exc)})
             return _problem(503, "impression log unavailable; the decision was not made")
-        rt.rewards.priors.record_impressions(decided.ds, decided.shown, decided.segment)
+        rt.rewards.priors.record_impressions(decided.events)
         m = rt.metrics
         m.log_seconds.observe(time.perf_counter() - start)
         fb = "true" if body["fallback"] else "false"
@@ -191,6 +415,45 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         if body["fallback"]:
             m.fallbacks.inc()
         return _json(body)
+
+    @app.post("/v1/artwork", response_model=ArtworkResponse, responses=ERRORS)
+    async def choose_artwork(page: ArtworkRequest, request: Request,
+                             idempotency_key: Annotated[str | None, Header(
+                                 alias="Idempotency-Key", pattern=ID_SCHEMA_PATTERN,
+                                 description="Same as the body's request_id.")] = None) -> Response:
+        """Choose one artwork per title of the page; log every decision durably before answering.
+
+        With ``request_id`` (or ``Idempotency-Key``) a retry of the same request within
+        ``serve_idempotency_ttl_seconds`` gets the first answer again (same event ids) and
+        logs nothing new."""
+        rt: Runtime = request.app.state.runtime
+        key = page.request_id
+        if idempotency_key is not None:
+            if key is not None and key != idempotency_key:
+                return _problem(422, "request_id and the Idempotency-Key header differ; send one, or the same in both")
+            key = idempotency_key
+        if key is None or not rt.replays.enabled:
+            return await decide(rt, page)
+        ck = (request.scope.get(CLIENT_KEY), key)
+        fingerprint = _fingerprint(page)
+        try:
+            hit = rt.replays.find(ck, fingerprint)
+        except IdempotencyConflict:
+            return _problem(422, f"request_id {key!r} was already used for a different request; use a new one")
+        if hit is not None:
+            status, body = (200, hit) if isinstance(hit, bytes) else await asyncio.shield(hit)
+            if status == 200:
+                rt.metrics.replays.inc()
+            return Response(body, status_code=status, media_type="application/json",
+                            headers={"Idempotent-Replayed": "true"} if status == 200 else None)
+        rt.replays.start(ck, fingerprint)
+        status, body = 503, orjson.dumps({"detail": "the first request with this request_id failed; retry"})
+        try:
+            response = await decide(rt, page)
+            status, body = response.status_code, bytes(response.body)
+            return response
+        finally:
+            rt.replays.finish(ck, status, body)
 
     @app.post("/v1/reward", response_model=RewardResponse, responses=REWARD_ERRORS)
     async def reward(outcome: RewardRequest, request: Request) -> Response:
@@ -213,7 +476,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
             rt.rewards.release(ref)
             log_event("reward_log_failed", {"error": str(exc)})
             return _problem(503, "reward log unavailable; retry")
-        rt.rewards.apply(ref, outcome.reward)
+        rt.rewards.apply(ref, outcome.reward, now_ms)
         rt.metrics.rewards.labels(outcome="accepted").inc()
         return _json({"event_id": ref.event_id, "artwork_id": ref.artwork_id, "accepted": True})
 
@@ -224,13 +487,16 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz(request: Request) -> Response:
-        """Readiness: a bundle, or at least the fallback catalog, is loaded."""
+        """Readiness: a bundle (or at least the fallback catalog) is loaded, and the impression
+        and reward logs can be written."""
         rt: Runtime = request.app.state.runtime
         b = rt.store.current
-        ready = b is not None or rt.store.fallback is not None
+        problems = [] if b is not None or rt.store.fallback is not None else ["no model and no catalog"]
+        problems += [h for h in (rt.impressions.health(), rt.reward_log.health()) if h]
+        ready = not problems
+        detail = "; ".join(problems) if problems else ("" if b else "serving default artwork (no model)")
         body = {"ready": ready, "model_version": b.version if b else None, "source": b.source if b else None,
-                "fallback": b is None,
-                "detail": "" if b else ("serving default artwork (no model)" if ready else "no model and no catalog")}
+                "fallback": b is None, "detail": detail}
         return _json(body, 200 if ready else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
@@ -265,6 +531,11 @@ def run(args: argparse.Namespace) -> int:
         os.environ["KEYART_SERVE_MODEL_URI"] = str(uri)
         config.settings.cache_clear()
     s = config.settings()
+    try:
+        check_settings(s)
+    except StartupRefused as exc:
+        print(f"keyart serve: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run("keyart.serving.app:create_app", factory=True, host=args.host or s.serve_host,
                 port=args.port if args.port is not None else s.serve_port, workers=max(1, args.workers),
                 loop="uvloop", http="httptools", access_log=False, lifespan="on",

@@ -6,37 +6,41 @@ Event id (at most 128 characters of contracts.ID_PATTERN)::
 
 ``signature`` is HMAC-SHA256 with ``serve_event_secret`` over everything else, truncated
 to 128 bits, base64url. So a reward names, unforgeably, the artwork that was shown, the
-member's prior segment and the decision time; serving needs no per-decision state.
+member's prior segment and the decision time; serving needs no per-decision state to
+accept it. The signature is also the event's identity for de-duplication.
 
 Rewards (:class:`RewardBook`)
     refused: malformed (422), forged / signed with another key (403), older than
-    ``reward_max_age`` (410; the attribution window plus an hour), duplicate (409). The
-    de-duplication set holds only ids younger than ``reward_max_age`` (older ones are
-    refused anyway), so its memory is bounded by the reward rate times that age; it is
-    rebuilt at start from the reward log, so a restart does not re-admit a duplicate.
-    An accepted reward is fsynced to ``<lake>/raw/rewards/ds=D/`` before it is
-    acknowledged, then moves the online priors of (artwork, 'all') and (artwork, member
-    segment) as below.
+    ``reward_max_age`` (410; the attribution window plus an hour), duplicate (409). An
+    accepted reward is fsynced to ``<lake>/raw/rewards/ds=D/`` before it is acknowledged,
+    then counted by the online priors.
 
-Online priors (:class:`OnlinePriors`)
-    deltas per decision day on top of the bundle's priors. Every logged decision counts
-    as an impression without reward (beta += 1, n += 1); a reward for it then turns that
-    failure into a success (alpha += reward, beta -= reward). So an artwork's online mean
-    is its take rate on the impressions it actually got: counting rewards alone would raise
-    the mean of whatever is shown most, and the policy would keep showing it. A reward for
-    an impression this process did not count (decided before a restart, or by another
-    worker) counts itself: alpha += reward, beta += 1 - reward, n += 1. Deltas are kept for
-    the newest decision day seen and the three before it. A bundle whose
-    manifest names its priors day (``priors_ds`` or ``ds``) absorbs the deltas of that day
-    and before; without it, only today's deltas apply. Deltas are per process: with
-    several workers each learns from the decisions it makes and the rewards it receives
-    (the daily priors job reconciles them all).
+Online priors (:class:`OnlinePriors` over an :class:`OnlineState`)
+    per decision day, artwork and segment, the evidence of the day's impressions and
+    rewards on top of the bundle's priors, by the rules of :class:`LocalState`:
+
+    * importance-weighted as the priors job weighs a day's labels (w = 1 / (K propensity),
+      self-normalised, counted as Kish's effective sample size: keyart.ope.weighted_evidence),
+      so the online delta estimates the same rate the bundle's prior does and the next
+      day's priors continue it instead of jumping;
+    * an impression counts as a failure only once its attribution window has closed without
+      a reward; until then it is pending, and an open cohort counts its rewards out of the
+      share of it whose outcome is known by now (from the learned reward-delay
+      distribution), so pending impressions neither lower nor inflate the mean;
+    * state is a function of the logged events: a restart folds the impression and reward
+      logs of the kept days back in, and with several workers each folds in the others'
+      log files (``sync``), rewards de-duplicated by event id, so N workers count what one
+      process would.
+
+    A bundle whose manifest names its priors day (``priors_ds`` or ``ds``) gets the deltas
+    of the days after it; without one, only the newest decision day's.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import itertools
@@ -44,14 +48,18 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
 from keyart import feature_spec
 from keyart.contracts import ID_PATTERN
+from keyart.ope import weighted_evidence
+from keyart.serving.event_log import JsonlLog, unframe
 from keyart.serving.tables import ArtworkTable
 
 VERSION = "1"
@@ -163,106 +171,616 @@ class RecentIds:
             del self._buckets[hour]
 
 
-class OnlinePriors:
-    """Impression and reward deltas per (decision ds, artwork, segment) over the bundle's Beta priors."""
+# --- the online priors -------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self._deltas: dict[str, dict[tuple[str, str], list[float]]] = {}
+Key = tuple[str, str, str]
+"""(decision day, artwork_id, segment): what an online delta is kept for."""
+
+DELAY_BINS = 48
+"""Cohorts of impressions per attribution window (5 minutes for 4 hours)."""
+MIN_DELAY_REWARDS = 200
+"""Rewards of closed windows needed before the reward-delay distribution is trusted."""
+KEEP_DAYS = 4
+"""Decision days kept: the newest seen and the three before it."""
+_ZERO = (0.0, 0.0, 0.0)
+
+
+_DAY_MS = 86_400_000
+
+
+@functools.lru_cache(maxsize=64)
+def _ds_of_day(day: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+
+
+def _utc_ds(ts_ms: int) -> str:
+    return _ds_of_day(ts_ms // _DAY_MS)
+
+
+def _ms(ts: str) -> int:
+    return int(dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _parts(event_id: str) -> tuple[int, str, bytes] | None:
+    """(decision ms, segment, digest) of a well-formed event id, without checking its
+    signature: for ids read back from serving's own logs (their lines carry a CRC)."""
+    parts = event_id.split(".", 5) if isinstance(event_id, str) else ()
+    if len(parts) != 6 or parts[0] != VERSION or parts[3] not in CODE_SEGMENTS:
+        return None
+    try:
+        return int(parts[1], 36), CODE_SEGMENTS[parts[3]], base64.urlsafe_b64decode(parts[4] + "==")
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Impression:
+    """A logged decision as the online priors count it. ``weight`` is its importance weight
+    1 / (K * propensity) over its K candidates, as the priors job weighs it."""
+
+    digest: bytes
+    ts_ms: int
+    artwork_id: str
+    segment: str
+    weight: float
+
+    @classmethod
+    def of(cls, event_id: str, artwork_id: str, n_candidates: int, propensity: float) -> Impression | None:
+        parsed = _parts(event_id)
+        if parsed is None or n_candidates < 1 or not 0.0 < propensity <= 1.0:
+            return None
+        ts_ms, segment, digest = parsed
+        return cls(digest, ts_ms, artwork_id, segment, 1.0 / (n_candidates * propensity))
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Impression | None:
+        """From a line of the impression log (contracts.IMPRESSIONS)."""
+        try:
+            return cls.of(row["event_id"], row["artwork_id"], len(row["candidates"]), float(row["propensity"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class OnlineState(Protocol):
+    """The day's impressions and rewards, counted once however many processes serve.
+
+    :class:`LocalState` keeps them in the process and folds in the logs the other workers
+    write to the same directories (:meth:`sync`). A shared store (Redis: one hash of sums
+    per key and cohort, ``SET NX`` on the event id for de-duplication) can implement the
+    same methods; :class:`OnlinePriors` and :class:`RewardBook` use nothing else.
+    Mutators return the keys whose :meth:`evidence` may have changed.
+    """
+
+    def add_impressions(self, events: Sequence[Impression]) -> set[Key]:
+        """Logged decisions (after their lines are durable)."""
+        ...
+
+    def claim(self, ref: EventRef, now_ms: int) -> bool:
+        """Reserve a reward's event id; False if a reward for it was already counted."""
+        ...
+
+    def release(self, ref: EventRef) -> None:
+        """Undo :meth:`claim` (the reward could not be logged)."""
+        ...
+
+    def add_reward(self, ref: EventRef, reward: int, ts_ms: int) -> set[Key]:
+        """A claimed reward, once logged, received at ``ts_ms``."""
+        ...
+
+    def sync(self) -> set[Key]:
+        """Fold in what other processes counted since the last call."""
+        ...
+
+    def evidence(self, key: Key) -> tuple[float, float, float]:
+        """(alpha, beta, n) to add to the prior of ``key`` now."""
+        ...
+
+    def keys(self) -> list[Key]:
+        ...
+
+    def day(self) -> str:
+        """The newest decision day seen (today by the wall clock before any)."""
+        ...
+
+    def counts(self, key: Key) -> tuple[int, int]:
+        """Impressions and rewards counted for ``key`` (for metrics and tests)."""
+        ...
+
+
+class LogTail:
+    """The lines of one JSON-lines log (``<root>/ds=D/<prefix>-*.jsonl``, the format of
+    :mod:`keyart.serving.event_log`) appended since the last read, checksums verified;
+    the part this process's own ``own`` log wrote is skipped (it was counted when written)."""
+
+    def __init__(self, root: Path, prefix: str, own: JsonlLog | None = None):
+        self.root, self.prefix, self.own = Path(root), prefix, own
+        self._offsets: dict[Path, int] = {}
+
+    def days(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name[3:] for p in self.root.glob("ds=*") if _DS_RE.fullmatch(p.name[3:]))
+
+    def read(self, ds: str) -> Iterator[bytes]:
+        for path in sorted((self.root / f"ds={ds}").glob(f"{self.prefix}-*.jsonl")):
+            start = self._offsets.get(path, 0)
+            try:
+                end = path.stat().st_size
+            except OSError:
+                continue
+            mine = self.own.own_from(path) if self.own is not None else None
+            if mine is not None:
+                end = min(end, mine)
+            if end <= start:
+                continue
+            with open(path, "rb") as f:
+                f.seek(start)
+                chunk = f.read(end - start)
+            cut = chunk.rfind(b"\n") + 1  # whole lines only: a line being written is read next time
+            if cut == 0:
+                continue
+            self._offsets[path] = start + cut
+            for line in chunk[:cut].splitlines():
+                payload = unframe(line) if line.strip() else None
+                if payload is not None:
+                    yield payload
+
+    def forget_before(self, ds: str) -> None:
+        for path in [p for p in self._offsets if p.parent.name < f"ds={ds}"]:
+            del self._offsets[path]
+
+
+_DS_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class _Entry:
+    """An impression younger than the reward age limit: matches its reward."""
+
+    __slots__ = ("ds", "keys", "bin", "weight", "ts_ms", "reward_ts")
+
+    def __init__(self, ds: str, keys: tuple[Key, ...], b: int, weight: float, ts_ms: int, reward_ts: int | None):
+        self.ds, self.keys, self.bin, self.weight, self.ts_ms, self.reward_ts = ds, keys, b, weight, ts_ms, reward_ts
+
+
+class LocalState:
+    """:class:`OnlineState` in this process, folding in the other workers' log files.
+
+    Impressions are grouped in cohorts of ``window / DELAY_BINS`` by decision time. Per key
+    and cohort it keeps the sums of the importance weights w and w^2 over all impressions
+    and over the rewarded ones. A cohort whose attribution window has closed counts every
+    impression: rewarded ones as successes, the others as failures. A cohort still open (age
+    a) counts its rewards so far as successes out of F(a) of its impressions, F being the
+    share of rewards that arrive within a (the reward-delay distribution, learned from the
+    closed cohorts of the kept days): an unbiased rate (inverse probability of censoring
+    weighting) with the confidence of the F(a) share of the cohort whose outcome is known,
+    so a pending impression does not count as a failure. Until ``MIN_DELAY_REWARDS`` delays
+    are known, open cohorts count nothing. Every key's sums become Beta counts by
+    :func:`keyart.ope.weighted_evidence`, as the priors job turns a day's labels into them.
+
+    Time is the newest decision time seen (serving may run on a client's clock), moved to
+    the wall clock by :meth:`sync` when ``wall_clock``. State depends only on the events and
+    that time, not on the order they arrive in, so a restart that folds the logs in again
+    (:meth:`sync` on a fresh instance) or another worker that folds them rebuilds the same
+    counts.
+    """
+
+    def __init__(self, window_s: float, max_age_s: float, logs: Sequence[tuple[LogTail, str]] = (),
+                 wall_clock: bool = False):
+        self.window_ms = int(window_s * 1000)
+        self.max_age_ms = int(max_age_s * 1000)
+        self.bin_ms = max(1, -(-self.window_ms // DELAY_BINS))
+        self.logs = list(logs)  # (tail, "impressions" | "rewards")
+        self.wall_clock = wall_clock
+        self.seen = RecentIds(max_age_s)
+        self.clock_ms = 0
+        self._clock_bin = 0
+        self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._young: dict[int, dict[Key, list[float]]] = {}    # cohort -> key -> [sw, sww, rewarded sw, rewarded sww]
+        self._young_keys: dict[Key, set[int]] = {}
+        self._ycache: dict[Key, list[float]] = {}              # key -> [sum F w, sum F w^2, rewarded sw, sww]
+        self._closed: dict[Key, list[float]] = {}              # key -> [sw, sww, swr]
+        self._counts: dict[Key, list[int]] = {}
+        self._entries: dict[bytes, _Entry] = {}
+        self._by_bin: dict[int, list[bytes]] = {}
+        self._orphans: dict[bytes, tuple[int, int]] = {}       # rewards before their impression: (impression, reward) ms
+        self._delays: dict[str, np.ndarray] = {}               # decision day -> reward delays by cohort age
+        self._cdf: np.ndarray | None = None
+        self._cdf_dirty = False
+
+    # -- the rule ------------------------------------------------------------------------
+    def _closed_bin(self, b: int) -> bool:
+        return (b + 1) * self.bin_ms + self.window_ms <= self.clock_ms
+
+    def _expired_bin(self, b: int) -> bool:
+        return (b + 1) * self.bin_ms + self.max_age_ms <= self.clock_ms
+
+    def _oldest_day(self) -> str:
+        return "" if self.clock_ms <= 0 else _ds_of_day(self.clock_ms // _DAY_MS - (KEEP_DAYS - 1))
+
+    def _f(self, b: int) -> float:
+        cdf = self._cdf
+        return 0.0 if cdf is None else float(cdf[min(max(self._clock_bin - b, 0), len(cdf) - 1)])
+
+    def _count_delay(self, ds: str, delay_ms: int) -> None:
+        if 0 <= delay_ms < self.window_ms:
+            self._delays.setdefault(ds, np.zeros(DELAY_BINS))[min(delay_ms // self.bin_ms, DELAY_BINS - 1)] += 1
+            self._cdf_dirty = True
+
+    def _refresh_cdf(self) -> None:
+        self._cdf_dirty = False
+        h = sum(self._delays.values(), np.zeros(DELAY_BINS))
+        total = h.sum()
+        if total < MIN_DELAY_REWARDS:
+            self._cdf = None
+            return
+        below = np.concatenate([[0.0], np.cumsum(h)[:-1]])
+        # a cohort of age k spans ages k - 1/2 .. k + 1/2 cohorts: half of bin k has arrived
+        self._cdf = np.concatenate([(below + h / 2.0) / total, [1.0, 1.0]])
+
+    def _impression(self, ev: Impression, changed: set[Key]) -> None:
+        if ev.digest in self._entries:
+            return
+        ds = _utc_ds(ev.ts_ms)
+        if ds < self._oldest_day():
+            return
+        keys = ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL),) if ev.segment == feature_spec.SEGMENT_ALL \
+            else ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL), (ds, ev.artwork_id, ev.segment))
+        b = ev.ts_ms // self.bin_ms
+        orphan = self._orphans.pop(ev.digest, None)
+        reward_ts = orphan[1] if orphan is not None else None
+        w, ww, r = ev.weight, ev.weight * ev.weight, 0.0 if reward_ts is None else 1.0
+        for k in keys:
+            c = self._counts.setdefault(k, [0, 0])
+            c[0] += 1
+            c[1] += int(r)
+        if self._closed_bin(b):
+            for k in keys:
+                c = self._closed.setdefault(k, [0.0, 0.0, 0.0])
+                c[0] += w
+                c[1] += ww
+                c[2] += w * r
+            if reward_ts is not None:
+                self._count_delay(ds, reward_ts - ev.ts_ms)
+        else:
+            cohort = self._young.setdefault(b, {})
+            f = self._f(b)
+            for k in keys:
+                y = cohort.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+                y[0] += w
+                y[1] += ww
+                y[2] += w * r
+                y[3] += ww * r
+                self._young_keys.setdefault(k, set()).add(b)
+                yc = self._ycache.get(k)
+                if yc is not None:
+                    yc[0] += f * w
+                    yc[1] += f * ww
+                    yc[2] += w * r
+                    yc[3] += ww * r
+        if not self._expired_bin(b):
+            self._entries[ev.digest] = _Entry(ds, keys, b, w, ev.ts_ms, reward_ts)
+            self._by_bin.setdefault(b, []).append(ev.digest)
+        changed.update(keys)
+
+    def _reward(self, digest: bytes, impression_ms: int, reward_ms: int, changed: set[Key]) -> None:
+        """A reward of 1 (a reward of 0 changes nothing: the impression counts as a failure
+        when its window closes, as it would without one)."""
+        e = self._entries.get(digest)
+        if e is None:  # its impression is in a log not folded yet (another worker's)
+            self._orphans[digest] = (impression_ms, reward_ms)
+            return
+        if e.reward_ts is not None:
+            return
+        e.reward_ts = reward_ms
+        w = e.weight
+        for k in e.keys:
+            self._counts[k][1] += 1
+        if self._closed_bin(e.bin):
+            for k in e.keys:
+                self._closed[k][2] += w
+            self._count_delay(e.ds, reward_ms - e.ts_ms)
+        else:
+            cohort = self._young[e.bin]
+            for k in e.keys:
+                y = cohort[k]
+                y[2] += w
+                y[3] += w * w
+                yc = self._ycache.get(k)
+                if yc is not None:
+                    yc[2] += w
+                    yc[3] += w * w
+        changed.update(e.keys)
+
+    def _advance(self, now_ms: int, changed: set[Key]) -> None:
+        """Move the clock to ``now_ms`` (never back): close the cohorts whose window has
+        passed, forget impressions older than the reward age limit and days no longer kept."""
+        if now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        cb = self.clock_ms // self.bin_ms
+        if cb == self._clock_bin and not self._cdf_dirty:
+            return
+        self._clock_bin = cb
+        for b in sorted(b for b in self._young if self._closed_bin(b)):
+            for k, (sw, sww, swr, _) in self._young.pop(b).items():
+                c = self._closed.setdefault(k, [0.0, 0.0, 0.0])
+                c[0] += sw
+                c[1] += sww
+                c[2] += swr
+                bins = self._young_keys[k]
+                bins.discard(b)
+                if not bins:
+                    del self._young_keys[k]
+                changed.add(k)
+            for d in self._by_bin.get(b, ()):
+                e = self._entries[d]
+                if e.reward_ts is not None:
+                    self._count_delay(e.ds, e.reward_ts - e.ts_ms)
+        for b in [b for b in self._by_bin if self._expired_bin(b)]:
+            for d in self._by_bin.pop(b):
+                self._entries.pop(d, None)
+        oldest = self._oldest_day()
+        for table in (self._closed, self._counts, self._young_keys):
+            for k in [k for k in table if k[0] < oldest]:
+                del table[k]
+        for ds in [ds for ds in self._delays if ds < oldest]:
+            del self._delays[ds]
+            self._cdf_dirty = True
+        if self._cdf_dirty:
+            self._refresh_cdf()
+        self._ycache.clear()
+        changed.update(self._young_keys)  # their open cohorts are older now: F moved
+
+    def _settle(self, changed: set[Key]) -> None:
+        """After a mutation: a new reward delay moves F, hence every open cohort's weight."""
+        if self._cdf_dirty:
+            self._refresh_cdf()
+            self._ycache.clear()
+            changed.update(self._young_keys)
+
+    def _expire_orphans(self) -> None:
+        for d in [d for d, (ts, _) in self._orphans.items() if ts + self.max_age_ms <= self.clock_ms]:
+            del self._orphans[d]
+
+    # -- OnlineState -----------------------------------------------------------------------
+    def add_impressions(self, events: Sequence[Impression]) -> set[Key]:
+        changed: set[Key] = set()
+        with self._lock:
+            for ev in events:
+                self._impression(ev, changed)
+            if events:
+                self._advance(max(ev.ts_ms for ev in events), changed)
+                self._expire_orphans()
+            self._settle(changed)
+        return changed
+
+    def claim(self, ref: EventRef, now_ms: int) -> bool:
+        with self._lock:
+            self.seen.prune(now_ms)
+            return self.seen.add(ref.digest, ref.ts_ms)
+
+    def release(self, ref: EventRef) -> None:
+        with self._lock:
+            self.seen.discard(ref.digest, ref.ts_ms)
+
+    def add_reward(self, ref: EventRef, reward: int, ts_ms: int) -> set[Key]:
+        changed: set[Key] = set()
+        if reward:
+            with self._lock:
+                self._reward(ref.digest, ref.ts_ms, ts_ms, changed)
+                self._settle(changed)
+        return changed
+
+    def sync(self) -> set[Key]:
+        """Fold in the log lines appended since the last call (at start-up: every line of the
+        kept days). Rewards first, so an impression finds its reward whatever order the
+        files are read in; impressions in batches, so memory stays bounded by the impressions
+        younger than the reward age limit."""
+        changed: set[Key] = set()
+        with self._sync_lock:
+            tails = list(self.logs)
+            # the kept days end at the newest decision day: the newest impression folder or the clock's
+            days = sorted({d for t, kind in tails if kind == "impressions" for d in t.days()})
+            if self.clock_ms > 0:
+                days.append(_utc_ds(self.clock_ms))
+            if days:
+                newest = max(days)
+                first = (dt.date.fromisoformat(newest) - dt.timedelta(days=KEEP_DAYS - 1)).isoformat()
+                for t, _ in tails:
+                    t.forget_before(first)
+                for t, kind in tails:
+                    if kind != "rewards":
+                        continue
+                    for ds in [d for d in t.days() if d >= first]:
+                        lines = list(t.read(ds))
+                        with self._lock:
+                            for payload in lines:
+                                self._fold_reward(payload, changed)
+                for t, kind in tails:
+                    if kind != "impressions":
+                        continue
+                    for ds in [d for d in t.days() if first <= d <= newest]:
+                        batch: list[Impression] = []
+                        for payload in t.read(ds):
+                            try:
+                                ev = Impression.from_row(orjson.loads(payload))
+                            except orjson.JSONDecodeError:
+                                continue
+                            if ev is not None:
+                                batch.append(ev)
+                            if len(batch) >= 20_000:
+                                self._fold_impressions(batch, changed)
+                                batch = []
+                        self._fold_impressions(batch, changed)
+            with self._lock:
+                if self.wall_clock:
+                    self._advance(int(time.time() * 1000), changed)
+                self._expire_orphans()
+                self._settle(changed)
+        return changed
+
+    def _fold_reward(self, payload: bytes, changed: set[Key]) -> None:
+        try:
+            row = orjson.loads(payload)
+            parsed = _parts(row["event_id"])
+            reward_ms = _ms(row["ts"])
+            reward = int(row.get("reward", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return
+        if parsed is None:
+            return
+        impression_ms, _, digest = parsed
+        if self.seen.add(digest, impression_ms) and reward:  # a duplicate (another worker's) counts once
+            self._reward(digest, impression_ms, reward_ms, changed)
+
+    def _fold_impressions(self, batch: list[Impression], changed: set[Key]) -> None:
+        if not batch:
+            return
+        with self._lock:
+            for ev in batch:
+                self._impression(ev, changed)
+            self._advance(max(ev.ts_ms for ev in batch), changed)
+
+    def evidence(self, key: Key) -> tuple[float, float, float]:
+        with self._lock:
+            c = self._closed.get(key)
+            sw, sww, swr = c if c is not None else _ZERO
+            bins = self._young_keys.get(key)
+            if self._cdf is not None and bins:
+                yc = self._ycache.get(key)
+                if yc is None:
+                    yc = [0.0, 0.0, 0.0, 0.0]
+                    for b in bins:
+                        f = self._f(b)
+                        w, ww, rw, rww = self._young[b][key]
+                        yc[0] += f * w
+                        yc[1] += f * ww
+                        yc[2] += rw
+                        yc[3] += rww
+                    self._ycache[key] = yc
+                sw += max(yc[0], yc[2])
+                sww += max(yc[1], yc[3])
+                swr += yc[2]
+            return weighted_evidence(sw, sww, swr)
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._closed.keys() | self._young_keys.keys())
+
+    def day(self) -> str:
+        return _utc_ds(self.clock_ms) if self.clock_ms > 0 else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+
+    def counts(self, key: Key) -> tuple[int, int]:
+        with self._lock:
+            c = self._counts.get(key, (0, 0))
+            return (c[0], c[1])
+
+    @property
+    def delay_cdf(self) -> np.ndarray | None:
+        """F by cohort age (in cohorts), or None while too few delays are known."""
+        return self._cdf
+
+
+class OnlinePriors:
+    """The policy's Beta arrays of the bound bundle: its priors plus the evidence of the
+    decision days after the bundle's priors day (:class:`OnlineState`), segment ``all``."""
+
+    def __init__(self, state: OnlineState | None = None):
+        self.state: OnlineState = state if state is not None else LocalState(4 * 3600, 5 * 3600)
         self._lock = threading.Lock()
         self._table: ArtworkTable | None = None
         self._priors_ds: str | None = None
+        self._day = ""
+        self._applied: dict[tuple[str, str], tuple[float, float, float]] = {}
         self.alpha = self.beta = self.n = np.zeros(0)
 
     def _applies(self, ds: str) -> bool:
         if self._priors_ds is not None:
             return ds > self._priors_ds
-        return ds == dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        return ds == self._day
 
     def bind(self, table: ArtworkTable, priors_ds: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The policy's (alpha, beta, n) arrays [N] for a newly loaded bundle; later events update them."""
         with self._lock:
-            alpha, beta, n = table.policy_alpha.copy(), table.policy_beta.copy(), table.policy_n.copy()
             self._table, self._priors_ds = table, priors_ds
-            for ds, deltas in self._deltas.items():
-                if not self._applies(ds):
-                    continue
-                for (artwork_id, segment), (da, db, dn) in deltas.items():
-                    i = table.index.get(artwork_id)
-                    if i is not None and segment == feature_spec.SEGMENT_ALL:
-                        alpha[i] += da
-                        beta[i] += db
-                        n[i] += dn
-            self.alpha, self.beta, self.n = alpha, beta, n
-            return alpha, beta, n
+            self.alpha, self.beta, self.n = table.policy_alpha.copy(), table.policy_beta.copy(), table.policy_n.copy()
+            self._rebuild()
+            return self.alpha, self.beta, self.n
 
-    def _add_delta(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> int | None:
-        """Add (da, db, dn) to the deltas of (artwork, 'all') and (artwork, segment) of day
-        ``ds``; return the artwork's row in the bound table, if any (lock held)."""
-        day = self._deltas.setdefault(ds, {})
-        for seg in {feature_spec.SEGMENT_ALL, segment}:
-            d = day.setdefault((artwork_id, seg), [0.0, 0.0, 0.0])
-            d[0] += da
-            d[1] += db
-            d[2] += dn
-        return self._table.index.get(artwork_id) if self._table is not None else None
+    def _rebuild(self) -> None:
+        self._applied = {}
+        self._day = self.state.day()
+        self._refresh([k for k in self.state.keys() if k[2] == feature_spec.SEGMENT_ALL])
 
-    def _move(self, ds: str, artwork_id: str, segment: str, da: float, db: float, dn: float) -> None:
-        """The deltas and, if day ``ds`` applies to the bound bundle, the policy's arrays (lock held)."""
-        i = self._add_delta(ds, artwork_id, segment, da, db, dn)
-        if i is not None and self._applies(ds):
-            self.alpha[i] += da
-            self.beta[i] += db
-            self.n[i] += dn
+    def _refresh(self, changed: Iterable[Key]) -> None:
+        """Bring the arrays up to date for ``changed`` keys (lock held)."""
+        table = self._table
+        if table is None:
+            return
+        if self._priors_ds is None and self.state.day() != self._day:  # the day turned: which deltas apply changed
+            self.alpha[:], self.beta[:], self.n[:] = table.policy_alpha, table.policy_beta, table.policy_n
+            self._rebuild()
+            return
+        for ds, artwork_id, segment in changed:
+            if segment != feature_spec.SEGMENT_ALL:
+                continue
+            i = table.index.get(artwork_id)
+            if i is None:
+                continue
+            new = self.state.evidence((ds, artwork_id, segment)) if self._applies(ds) else _ZERO
+            old = self._applied.get((ds, artwork_id), _ZERO)
+            if new != old:
+                self.alpha[i] += new[0] - old[0]
+                self.beta[i] += new[1] - old[1]
+                self.n[i] += new[2] - old[2]
+                self._applied[(ds, artwork_id)] = new
 
-    def _prune(self) -> None:
-        """Keep three days before the newest decision day seen (the clock may be a client's)."""
-        if len(self._deltas) > 3:
-            newest = dt.date.fromisoformat(max(self._deltas))
-            keep = (newest - dt.timedelta(days=3)).isoformat()
-            for old in [d for d in self._deltas if d < keep]:
-                del self._deltas[old]
-
-    def record_impressions(self, ds: str, artwork_ids: Iterable[str], segment: str) -> None:
-        """Logged decisions of day ``ds`` for a member of ``segment``: each a failure until rewarded."""
+    def record_impressions(self, events: Sequence[Impression]) -> None:
+        """Logged decisions (their lines are durable)."""
+        changed = self.state.add_impressions(events)
         with self._lock:
-            rows = [i for a in artwork_ids if (i := self._add_delta(ds, a, segment, 0.0, 1.0, 1.0)) is not None]
-            if rows and self._applies(ds):  # one vectorised update per page
-                np.add.at(self.beta, rows, 1.0)
-                np.add.at(self.n, rows, 1.0)
-            self._prune()
+            self._refresh(changed)
 
-    def record(self, ds: str, artwork_id: str, segment: str, reward: int) -> None:
-        """A reward for an impression of ``artwork_id`` decided on day ``ds`` (member of ``segment``)."""
+    def record(self, ref: EventRef, reward: int, ts_ms: int) -> None:
+        """A logged reward for ``ref``, received at ``ts_ms``."""
+        changed = self.state.add_reward(ref, reward, ts_ms)
         with self._lock:
-            pending = self._deltas.get(ds, {}).get((artwork_id, feature_spec.SEGMENT_ALL), (0.0, 0.0, 0.0))[1]
-            if pending >= 1.0:  # this process counted the impression as a failure: convert it
-                self._move(ds, artwork_id, segment, float(reward), -float(reward), 0.0)
-            else:
-                self._move(ds, artwork_id, segment, float(reward), 1.0 - reward, 1.0)
-            self._prune()
+            self._refresh(changed)
+
+    def sync(self) -> None:
+        """Fold in what the other workers logged (and, at start-up, this day's logs)."""
+        changed = self.state.sync()
+        with self._lock:
+            self._refresh(changed)
 
     def delta(self, artwork_id: str, segment: str) -> tuple[float, float, float]:
-        """Sum of the deltas that apply to (artwork, segment)."""
+        """Sum of the evidence that applies to (artwork, segment)."""
+        tot = [0.0, 0.0, 0.0]
         with self._lock:
-            tot = [0.0, 0.0, 0.0]
-            for ds, deltas in self._deltas.items():
+            days = {k[0] for k in self.state.keys() if k[1] == artwork_id and k[2] == segment}
+            for ds in days:
                 if self._applies(ds):
-                    for k, v in enumerate(deltas.get((artwork_id, segment), ())):
-                        tot[k] += v
-            return (tot[0], tot[1], tot[2])
+                    for j, v in enumerate(self.state.evidence((ds, artwork_id, segment))):
+                        tot[j] += v
+        return (tot[0], tot[1], tot[2])
 
-
-def _utc_ds(ts_ms: int) -> str:
-    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+    def counts(self, artwork_id: str, segment: str) -> tuple[int, int]:
+        """Impressions and rewards counted for (artwork, segment) over the kept days."""
+        imps = rews = 0
+        for k in self.state.keys():
+            if k[1] == artwork_id and k[2] == segment:
+                i, r = self.state.counts(k)
+                imps, rews = imps + i, rews + r
+        return imps, rews
 
 
 class RewardBook:
-    """Validates rewards, de-duplicates them, logs them and feeds the online priors."""
+    """Validates rewards, de-duplicates them (through the online state), logs them and feeds
+    the online priors."""
 
     def __init__(self, signer: EventSigner, priors: OnlinePriors, max_age_s: float):
         self.signer = signer
         self.priors = priors
-        self.seen = RecentIds(max_age_s)
         self.max_age_s = max_age_s
 
     def admit(self, event_id: str, now_ms: int | None = None) -> EventRef:
@@ -273,14 +791,13 @@ class RewardBook:
             raise RewardRefused(410, "expired", f"event is older than the reward window ({self.max_age_s / 3600:g} h)")
         if ref.ts_ms > now_ms + 300_000:
             raise RewardRefused(422, "malformed", "event_id is dated in the future")
-        self.seen.prune(now_ms)
-        if not self.seen.add(ref.digest, ref.ts_ms):
+        if not self.priors.state.claim(ref, now_ms):
             raise RewardRefused(409, "duplicate", "a reward for this event_id was already recorded; ignored")
         return ref
 
     def release(self, ref: EventRef) -> None:
         """Forget a reservation whose reward could not be logged (the client may retry)."""
-        self.seen.discard(ref.digest, ref.ts_ms)
+        self.priors.state.release(ref)
 
     def record_line(self, ref: EventRef, reward: int, minutes: float, now: dt.datetime) -> tuple[str, bytes]:
         """(ds, JSON line) of the reward log for an admitted reward."""
@@ -289,22 +806,6 @@ class RewardBook:
                "artwork_id": ref.artwork_id, "segment": ref.segment, "reward": int(reward), "minutes": float(minutes)}
         return now.strftime("%Y-%m-%d"), orjson.dumps(row) + b"\n"
 
-    def apply(self, ref: EventRef, reward: int) -> None:
-        """Move the online priors of the impression's decision day."""
-        self.priors.record(_utc_ds(ref.ts_ms), ref.artwork_id, ref.segment, reward)
-
-    def replay(self, lines: Iterable[tuple[str, bytes]], now_ms: int | None = None) -> int:
-        """Re-admit logged rewards at start-up (de-duplication and priors); returns how many."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        count = 0
-        for _ds, line in lines:
-            try:
-                row = orjson.loads(line)
-                ref = self.signer.verify(row["event_id"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, RewardRefused):
-                continue
-            if ref.ts_ms >= now_ms - self.max_age_s * 1000 and not self.seen.add(ref.digest, ref.ts_ms):
-                continue
-            self.apply(ref, int(row.get("reward", 0)))
-            count += 1
-        return count
+    def apply(self, ref: EventRef, reward: int, now_ms: int | None = None) -> None:
+        """Count a logged reward in the online priors."""
+        self.priors.record(ref, reward, int(time.time() * 1000) if now_ms is None else now_ms)

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from keyart.contracts import DEVICES, ID_PATTERN
+from keyart.contracts import DEVICES, ID_SCHEMA_PATTERN
 
-Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+# The whole string: pydantic's (Rust) regex and JSON Schema read `$` as the end of the text.
+Id = Annotated[str, StringConstraints(pattern=ID_SCHEMA_PATTERN)]
 
 
 class Context(BaseModel):
@@ -49,6 +50,9 @@ class ArtworkRequest(BaseModel):
     ts: dt.datetime | None = Field(default=None, description=(
         "Decision time (ISO-8601, UTC). Accepted only when the server runs with "
         "serve_client_clock (simulation, log replay); otherwise the server's clock is used."))
+    request_id: Id | None = Field(default=None, description=(
+        "Idempotency key (or the Idempotency-Key header): a retry with the same request_id and the "
+        "same body within serve_idempotency_ttl_seconds gets the same decisions and logs nothing new."))
 
 
 class Decision(BaseModel):
@@ -88,10 +92,19 @@ class RewardResponse(BaseModel):
     accepted: bool = True
 
 
+class FieldError(BaseModel):
+    """One invalid field of a request."""
+
+    loc: list[str | int] = Field(description="Where: 'body', then keys and list indices.")
+    msg: str
+    type: str
+
+
 class Problem(BaseModel):
-    """An error: ``detail`` says what was wrong."""
+    """An error: ``detail`` says what was wrong; invalid requests also list ``errors``."""
 
     detail: Any
+    errors: list[FieldError] | None = None
 
 
 class Health(BaseModel):

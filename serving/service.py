@@ -21,7 +21,7 @@ from keyart import feature_spec, policy
 from keyart.config import Settings
 from keyart.serving.bundle_store import BundleStore, LoadedBundle
 from keyart.serving.page import page_matrix
-from keyart.serving.rewards import EventSigner
+from keyart.serving.rewards import EventSigner, Impression
 from keyart.serving.schemas import ArtworkRequest
 from keyart.serving.tables import ArtworkTable, Member
 
@@ -61,18 +61,32 @@ class Choice:
     policy: str
     model_version: str
     fallback: bool
+    probs: np.ndarray         # [R] the distribution every title's artwork was drawn from
 
 
 class Decided(NamedTuple):
     """A decided page: the response body, the UTC day of the decision, the impression-log
-    lines, and the member's prior segment with the artworks shown (for the online priors,
-    once the lines are logged)."""
+    lines, and the impressions the online priors count once the lines are logged."""
 
     body: dict[str, Any]
     ds: str
     lines: bytes
     segment: str
     shown: list[str]
+    events: list[Impression]
+
+
+def logged_probabilities(probs: np.ndarray, chosen: np.ndarray, propensity: np.ndarray) -> np.ndarray:
+    """What the impression log keeps of a page's distribution [R]: every probability to 6
+    significant digits (the line stays short; the sum stays within 5e-6 of 1), except each
+    shown candidate's, which is its propensity exactly (offline evaluation divides by it)."""
+    p = np.asarray(probs, dtype=np.float64)
+    out = np.zeros_like(p)
+    pos = p > 0
+    scale = 10.0 ** (5 - np.floor(np.log10(p[pos])))
+    out[pos] = np.round(p[pos] * scale) / scale
+    out[chosen] = propensity
+    return out
 
 
 def _names(ids: list[str]) -> str:
@@ -132,12 +146,24 @@ class Service:
                 too_many.append(tid)
                 continue
             rows = [table.index.get(a, -1) for a in slot.candidates]
-            bad = [a for a, r in zip(slot.candidates, rows, strict=True) if r < 0 or table.title_of[r] != t]
-            if bad:
-                problems.append(f"title {tid!r}: unknown or inactive artwork ids {_names(bad)}")
-            elif len(set(rows)) != len(rows):
+            unknown = [a for a, r in zip(slot.candidates, rows, strict=True) if r < 0]
+            other = [a for a, r in zip(slot.candidates, rows, strict=True) if r >= 0 and table.title_of[r] != t]
+            if unknown:
+                problems.append(f"title {tid!r}: unknown artwork ids {_names(unknown)}")
+            if other:
+                problems.append(f"title {tid!r}: artwork ids of another title {_names(other)}")
+            if unknown or other:
+                continue
+            if len(set(rows)) != len(rows):
                 problems.append(f"title {tid!r}: candidates repeat an artwork")
-            chunks.append(np.asarray(rows, dtype=np.int64))
+                continue
+            rows_arr = np.asarray(rows, dtype=np.int64)
+            inactive = rows_arr[~table.is_active(rows_arr, day)]
+            if len(inactive):
+                problems.append(f"title {tid!r}: artwork ids not active on {day.isoformat()} "
+                                f"{_names([table.artwork_ids[r] for r in inactive])}")
+                continue
+            chunks.append(rows_arr)
         if too_many:
             raise PageRefused(413, "too_many_artworks", f"titles {_names(too_many)} have more than "
                               f"{s.serve_max_artworks} candidates (serve_max_artworks)")
@@ -170,16 +196,24 @@ class Service:
         """One model call for the whole page, then the exploration policy."""
         b = p.bundle
         if b is None:
+            if self.settings.serve_cold_start == "uniform":
+                # a cold start explores: every active candidate is shown and logged with its
+                # exact propensity, so the first day's logs train and evaluate every artwork
+                uniform = 1.0 / np.diff(p.offsets)[policy.group_ids(p.offsets)]
+                chosen, propensity = policy.draw(uniform, p.offsets, self.rng)
+                return Choice(chosen, propensity, "random", DEFAULT, True, uniform)
             is_default = (p.rows == p.table.default_row[p.title_rows][policy.group_ids(p.offsets)]).astype(np.float64)
             chosen = policy.group_argmax(is_default, p.offsets)  # the default, else the first candidate
-            return Choice(chosen, np.ones(len(chosen)), DEFAULT, DEFAULT, True)
+            one_hot = np.zeros(len(p.rows))
+            one_hot[chosen] = 1.0
+            return Choice(chosen, np.ones(len(chosen)), DEFAULT, DEFAULT, True, one_hot)
         scores = b.score(self.features(p))
         alpha = b.prior_alpha if b.prior_alpha is not None else p.table.policy_alpha
         beta = b.prior_beta if b.prior_beta is not None else p.table.policy_beta
         n = b.prior_n if b.prior_n is not None else p.table.policy_n
         probs = policy.probabilities(b.policy, scores, p.offsets, alpha[p.rows], beta[p.rows], n[p.rows], rng=self.rng)
         chosen, propensity = policy.draw(probs, p.offsets, self.rng)
-        return Choice(chosen, propensity, b.policy.name, b.version, False)
+        return Choice(chosen, propensity, b.policy.name, b.version, False, probs)
 
     def decide(self, req: ArtworkRequest) -> Decided:
         """The page's decisions, its impression-log lines and what the online priors count."""
@@ -194,24 +228,29 @@ class Service:
         lines = []
         rows, offsets = p.rows.tolist(), p.offsets.tolist()
         chosen, propensities = c.chosen.tolist(), c.propensity.tolist()
+        logged = logged_probabilities(c.probs, c.chosen, c.propensity).tolist()
         shown = [ids[rows[i]] for i in chosen]
         event_ids = self.signer.issue_many(ts_ms, p.member.segment, shown)
+        events = []
         for t, slot in enumerate(req.titles):
             lo, hi = offsets[t], offsets[t + 1]
             artwork_id, event_id, propensity = shown[t], event_ids[t], propensities[t]
+            ev = Impression.of(event_id, artwork_id, hi - lo, propensity)
+            if ev is not None:
+                events.append(ev)
             decisions.append({"title_id": slot.title_id, "artwork_id": artwork_id, "propensity": propensity,
                               "event_id": event_id, "model_version": c.model_version})
             candidates = slot.candidates if slot.candidates is not None else [ids[r] for r in rows[lo:hi]]
             lines.append(orjson.dumps({
                 "event_id": event_id, "ts": ts, "member_id": req.member_id, "title_id": slot.title_id,
                 "artwork_id": artwork_id, "candidates": candidates, "propensity": propensity,
-                "model_version": c.model_version, "policy": c.policy,
+                "candidate_probabilities": logged[lo:hi], "model_version": c.model_version, "policy": c.policy,
                 "context": {"device": ctx.device, "country": ctx.country, "local_hour": ctx.local_hour,
                             "day_of_week": ctx.day_of_week, "page_row": slot.page_row, "position": slot.position},
             }))
         body = {"model_version": c.model_version, "policy": c.policy, "fallback": c.fallback, "decisions": decisions}
         lines.append(b"")
-        return Decided(body, now.strftime("%Y-%m-%d"), b"\n".join(lines), p.member.segment, shown)
+        return Decided(body, now.strftime("%Y-%m-%d"), b"\n".join(lines), p.member.segment, shown, events)
 
 
 def client_clock_ms(ts: dt.datetime) -> int:

@@ -12,9 +12,12 @@ from keyart.ope import (
     DoublyRobust,
     LoggedPages,
     Replay,
+    effective_sample_size,
     evaluate_policies,
     make_estimators,
+    weight_diagnostics,
 )
+from keyart.policy import draw
 
 ARM_RATES = np.array([0.1, 0.3, 0.6])
 
@@ -202,3 +205,53 @@ def test_difference_needs_both_targets():
     pages = uniform_log(100, 0)
     with pytest.raises(ValueError, match="no target named"):
         evaluate_policies(pages, {"a": np.full(300, 1 / 3)}, differences=[("a", "champion")])
+
+
+def logged_day(n: int = 4000, k: int = 4, seed: int = 0, drift: float = 2.0):
+    """Impressions drawn from a distribution that moves during the day (serving's online
+    priors), logged as serving logs it: every candidate's probability to 6 significant
+    digits, the shown one exactly. Also returns the distribution rebuilt from the frozen
+    start-of-day state, as offline evaluation used to rebuild the logging policy."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, size=(n, k))
+    hour = np.linspace(0, 1, n)[:, None]
+    served = np.exp(base + drift * hour * rng.normal(0, 1, size=(n, k)))
+    served /= served.sum(axis=1, keepdims=True)
+    frozen = np.exp(base) / np.exp(base).sum(axis=1, keepdims=True)
+    offsets = np.arange(n + 1) * k
+    flat = served.ravel()
+    chosen, propensity = draw(flat, offsets, rng)
+    logged = np.round(flat / 10.0 ** np.floor(np.log10(flat)), 5) * 10.0 ** np.floor(np.log10(flat))
+    logged[chosen] = propensity
+    reward = (rng.random(n) < 0.1 + 0.2 * (chosen - offsets[:-1] == 0)).astype(float)
+    return LoggedPages(offsets, chosen, reward, propensity, logging=logged), frozen.ravel()
+
+
+def test_the_logging_policy_valued_from_its_logged_probabilities_has_ess_n_and_its_mean_reward():
+    pages, frozen = logged_day()
+    n = pages.n_impressions
+    sums = np.add.reduceat(pages.logging, pages.offsets[:-1])
+    assert np.all(np.abs(sums - 1.0) <= 5e-6)  # the logged probabilities sum to 1 per impression
+    served = pages.logging_target()
+    assert np.array_equal(pages.weights(served), np.ones(n))
+    assert effective_sample_size(pages.weights(served)) == n
+    res = evaluate_policies(pages, {"served": served}, estimators=["ips", "snips"])
+    for name in ("ips", "snips"):
+        assert res["policies"]["served"][name].estimate == pytest.approx(pages.reward.mean(), rel=1e-12)
+        assert res["policies"]["logging"][name].estimate == pytest.approx(pages.reward.mean(), rel=1e-12)
+    diag = weight_diagnostics(pages, {"rebuilt": frozen})
+    assert diag["logging"]["ess"] == pytest.approx(n) and diag["logging"]["ess_share"] == pytest.approx(1.0)
+    # the same policy rebuilt from the start-of-day state is another policy on these logs
+    assert diag["rebuilt"]["ess_share"] < 0.8
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda q, row: q * 1.01, "sum to 1 per impression"),
+    (lambda q, row: np.where(np.isin(np.arange(len(q)), row), q * (1 + 1e-9), q), "propensity exactly"),
+    (lambda q, row: q[:-1], "logging must have shape"),
+])
+def test_logged_probabilities_must_describe_the_draw(change, match):
+    pages, _ = logged_day(n=50)
+    with pytest.raises(ValueError, match=match):
+        LoggedPages(pages.offsets, pages.logged_row, pages.reward, pages.propensity,
+                    logging=change(pages.logging, pages.logged_row))

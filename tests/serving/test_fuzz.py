@@ -15,9 +15,11 @@ from keyart.serving.app import create_app
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance,
           checks.content_type_conformance, checks.response_schema_conformance]
 
-# Settings are read when the lifespan starts (in the fixture below), not here.
+# Settings are read when the lifespan starts (in the fixture below, with an event secret),
+# not here: the schema is taken from the app without starting it.
 APP = create_app(poll=False)
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+schema = schemathesis.openapi.from_dict(APP.openapi())
+schema.app = APP
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,7 @@ def running_app(tmp_path_factory, lgbm_model):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KEYART_HOME", str(home))
         mp.setenv("KEYART_SERVE_MODEL_URI", str(home / "bundle"))
+        mp.setenv("KEYART_SERVE_EVENT_SECRET", "fuzz-tests-event-secret-" + "0" * 40)
         config.settings.cache_clear()
         with TestClient(APP):  # runs the lifespan once; fuzzed calls reuse the loaded runtime
             assert APP.state.runtime.store.current is not None
