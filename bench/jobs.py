@@ -99,19 +99,22 @@ def spark_attribution(spark, lake: Lake, ds: str, settings) -> tuple[float, dict
     from keyart.jobs import rewards
 
     started = time.perf_counter()
-    imps, plays, through = rewards.extract(spark, lake, ds, settings.attribution_window_hours)
-    labelled = rewards.transform(imps, plays, rewards.RewardParams.from_settings(ds, settings, through))
+    inputs = rewards.extract(spark, lake, ds, settings)
+    # the windows closing on ds only (no pending ones from earlier days), as the reference does
+    params = rewards.RewardParams(ds, settings.attribution_window_hours, settings.quality_play_minutes,
+                                  complete_from=inputs.complete_from)
+    labelled = rewards.transform(inputs.impressions, inputs.plays, params)
     rows = labelled.groupBy("artwork_id").agg(F.count(F.lit(1)).alias("labelled"), F.sum("reward").alias("rewarded")).collect()
     seconds = time.perf_counter() - started
     return seconds, {"labelled": sum(r[1] for r in rows), "rewarded": int(sum(r[2] for r in rows)), "artworks": len(rows)}
 
 
 def bench(root: Path, impressions: int, master: str, seed: int) -> dict[str, Any]:
-    from keyart.config import load_settings
+    from keyart.config import Settings
     from keyart.jobs import features, ingest, priors, rewards
     from keyart.jobs.common import day_range, get_spark
 
-    settings = load_settings()
+    settings = Settings()
     lake = Lake(root)
     t0 = time.perf_counter()
     data = build_lake(root, impressions, seed)

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +29,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from keyart.config import Settings, load_settings
+from keyart.config import Settings
 from keyart.contracts import ID_PATTERN, Contract, Field
 from keyart.lake import Lake, fmt_ds, parse_ds, shift_ds
 
@@ -53,7 +54,7 @@ def get_spark(
     ``master``) it is a Spark Connect session on that server instead (jobs/connect_server.py). Session time zone is UTC (every ts is UTC
     and ``to_date(ts)`` must give the partition day on any machine).
     """
-    s = settings or load_settings()
+    s = settings or Settings()
     if master is None and s.spark_remote:
         return _connect_session(app, s, shuffle_partitions)
     # pyspark.pandas (used by pyspark.testing) refuses Arrow time zones without it.
@@ -202,6 +203,23 @@ def write_day(df: DataFrame, path: Path, files: int | None = None) -> None:
     df.write.mode("overwrite").parquet(str(path))
 
 
+def staging(path: Path) -> Path:
+    """A hidden sibling of partition ``path`` (readers skip names starting with ".") to write a
+    new version of it into, when the new version is computed from the partition itself (Spark
+    cannot overwrite what it is reading); :func:`swap_in` then replaces the partition."""
+    return path.with_name(f".{path.name}.staging")
+
+
+def swap_in(staged: Path, path: Path) -> None:
+    """Replace the folder ``path`` with ``staged`` (two renames; the old copy is removed last)."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staged.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def conform(df: DataFrame, contract: Contract) -> DataFrame:
     """``df`` cast to the contract's columns, in contract order (extra columns dropped)."""
     schema = contract.spark_schema()
@@ -332,7 +350,7 @@ JobRunner = Callable[[SparkSession, Lake, argparse.Namespace, Settings], dict[st
 
 def run_job(name: str, runner: JobRunner, args: argparse.Namespace, spark: SparkSession | None = None) -> int:
     """Run ``runner`` for ``args.ds`` (or each day to ``args.through``) in one Spark application."""
-    settings = load_settings()
+    settings = Settings()
     lake = Lake(args.lake or settings.lake)
     own = spark is None
     spark = spark or get_spark(f"keyart-{name}", master=args.master, shuffle_partitions=args.shuffle_partitions, settings=settings)

@@ -1,30 +1,45 @@
-"""rewards: label the impressions whose attribution window closed on day D.
+"""rewards: label the impressions whose attribution window closed, once the plays are complete.
 
     spark-submit jobs/rewards.py --ds 2026-03-01 [--lake LAKE] [--master URL]
     keyart job rewards --ds 2026-03-01
 
-Reads ``clean/impressions`` and ``clean/plays`` for days D-k..D (k = ceil(window / 24 h)),
-writes ``rewards/ds=D/`` (contracts.REWARDS) and ``metrics/rewards/ds=D/metrics.json``.
+Reads ``clean/impressions``, ``clean/plays`` with their completeness markers
+(``clean/plays/ds=X/_COMPLETE``), ``clean/late_plays`` and the other ``rewards`` partitions
+of the days around D; writes ``rewards/ds=D/`` (contracts.REWARDS), rewrites earlier
+``rewards/ds=X/`` whose labels late plays changed, and ``metrics/rewards/ds=D/metrics.json``.
 
 Attribution, with W = ``attribution_window_hours`` and Q = ``quality_play_minutes``:
 
 * a play of title t by member m at time p is credited to the *latest* impression of t to
   m at or before p (ties: the larger event_id), if p < impression ts + W; so a play is
   credited to at most one impression and a play before every impression to none;
-* an impression is labelled by the run D whose day contains its window end ts + W (and
-  only if the plays reach that far), so each impression is labelled exactly once, by a
-  stateless run that sees every play of its window; an impression whose window is still
-  open stays unlabelled (it is not a negative);
+* an impression is labelled once its window [ts, ts + W) has closed *and* the play log is
+  complete through ts + W (the markers of every day from ts's day on); its label is
+  written by the run D whose day contains ts + W, or, when the plays were not complete
+  then, by the first later run (within ``rewards_pending_days``) that finds them complete.
+  Missing plays never make a negative: such an impression waits (``pending`` in the
+  metrics, with the days whose plays are missing and why) and is dropped unlabelled
+  (``expired``) if they never come. An impression already labelled in another partition is
+  never labelled again, so each impression is labelled by exactly one run;
 * minutes = the longest credited play (0 if none), reward = 1 if minutes >= Q,
-  played = 1 if any play was credited.
+  played = 1 if any play was credited;
+* late plays (delivered on D, started on one of the ``late_play_lookback_days`` days
+  before) count like any other: the labels they change in ``rewards/ds=X`` for X in
+  [D - lookback, D - 1] are rewritten in place (same impressions, new labels), and the
+  metrics count them (``relabelled``). Priors and training rows built from the old labels
+  are not rewritten by this job (docs/jobs.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import logging
 import math
-from dataclasses import dataclass
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -32,8 +47,22 @@ from pyspark.sql import functions as F
 
 from keyart.config import Settings
 from keyart.contracts import IMPRESSIONS, PLAYS, REWARDS
-from keyart.jobs.common import conform, main_for, read_days, write_day, write_metrics
-from keyart.lake import Lake, parse_ds, shift_ds
+from keyart.jobs.common import (
+    conform,
+    day_range,
+    has_data,
+    main_for,
+    read_days,
+    staging,
+    swap_in,
+    write_day,
+    write_metrics,
+)
+from keyart.lake import Lake, day_bounds, fmt_ds, parse_ds, read_plays_marker, shift_ds
+
+log = logging.getLogger(__name__)
+
+LABELS = ("reward", "minutes", "played")
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,14 @@ class RewardParams:
     attribution_window_hours: float
     quality_play_minutes: float
     plays_through: dt.datetime | None = None
-    """Plays are complete up to this instant (UTC); default the end of ``ds``."""
+    """Plays are complete up to this instant (UTC) at most; default the end of ``ds``."""
+    complete_from: Mapping[str, dt.datetime] | None = field(default=None, compare=False)
+    """Per impression day s (YYYY-MM-DD): the plays are complete from the start of s up to this
+    instant (:func:`complete_reach`). None: complete up to ``plays_through``; a day not in the
+    mapping: not complete at all."""
+    pending_days: int = 0
+    """Windows that closed up to this many days before ``ds`` and are not labelled elsewhere are
+    labelled by this run (when their plays are complete)."""
 
     @classmethod
     def from_settings(cls, ds: str, settings: Settings, plays_through: dt.datetime | None = None) -> RewardParams:
@@ -56,20 +92,30 @@ class RewardParams:
 
     @property
     def day_start(self) -> dt.datetime:
-        return dt.datetime.combine(parse_ds(self.ds), dt.time(), tzinfo=dt.UTC)
+        return day_bounds(self.ds)[0]
 
     @property
     def day_end(self) -> dt.datetime:
-        return self.day_start + dt.timedelta(days=1)
+        return day_bounds(self.ds)[1]
+
+    @property
+    def first_window_end(self) -> dt.datetime:
+        """The earliest window end this run may label (the start of ds - pending_days)."""
+        return self.day_start - dt.timedelta(days=self.pending_days)
 
     @property
     def horizon(self) -> dt.datetime:
         return min(self.day_end, self.plays_through) if self.plays_through else self.day_end
 
 
+def window_days(window_hours: float) -> int:
+    """k: a window that closes on day X opened on day X - k at the earliest."""
+    return math.ceil(window_hours / 24.0)
+
+
 def input_days(ds: str, window_hours: float) -> list[str]:
     """Days whose impressions and plays can touch a window that closes on ``ds``."""
-    back = math.ceil(window_hours / 24.0)
+    back = window_days(window_hours)
     return [shift_ds(ds, -i) for i in range(back, -1, -1)]
 
 
@@ -82,16 +128,146 @@ def window_end(ts: Column, params: RewardParams) -> Column:
     return F.timestamp_micros(F.unix_micros(ts) + F.lit(params.window_micros))
 
 
-def extract(spark: SparkSession, lake: Lake, ds: str, window_hours: float) -> tuple[DataFrame, DataFrame, dt.datetime | None]:
-    """Clean impressions and plays of the input days, and how far the plays reach."""
-    days = input_days(ds, window_hours)
-    impressions = read_days(spark, lambda d: lake.clean("impressions", d), days, IMPRESSIONS.spark_schema())
-    plays = read_days(spark, lambda d: lake.clean("plays", d), days, PLAYS.spark_schema())
-    # Without day D's play partition (ingest writes one even when empty) the windows
-    # closing on D are not complete: label nothing rather than label too early.
-    plays_through = None if lake.clean("plays", ds).is_dir() else dt.datetime.combine(parse_ds(ds), dt.time(), tzinfo=dt.UTC)
-    return impressions, plays, plays_through
+def plays_complete(ts: Column, end: Column, params: RewardParams) -> Column:
+    """True when the plays are complete through ``end`` for a window opened at ``ts``."""
+    within = end <= _ts(params.horizon)
+    if params.complete_from is None:
+        return within
+    if not params.complete_from:
+        return F.lit(False)
+    pairs = [c for day, reach in sorted(params.complete_from.items()) for c in (F.lit(day), _ts(reach))]
+    reach = F.create_map(*pairs)[F.date_format(ts, "yyyy-MM-dd")]
+    return within & F.coalesce(end <= reach, F.lit(False))
 
+
+# ----------------------------------------------------------------------------------------
+# completeness of the play log
+# ----------------------------------------------------------------------------------------
+
+def complete_reach(covered: Mapping[str, dt.datetime | None], days: list[str]) -> dict[str, dt.datetime]:
+    """For each day s of ``days`` (consecutive, oldest first): how far the plays are complete
+    from the start of s, walking forward while each day is covered to its end.
+
+    ``covered[d]`` is the instant up to which the plays of d are complete (within d), None
+    when d has no valid marker. The last day's reach is its own coverage.
+    """
+    out: dict[str, dt.datetime] = {}
+    for i in range(len(days) - 1, -1, -1):
+        d = days[i]
+        start, end = day_bounds(d)
+        cov = covered.get(d) or start
+        out[d] = out[days[i + 1]] if cov >= end and i + 1 < len(days) else min(cov, end)
+    return out
+
+
+def read_completeness(lake: Lake, days: list[str]) -> tuple[dict[str, dt.datetime | None], dict[str, str]]:
+    """Coverage of each day's clean plays (from ``clean/plays/ds=X/_COMPLETE``) and, for the days
+    not covered to their end, why (ingest's reason when it recorded one)."""
+    covered: dict[str, dt.datetime | None] = {}
+    why: dict[str, str] = {}
+    for d in days:
+        marker, reason = read_plays_marker(lake.plays_marker(d, "clean"), d)
+        covered[d] = marker.covered_until if marker else None
+        if marker is None:
+            ingest_reason = _ingest_completeness(lake, d).get("reason")
+            if not lake.clean("plays", d).is_dir():
+                why[d] = f"plays of {d} were not ingested"
+            else:
+                why[d] = f"plays of {d} are not complete: {ingest_reason or reason}"
+        elif not marker.whole_day:
+            why[d] = f"plays of {d} are complete only through {marker.covered_until.isoformat()}"
+    return covered, why
+
+
+def _ingest_completeness(lake: Lake, ds: str) -> dict[str, Any]:
+    try:
+        return json.loads(lake.metrics("ingest", ds).read_text()).get("plays", {}).get("completeness") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def first_window_end_day(lake: Lake, ds: str, pending_days: int) -> str:
+    """The earliest window-end day this run must consider: ``ds`` when the run of the day
+    before recorded nothing pending, else the oldest pending day it recorded (at least
+    ``ds - pending_days``); ``ds - pending_days`` when that run left no metrics."""
+    first = shift_ds(ds, -pending_days)
+    if pending_days <= 0:
+        return ds
+    try:
+        before = json.loads(lake.metrics("rewards", shift_ds(ds, -1)).read_text())
+    except (OSError, ValueError):
+        return first
+    if not isinstance(before.get("pending"), int):
+        return first
+    if before["pending"] == 0:
+        return ds
+    oldest = before.get("pending_since")
+    return max(first, oldest) if isinstance(oldest, str) else first
+
+
+# ----------------------------------------------------------------------------------------
+# extract
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """What one run reads."""
+
+    impressions: DataFrame
+    plays: DataFrame
+    labelled_elsewhere: DataFrame
+    complete_from: dict[str, dt.datetime]
+    incomplete: dict[str, str]
+    first_end_day: str
+    late_today: int
+    relabel_from: dt.datetime | None
+    """Labels of earlier partitions for impressions at or after this instant are recomputed
+    (late plays were delivered today); None: no relabelling."""
+
+
+def read_plays(spark: SparkSession, lake: Lake, days: list[str], lookback_days: int) -> DataFrame:
+    """Clean plays that started on ``days``, with the late plays of those days delivered up to
+    ``lookback_days`` later (a play delivered twice is kept once, the on-time copy first)."""
+    schema = PLAYS.spark_schema()
+    plays = read_days(spark, lambda d: lake.clean("plays", d), days, schema)
+    if lookback_days <= 0:
+        return plays
+    deliveries = [d for d in day_range(shift_ds(days[0], 1), shift_ds(days[-1], lookback_days)) if has_data(lake.late_plays(d))]
+    if not deliveries:
+        return plays
+    late = read_days(spark, lake.late_plays, deliveries, schema, ds_column="_delivered")
+    late = late.where(F.to_date("ts").between(F.lit(days[0]).cast("date"), F.lit(days[-1]).cast("date")))
+    both = plays.withColumn("_delivered", F.lit(None).cast("date")).unionByName(late)
+    first = Window.partitionBy(*PLAYS.key).orderBy(F.col("_delivered").asc_nulls_first())
+    return both.withColumn("_n", F.row_number().over(first)).where(F.col("_n") == 1).drop("_n", "_delivered")
+
+
+def extract(spark: SparkSession, lake: Lake, ds: str, settings: Settings) -> Inputs:
+    """Impressions, plays, completeness and the labels of other runs this run needs."""
+    k = window_days(settings.attribution_window_hours)
+    first_end = first_window_end_day(lake, ds, settings.rewards_pending_days)
+    lookback = settings.late_play_lookback_days
+    late_today = 0
+    relabel_from = None
+    first_day = shift_ds(first_end, -k)
+    if lookback > 0 and has_data(lake.late_plays(ds)):
+        late_today = spark.read.schema(PLAYS.spark_schema()).parquet(str(lake.late_plays(ds))).count()
+        # a play that started on D - lookback can only be credited to impressions from D - lookback - k on
+        relabel_start = shift_ds(ds, -lookback - k)
+        relabel_from = day_bounds(relabel_start)[0]
+        first_day = min(first_day, relabel_start)
+    days = day_range(first_day, ds)
+    impressions = read_days(spark, lambda d: lake.clean("impressions", d), days, IMPRESSIONS.spark_schema())
+    plays = read_plays(spark, lake, days, lookback)
+    covered, incomplete = read_completeness(lake, days)
+    others = [d for d in day_range(first_end, shift_ds(ds, settings.rewards_pending_days)) if d != ds]
+    labelled = read_days(spark, lake.rewards, others, REWARDS.spark_schema()).select("event_id")
+    return Inputs(impressions, plays, labelled, complete_reach(covered, days), incomplete, first_end, late_today, relabel_from)
+
+
+# ----------------------------------------------------------------------------------------
+# transform
+# ----------------------------------------------------------------------------------------
 
 def credited_plays(impressions: DataFrame, plays: DataFrame, params: RewardParams) -> DataFrame:
     """Per impression that got credit: ``event_id, minutes, n_plays`` (longest credited play)."""
@@ -105,12 +281,19 @@ def credited_plays(impressions: DataFrame, plays: DataFrame, params: RewardParam
     return credited.groupBy("event_id").agg(F.max("minutes_played").alias("minutes"), F.count(F.lit(1)).alias("n_plays"))
 
 
-def transform(impressions: DataFrame, plays: DataFrame, params: RewardParams) -> DataFrame:
-    """Labelled impressions (contracts.REWARDS columns) for the windows closing on ``params.ds``. Pure."""
+def closed_windows(impressions: DataFrame, params: RewardParams, labelled_elsewhere: DataFrame | None = None) -> DataFrame:
+    """Impressions whose window closed in [first_window_end, end of ds) and that no other run
+    labelled, with ``complete`` (the plays reach the window end) and ``window_end``."""
     end = window_end(F.col("ts"), params)
-    closing = impressions.where((end >= _ts(params.day_start)) & (end < _ts(params.day_end)) & (end <= _ts(params.horizon)))
-    credit = credited_plays(impressions, plays, params)
-    labelled = closing.join(credit, on="event_id", how="left").select(
+    closed = impressions.where((end >= _ts(params.first_window_end)) & (end < _ts(params.day_end)))
+    if labelled_elsewhere is not None:
+        closed = closed.join(labelled_elsewhere.select("event_id"), on="event_id", how="left_anti")
+    return closed.withColumn("window_end", end).withColumn("complete", plays_complete(F.col("ts"), end, params))
+
+
+def label(impressions: DataFrame, credit: DataFrame, params: RewardParams) -> DataFrame:
+    """``impressions`` with their labels from ``credit`` (contracts.REWARDS columns)."""
+    labelled = impressions.join(credit, on="event_id", how="left").select(
         *[F.col(c) for c in IMPRESSIONS.columns],
         F.to_date("ts").alias("impression_ds"),
         (F.coalesce(F.col("minutes"), F.lit(0.0)) >= F.lit(params.quality_play_minutes)).cast("int").alias("reward"),
@@ -120,25 +303,69 @@ def transform(impressions: DataFrame, plays: DataFrame, params: RewardParams) ->
     return conform(labelled, REWARDS)
 
 
-def metrics(rewards: DataFrame, impressions: DataFrame, params: RewardParams) -> dict[str, Any]:
-    """Counts for the DAG: labelled, rewarded, played, windows still open, take rate."""
+def transform(impressions: DataFrame, plays: DataFrame, params: RewardParams,
+              labelled_elsewhere: DataFrame | None = None) -> DataFrame:
+    """Labelled impressions (contracts.REWARDS columns) of run ``params.ds``: the windows closing
+    on ds, and those that closed in the ``pending_days`` before and were not labelled
+    elsewhere, whose plays are complete. Pure."""
+    ready = closed_windows(impressions, params, labelled_elsewhere).where(F.col("complete"))
+    return label(ready.select(*IMPRESSIONS.columns), credited_plays(impressions, plays, params), params)
+
+
+def relabel(previous: DataFrame, impressions: DataFrame, plays: DataFrame, params: RewardParams,
+            since: dt.datetime) -> DataFrame:
+    """``previous`` labelled rows (with ``labelled_ds``) and their labels recomputed from
+    ``plays``, for the rows whose impression is at or after ``since`` (the others keep theirs):
+    REWARDS columns + ``labelled_ds`` + ``old_reward``, ``old_minutes``, ``old_played``. Pure."""
+    credit = credited_plays(impressions, plays, params)
+    old = previous.select(*[F.col(c) for c in REWARDS.columns if c not in LABELS], "labelled_ds",
+                          *[F.col(c).alias(f"old_{c}") for c in LABELS])
+    new = label(old.where(F.col("ts") >= _ts(since)).select(*IMPRESSIONS.columns), credit, params)
+    joined = old.join(new.select("event_id", *LABELS), on="event_id", how="left")
+    return joined.select(
+        *[F.coalesce(F.col(c), F.col(f"old_{c}")).alias(c) if c in LABELS else F.col(c) for c in REWARDS.columns],
+        "labelled_ds", *[f"old_{c}" for c in LABELS],
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# metrics and load
+# ----------------------------------------------------------------------------------------
+
+def metrics(rewards: DataFrame, impressions: DataFrame, params: RewardParams,
+            labelled_anywhere: DataFrame | None = None, expiring_day: str | None = None) -> dict[str, Any]:
+    """Counts for the DAG: labelled, rewarded, played, take rate, windows still open, and the
+    closed windows still waiting for complete plays: ``pending`` (a later run may label them)
+    or ``expired`` (their window closed on ``expiring_day``, default ds - pending_days: this
+    run was their last chance). ``labelled_anywhere``: event ids labelled by any run, this one
+    included."""
     row = rewards.agg(
         F.count(F.lit(1)).alias("labelled"), F.sum("reward").alias("rewarded"), F.sum("played").alias("played"),
         F.sum("minutes").alias("minutes"),
+        F.sum(F.when(window_end(F.col("ts"), params) < _ts(params.day_start), 1).otherwise(0)).alias("labelled_late"),
     ).first()
-    still_open = impressions.where(window_end(F.col("ts"), params) >= _ts(params.horizon)).count()
+    still_open = impressions.where(window_end(F.col("ts"), params) >= _ts(params.day_end)).count()
+    waiting = closed_windows(impressions, params, labelled_anywhere).where(~F.col("complete"))
+    by_day = {fmt_ds(r["day"]): int(r["n"]) for r in
+              waiting.groupBy(F.to_date("window_end").alias("day")).agg(F.count(F.lit(1)).alias("n")).collect()}
+    expired = by_day.pop(expiring_day or fmt_ds(params.first_window_end.date()), 0)
     labelled = int(row["labelled"] or 0)
     rewarded = int(row["rewarded"] or 0)
     return {
         "labelled": labelled,
+        "labelled_after_waiting": int(row["labelled_late"] or 0),
         "rewarded": rewarded,
         "played": int(row["played"] or 0),
         "minutes": float(row["minutes"] or 0.0),
         "take_rate": rewarded / labelled if labelled else None,
         "still_open": still_open,
+        "pending": sum(by_day.values()),
+        "pending_by_window_end": dict(sorted(by_day.items())),
+        "pending_since": min(by_day) if by_day else None,
+        "expired": expired,
         "attribution_window_hours": params.attribution_window_hours,
         "quality_play_minutes": params.quality_play_minutes,
-        "plays_through": params.horizon.isoformat(),
+        "pending_days": params.pending_days,
     }
 
 
@@ -146,14 +373,77 @@ def load(rewards: DataFrame, lake: Lake, ds: str) -> None:
     write_day(rewards, lake.rewards(ds))
 
 
+def apply_relabels(spark: SparkSession, lake: Lake, inputs: Inputs, params: RewardParams,
+                   lookback_days: int) -> dict[str, dict[str, int]]:
+    """Recompute the labels of the partitions late plays can touch and rewrite those that
+    changed; per rewritten day: rows changed and the change in rewarded and played."""
+    if inputs.relabel_from is None:
+        return {}
+    # late plays started on ds - lookback at the earliest: only runs from then on labelled windows they fall in
+    days = [d for d in day_range(shift_ds(params.ds, -lookback_days), shift_ds(params.ds, -1)) if has_data(lake.rewards(d))]
+    if not days:
+        return {}
+    previous = read_days(spark, lake.rewards, days, REWARDS.spark_schema(), ds_column="labelled_ds")
+    fresh = relabel(previous, inputs.impressions, inputs.plays, params, inputs.relabel_from)
+    fresh = fresh.persist()
+    try:
+        differs = F.lit(False)
+        for c in LABELS:
+            differs = differs | (F.col(c) != F.col(f"old_{c}"))
+        changed = {
+            fmt_ds(r["labelled_ds"]): {"rows": int(r["rows"]), "rewarded_delta": int(r["dr"]), "played_delta": int(r["dp"])}
+            for r in fresh.where(differs).groupBy("labelled_ds").agg(
+                F.count(F.lit(1)).alias("rows"), F.sum(F.col("reward") - F.col("old_reward")).alias("dr"),
+                F.sum(F.col("played") - F.col("old_played")).alias("dp"),
+            ).collect()
+        }
+        # every changed day is written aside before any is swapped in: the rows still come
+        # from the partitions as they were
+        staged = {}
+        for day in sorted(changed):
+            part = fresh.where(F.col("labelled_ds") == F.lit(day).cast("date"))
+            staged[day] = staging(lake.rewards(day))
+            shutil.rmtree(staged[day], ignore_errors=True)
+            write_day(conform(part, REWARDS), staged[day])
+        for day, path in staged.items():
+            swap_in(path, lake.rewards(day))
+            log.info("rewards ds=%s: late plays changed %s labels of rewards/ds=%s", params.ds, changed[day]["rows"], day)
+    finally:
+        fresh.unpersist()
+    return changed
+
+
 def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    impressions, plays, plays_through = extract(spark, lake, args.ds, settings.attribution_window_hours)
-    params = RewardParams.from_settings(args.ds, settings, plays_through)
-    rewards = transform(impressions, plays, params)
-    load(rewards, lake, args.ds)
-    written = spark.read.schema(REWARDS.spark_schema()).parquet(str(lake.rewards(args.ds)))
-    figures = metrics(written, impressions, params)
-    write_metrics(lake, "rewards", args.ds, figures)
+    ds = args.ds
+    inputs = extract(spark, lake, ds, settings)
+    pending_days = (parse_ds(ds) - parse_ds(inputs.first_end_day)).days
+    params = RewardParams(ds, settings.attribution_window_hours, settings.quality_play_minutes,
+                          complete_from=inputs.complete_from, pending_days=pending_days)
+    rewards = transform(inputs.impressions, inputs.plays, params, inputs.labelled_elsewhere)
+    load(rewards, lake, ds)
+    relabelled = apply_relabels(spark, lake, inputs, params, settings.late_play_lookback_days)
+    written = spark.read.schema(REWARDS.spark_schema()).parquet(str(lake.rewards(ds)))
+    expiring = shift_ds(ds, -settings.rewards_pending_days)
+    figures = metrics(written, inputs.impressions, params, inputs.labelled_elsewhere.unionByName(written.select("event_id")),
+                      expiring_day=expiring)
+    k = window_days(settings.attribution_window_hours)
+    waiting = list(figures["pending_by_window_end"]) + ([expiring] if figures["expired"] else [])
+    # the days whose plays the waiting windows (or, with none, today's windows) need
+    first_needed = shift_ds(min(waiting, default=ds), -k)
+    figures["plays_incomplete"] = {d: why for d, why in sorted(inputs.incomplete.items()) if d >= first_needed}
+    figures["plays_complete_through"] = inputs.complete_from[shift_ds(ds, -k)].isoformat()
+    figures["pending_reason"] = (
+        "windows closed but the play log is not complete through their end: " + "; ".join(figures["plays_incomplete"].values())
+        if figures["pending"] or figures["expired"] else None
+    )
+    figures["late_plays"] = inputs.late_today
+    figures["late_play_lookback_days"] = settings.late_play_lookback_days
+    figures["relabelled"] = relabelled
+    figures["relabelled_rows"] = sum(v["rows"] for v in relabelled.values())
+    if figures["pending"] or figures["expired"]:
+        log.warning("rewards ds=%s: %d impressions wait for complete plays, %d expired: %s", ds, figures["pending"],
+                    figures["expired"], figures["pending_reason"])
+    write_metrics(lake, "rewards", ds, figures)
     return figures
 
 

@@ -5,6 +5,8 @@ Files written for day D (all rewritten, never appended, on a rerun):
     raw/impressions/ds=D/traffic-random.jsonl   (random chooser only; the endpoint logs its own)
     raw/plays/ds=D/traffic-D.jsonl              plays that started on D
     raw/plays/ds=D+1/traffic-D.jsonl            plays caused on D that started after midnight UTC
+    raw/plays/ds=D/_COMPLETE                    the play log's completeness marker: every play that
+                                                started on D is delivered (contracts.PLAYS_COMPLETE)
     sim/traffic/ds=D.json                       the day's summary, with ground-truth take rates
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from keyart.config import settings
 from keyart.feature_spec import DEVICES
-from keyart.lake import Lake, fmt_ds, parse_ds, shift_ds
+from keyart.lake import Lake, fmt_ds, mark_plays_delivered, parse_ds, read_plays_marker, shift_ds
 from keyart.sim import io
 from keyart.sim.choosers import Chooser, ChooserError, Decisions
 from keyart.sim.visits import Visits
@@ -188,6 +190,13 @@ def simulate_day(
             "minutes": all_minutes, "device": all_device,
         }
         summary.setdefault("files", {})["plays"] = [str(f) for f in _write_plays(lake, world, ds, plays, next_day)]
+        # Every play that started on D is now delivered: D's own, and those of D-1 that crossed
+        # midnight (written by D-1's run). The next day's partition is not complete yet; if it
+        # was already marked (a rerun of D), its row count is brought up to date.
+        mark_plays_delivered(lake, ds)
+        later, _ = read_plays_marker(lake.plays_marker(shift_ds(ds, 1)), shift_ds(ds, 1))
+        if later is not None:
+            mark_plays_delivered(lake, shift_ds(ds, 1), later.delivered_through)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     if lake_root is not None:
         io.write_json(Lake(lake_root).root / "sim" / "traffic" / f"ds={ds}.json", summary)
@@ -222,8 +231,7 @@ def _interleaved(world: World, visits: Visits, chooser: Chooser, sender, chooser
     inside the attribution window) of plays that started before it; the rest at the end."""
     q = world.config.quality_minutes
     v, slots = visits.titles.shape
-    decisions = Decisions(np.full((v, slots), -1, dtype=np.int64), np.zeros((v, slots)),
-                          np.empty((v, slots), dtype=object), np.empty(v, dtype=object), np.empty(v, dtype=object))
+    decisions = Decisions.empty(v, slots)
     day0 = np.datetime64(visits.ds, "ms")
     bounds = np.searchsorted(visits.ts, day0 + np.arange(25) * np.timedelta64(3_600_000, "ms"))
     bounds[0], bounds[-1] = 0, v
