@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from keyart.contracts import REWARDS
-from keyart.models.obd import load_open_bandit_csv, open_bandit_pages
+from keyart.cli import main
+from keyart.contracts import REWARDS, validate_records
+from keyart.models.obd import (
+    infer_campaign_policy,
+    load_open_bandit_csv,
+    open_bandit_pages,
+    resolve_campaign_policy,
+)
 from keyart.ope import IPS, SNIPS
 
 HEADER = ",timestamp,item_id,position,click,propensity_score,user_feature_0,user_feature_1," \
@@ -67,3 +76,65 @@ def test_bad_files_and_arguments_are_refused(obd_csv, tmp_path, kwargs, text, ma
         path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_open_bandit_csv(path, **kwargs)
+
+
+def test_positions_1_to_3_are_slots_0_to_2_even_without_position_1(tmp_path):
+    """The slot is the position minus one, never re-based on the file's smallest position."""
+    path = tmp_path / "all.csv"
+    path.write_text("\n".join([HEADER, ROWS[1], ROWS[2]]) + "\n")  # positions 2 and 3 only
+    imp = load_open_bandit_csv(path)
+    assert imp["title_id"].tolist() == ["obd-all-pos1", "obd-all-pos2"]
+    assert [c["position"] for c in imp["context"]] == [1, 2]
+
+
+@pytest.mark.parametrize("position", ["0", "4", "1.5", "two", ""])
+def test_positions_outside_1_to_3_are_refused(tmp_path, position):
+    path = tmp_path / "all.csv"
+    bad = ROWS[3].split(",")
+    bad[3] = position
+    path.write_text("\n".join([HEADER, ROWS[0], ",".join(bad)]) + "\n")
+    with pytest.raises(ValueError, match=r"position must be one of \(1, 2, 3\) \(OBD's three slots\), "
+                                         r"got .* at index 3 \(1 such rows\)"):
+        load_open_bandit_csv(path)
+
+
+def test_campaign_and_policy_come_from_obds_layout(tmp_path):
+    assert infer_campaign_policy("open_bandit_dataset/bts/men/men.csv") == ("men", "bts")
+    assert infer_campaign_policy("x/random/women.csv") == ("women", "random")
+    assert infer_campaign_policy("sample.csv") == (None, None)
+    assert resolve_campaign_policy(Path("x/bts/all.csv"), None, "random") == ("all", "random")
+    assert resolve_campaign_policy(Path("women.csv"), None, None) == ("women", "random")
+    with pytest.raises(ValueError, match=r"pass --campaign all \| men \| women"):
+        resolve_campaign_policy(Path("sample.csv"), None, None)
+
+
+def test_keyart_obd_writes_the_rewards_contract_under_a_lake(obd_csv, tmp_path, capsys):
+    out = tmp_path / "lake"
+    assert main(["obd", "--csv", str(obd_csv), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 impressions (campaign all, 80 items, behaviour policy random), 2 members" in text
+    files = sorted((out / "rewards").rglob("*.parquet"))
+    assert [f.relative_to(out).as_posix() for f in files] == ["rewards/ds=2019-11-24/obd-all-random.parquet"]
+    table = pq.read_table(files[0])
+    assert table.schema.names[:len(REWARDS.columns)] == REWARDS.columns
+    assert "user_feature_0" in table.schema.names
+    report = validate_records(REWARDS, table.to_pylist(), source=str(files[0]))
+    assert report.ok, report.summary()
+    assert [r["title_id"] for r in table.to_pylist()] == ["obd-all-pos0", "obd-all-pos1", "obd-all-pos2", "obd-all-pos0"]
+
+
+def test_keyart_obd_refuses_with_a_message(tmp_path, capsys):
+    path = tmp_path / "sample.csv"
+    path.write_text("\n".join([HEADER, *ROWS]) + "\n")
+    assert main(["obd", "--csv", str(path), "--out", str(tmp_path / "lake")]) == 2
+    assert "cannot tell the campaign from the file name" in capsys.readouterr().err
+    assert main(["obd", "--csv", str(path), "--out", str(tmp_path / "lake"), "--campaign", "men"]) == 2
+    assert "item_id outside 0..33 (campaign 'men' has 34 items)" in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()
+
+
+def test_random_logging_distribution_is_recorded_bts_is_not(obd_csv):
+    random = load_open_bandit_csv(obd_csv, behavior_policy="random")
+    assert random.iloc[0]["candidate_probabilities"] == [1 / 80] * 80
+    bts = load_open_bandit_csv(obd_csv, behavior_policy="bts")
+    assert bts["candidate_probabilities"].isna().all()
