@@ -11,13 +11,23 @@ Parity: on candidate rows of the held-out day the ONNX probabilities must match 
 native booster's within ``max_abs_diff`` (1e-5) and the greedy policy must choose the
 same artwork for every impression. On failure :class:`ParityError` is raised and no
 bundle is published: files are assembled in a staging folder and moved into
-``runs/ds=D/bundle`` only after the check and :func:`keyart.bundle.verify` pass.
+``runs/ds=D/bundle`` only after the check and :func:`keyart.bundle.verify` pass. The
+manifest keeps a probe (a few parity rows and the native model's scores) so the model can
+be checked again later without LightGBM: serving does before a swap, and so does
+:func:`refresh_bundle`.
+
+The tables (:func:`write_tables`) are the same for a new model and for a table refresh:
+the priors of D (every artwork the bundle may serve has an ``all`` row,
+:func:`bundle_priors`), the member snapshot of D, and the artworks active from D through the
+export horizon. :func:`refresh_bundle` puts them next to an existing bundle's model.onnx,
+byte for byte, when the gate keeps the champion.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import shutil
 import sys
@@ -34,21 +44,17 @@ import pandas as pd
 import pyarrow as pa
 from onnxmltools.convert.common.data_types import FloatTensorType
 
-from keyart import bundle, feature_spec
+from keyart import bundle, catalog, feature_spec
 from keyart.config import settings
-from keyart.lake import Lake, fmt_ds, parse_ds, shift_ds
-from keyart.models.data import (
-    feature_array,
-    heldout_day,
-    pages_from_frame,
-    read_table_dir,
-    read_training,
-)
+from keyart.lake import Lake, fmt_ds, heldout_day, parse_ds, shift_ds
+from keyart.models.data import feature_array, pages_from_frame, read_table_dir, read_training
 from keyart.policy import PolicyConfig, blend_scores, group_argmax
 from keyart.scoring import OnnxScorer
 
 TARGET_OPSET = 15
 MAX_ABS_DIFF = 1e-5
+PROBE_ROWS = 16
+KIND_MODEL, KIND_REFRESH = "model", "table_refresh"
 
 
 class ParityError(bundle.BundleError):
@@ -149,22 +155,106 @@ def active_artworks(lake: Lake, ds: str) -> pd.DataFrame:
     arts = read_table_dir(lake.artworks)
     titles = read_table_dir(lake.titles)[["title_id", "genres"]].rename(columns={"genres": "title_genres"})
     day, nxt = parse_ds(ds), parse_ds(shift_ds(ds, 1 + EXPORT_HORIZON_DAYS))
-    # Compare as timestamps: an all-null active_to column has no .dt.date to compare with dates.
-    start = pd.to_datetime(arts["active_from"])
-    end = pd.to_datetime(arts["active_to"])
-    active = (start <= pd.Timestamp(nxt)) & (end.isna() | (end >= pd.Timestamp(day)))
-    out = arts[active.to_numpy()].merge(titles, on="title_id", how="left")
+    active = catalog.active_between(catalog.ordinals(arts["active_from"], catalog.ALWAYS),
+                                    catalog.ordinals(arts["active_to"], catalog.OPEN_ENDED),
+                                    day.toordinal(), nxt.toordinal())
+    out = arts[active].merge(titles, on="title_id", how="left")
     if out["title_genres"].isna().any():
         raise ValueError("artworks reference titles missing from the catalog")
     return out.reset_index(drop=True)
 
 
-def _copy_table(src: Path, dst: Path) -> int:
-    frame = read_table_dir(src)
-    if "ds" in frame.columns:
-        frame = frame.drop(columns=["ds"])
-    frame.to_parquet(dst, index=False)
-    return len(frame)
+EB_MAX_ESS = 20.0
+"""Cap on the strength of an empirical-Bayes prior, the priors job's (keyart.jobs.priors.EB_MAX_ESS;
+models may not import jobs, a test keeps the two equal)."""
+_MEAN_CLIP = (1e-3, 1.0 - 1e-3)
+
+
+def _eb_ess(count: int, mean: float, var: float) -> float | None:
+    """Method-of-moments alpha + beta from ``count`` posterior means; None under two."""
+    if count < 2:
+        return None
+    raw = mean * (1.0 - mean) / var - 1.0 if var > 0 else EB_MAX_ESS
+    return float(min(max(raw, 1.0), EB_MAX_ESS))
+
+
+def bundle_priors(priors: pd.DataFrame, artworks: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The priors a bundle ships: ``priors`` (contracts.PRIORS rows of its day) plus an ``all``
+    row for every artwork of ``artworks`` that has none; returns (rows, number added).
+
+    The priors job gives a row to every artwork active on its day; a bundle also carries the
+    artworks that start within the export horizon, and without a row serving would score
+    them with the flat default Beta(1, 9), whose mean (0.10) is about twice a realistic take
+    rate and would make a new artwork its title's argmax. The added row is the priors job's
+    empirical-Bayes start (keyart.jobs.priors, rule 3): the method of moments over the
+    posterior means of the title's artworks with data (the whole catalog's when the title
+    has fewer than two), alpha + beta clipped to [1, EB_MAX_ESS], ``n_impressions`` 0.
+    """
+    priors = priors.drop(columns=[c for c in priors.columns if c == "ds"]).reset_index(drop=True)
+    is_all = priors["segment"] == feature_spec.SEGMENT_ALL
+    missing = artworks.loc[~artworks["artwork_id"].isin(priors.loc[is_all, "artwork_id"]), ["title_id", "artwork_id"]]
+    if missing.empty:
+        return priors, 0
+    known = priors[is_all & (priors["n_impressions"] > 0)]
+    p = (known["alpha"] / (known["alpha"] + known["beta"])).to_numpy(dtype=np.float64)
+    by_title = pd.DataFrame({"title_id": known["title_id"].to_numpy(), "p": p}).groupby("title_id")["p"]
+    # population moments (var_pop, as Spark's var_pop in the priors job)
+    title_stats = {t: (len(v), float(v.mean()), float(v.var(ddof=0))) for t, v in by_title}
+    cat = (len(p), float(p.mean()) if len(p) else 0.0, float(p.var()) if len(p) else 0.0)
+    default_mean = feature_spec.DEFAULT_PRIOR[0] / sum(feature_spec.DEFAULT_PRIOR)
+    default_ess = min(sum(feature_spec.DEFAULT_PRIOR), EB_MAX_ESS)
+    rows = []
+    for title_id, artwork_id in missing.itertuples(index=False):
+        tc, tm, tv = title_stats.get(title_id, (0, 0.0, 0.0))
+        mean = tm if tc >= 1 else cat[1] if cat[0] >= 1 else default_mean
+        mean = min(max(mean, _MEAN_CLIP[0]), _MEAN_CLIP[1])
+        ess = _eb_ess(tc, tm, tv) or _eb_ess(*cat) or default_ess
+        rows.append({"title_id": title_id, "artwork_id": artwork_id, "segment": feature_spec.SEGMENT_ALL,
+                     "alpha": mean * ess, "beta": (1.0 - mean) * ess, "n_impressions": 0.0})
+    added = pd.DataFrame(rows).astype({c: priors[c].dtype for c in ("alpha", "beta", "n_impressions")
+                                       if c in priors.columns})
+    return pd.concat([priors, added], ignore_index=True), len(rows)
+
+
+def write_tables(lake: Lake, ds: str, out: Path) -> dict[str, int]:
+    """priors.parquet, members.parquet and artworks.parquet of day ``ds`` into ``out``: what
+    a bundle serving from ``ds`` on needs (a new model's and a table refresh's alike)."""
+    arts = active_artworks(lake, ds)
+    arts.to_parquet(out / bundle.ARTWORKS_FILE, index=False)
+    priors, filled = bundle_priors(read_table_dir(lake.priors(ds)), arts)
+    priors.to_parquet(out / bundle.PRIORS_FILE, index=False)
+    members = read_table_dir(lake.member_features(ds))
+    members.drop(columns=[c for c in members.columns if c == "ds"]).to_parquet(out / bundle.MEMBERS_FILE, index=False)
+    return {"priors": len(priors), "priors_filled": filled, "members": len(members), "artworks": len(arts)}
+
+
+def probe_block(X: np.ndarray, native: np.ndarray, n: int = PROBE_ROWS) -> dict[str, Any]:
+    """Manifest probe: the first ``n`` parity rows and the native model's P(quality play)."""
+    return {"features": np.asarray(X[:n], dtype=np.float32).tolist(),
+            "scores": [float(v) for v in np.asarray(native[:n], dtype=np.float64)], "source": "lightgbm"}
+
+
+def check_probe(model_bytes: bytes, probe: dict[str, Any] | None, max_abs_diff: float = MAX_ABS_DIFF) -> dict[str, Any]:
+    """Score a manifest probe with the ONNX model; :class:`ParityError` if any score moved by
+    more than ``max_abs_diff``. Without a probe (bundles exported before probes) there is
+    nothing to compare: the figures say so."""
+    if not probe or not probe.get("features"):
+        return {"probe_rows": 0, "probe_max_abs_diff": None}
+    want = np.asarray(probe["scores"], dtype=np.float64)
+    got = OnnxScorer(model_bytes).predict(np.asarray(probe["features"], dtype=np.float32)).astype(np.float64)
+    worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+    if not worst <= max_abs_diff:
+        raise ParityError(f"the model no longer scores its probe: max |dp| = {worst:.3g} (limit {max_abs_diff:g})")
+    return {"probe_rows": int(len(want)), "probe_max_abs_diff": worst}
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Replace ``final`` with the verified ``staging`` folder."""
+    if final.exists():
+        old = final.parent / f".{final.name}-old-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S%f}"
+        final.rename(old)
+        shutil.rmtree(old)
+    staging.rename(final)
 
 
 def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | None = None,
@@ -183,32 +273,73 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
     staging.mkdir(parents=True)
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
-        (staging / "feature_spec.json").write_text(json.dumps(feature_spec.spec_dict(), indent=2))
-        counts = {"priors": _copy_table(lake.priors(ds), staging / "priors.parquet"),
-                  "members": _copy_table(lake.member_features(ds), staging / "members.parquet")}
-        arts = active_artworks(lake, ds)
-        arts.to_parquet(staging / "artworks.parquet", index=False)
-        counts["artworks"] = len(arts)
+        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+        counts = write_tables(lake, ds, staging)
         evaluation = run_dir / "evaluation.json"
         metrics = {"train": train_info.get("metrics", {})}
         if evaluation.is_file():
             metrics["evaluation"] = json.loads(evaluation.read_text()).get("policies", {})
         digest = bundle.sha256(staging / bundle.MODEL_FILE)[:10]
         bundle.write_manifest(
-            staging, bundle_version=f"{ds}.{digest}",
-            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), ds=ds,
+            staging, bundle_version=f"{ds}.{digest}", kind=KIND_MODEL,
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), ds=ds, priors_ds=ds,
             training_window=train_info.get("window", {}), heldout_ds=train_info.get("heldout_ds"),
-            policy=asdict(policy), metrics=metrics, parity=parity, row_counts=counts,
+            policy=asdict(policy), metrics=metrics, parity=parity,
+            probe=probe_block(X, booster.predict(X[:PROBE_ROWS])), row_counts=counts,
             model={"format": "onnx", "target_opset": TARGET_OPSET, "trees": booster.num_trees()},
             versions={"lightgbm": lgb.__version__, "onnx": onnx.__version__,
                       "onnxmltools": onnxmltools.__version__, "onnxruntime": onnxruntime.__version__})
         manifest = bundle.verify(staging)
-        if final.exists():
-            old = run_dir / f".bundle-old-{digest}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            shutil.rmtree(old)
-        staging.rename(final)
+        _publish(staging, final)
+        return manifest
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def refresh_bundle(lake: Lake, ds: str, model_bundle: Path, out: Path, policy: PolicyConfig,
+                   origin: dict[str, Any]) -> bundle.Manifest:
+    """A bundle of the model in ``model_bundle`` with the tables of ``ds``, published at ``out``.
+
+    model.onnx is copied byte for byte and checked twice before anything is published: its
+    sha256 must be the one ``model_bundle``'s manifest records, and it must still score the
+    manifest's probe within MAX_ABS_DIFF (the parity export established). The tables come
+    from :func:`write_tables`, exactly as export writes them. The manifest keeps the model's
+    own record (training window, held-out day, metrics, parity, probe) and says where the
+    model comes from (``model_origin``: registry version, bundle version, ds, model sha256 as
+    given in ``origin``) and which day the tables are (``ds``, ``priors_ds``, ``tables_ds``).
+    """
+    model_bundle, out = Path(model_bundle), Path(out)
+    source = bundle.verify(model_bundle)
+    model_bytes = (model_bundle / bundle.MODEL_FILE).read_bytes()
+    model_sha = hashlib.sha256(model_bytes).hexdigest()
+    if model_sha != source["files"][bundle.MODEL_FILE]:
+        raise ParityError(f"{model_bundle}: model.onnx is not the model its manifest records")
+    probe = source.get("probe")
+    check = check_probe(model_bytes, probe)
+    source_origin = source.get("model_origin") or {}
+    origin = {"bundle_version": source_origin.get("bundle_version", source.version),
+              "ds": source_origin.get("ds", source.get("ds")), **origin, "model_sha256": model_sha}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}-staging-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S%f}"
+    staging.mkdir()
+    try:
+        (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
+        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+        counts = write_tables(lake, ds, staging)
+        parity = {**(source.get("parity") or {}), **check, "model_sha256_unchanged": True}
+        bundle.write_manifest(
+            staging, bundle_version=f"{origin['bundle_version']}+tables.{ds}", kind=KIND_REFRESH,
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            ds=ds, priors_ds=ds, tables_ds=ds, model_origin=origin,
+            training_window=source.get("training_window", {}), heldout_ds=source.get("heldout_ds"),
+            policy=asdict(policy), metrics=source.get("metrics", {}), parity=parity,
+            **({"probe": probe} if probe else {}), row_counts=counts, model=source.get("model", {}),
+            versions={**(source.get("versions") or {}), "onnxruntime": onnxruntime.__version__})
+        manifest = bundle.verify(staging)
+        if (staging / bundle.MODEL_FILE).read_bytes() != model_bytes:
+            raise ParityError(f"{staging}: model.onnx changed while the bundle was assembled")
+        _publish(staging, out)
         return manifest
     finally:
         if staging.exists():

@@ -15,6 +15,10 @@ writes one run in the ``keyart`` experiment:
 
 Idempotent: a bundle already registered for the same ds (same manifest checksum) is not
 registered again, so Airflow retries and backfills are safe.
+
+:func:`register_refresh` registers a table refresh (the champion's model.onnx with a later
+day's tables, built by :func:`keyart.models.export.refresh_bundle` when the gate keeps the
+champion) as a version of kind ``table_refresh``: one per (day, model), never ``challenger``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 
 import mlflow
 
-from keyart import bundle, registry
+from keyart import bundle, policy, registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 from keyart.lake import Lake, fmt_ds
@@ -40,8 +44,6 @@ from keyart.models import report
 
 log = logging.getLogger(__name__)
 
-PARITY_ERROR_KEYS = ("max_abs_diff", "max_abs_error", "max_abs_delta", "max_diff")
-POLICY_SETTING_FIELDS = ("policy", "policy_floor", "squarecb_gamma", "egreedy_epsilon", "prior_blend_n0")
 STATUS_REGISTERED = "registered"
 MAX_TAG_CHARS = 7900  # MLflow caps run tag values at 8000 characters
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -87,32 +89,29 @@ def parity(manifest: Mapping[str, Any]) -> tuple[bool | None, float | None]:
     par = manifest.get("parity")
     if not isinstance(par, Mapping):
         return None, None
-    err = next((float(par[k]) for k in PARITY_ERROR_KEYS if _number(par.get(k)) is not None), None)
-    passed = par.get("passed", par.get("ok"))
-    if passed is None and err is not None and _number(par.get("tolerance")) is not None:
-        passed = err <= float(par["tolerance"])
+    err = _number(par.get("max_abs_diff"))
+    passed = par.get("passed")
     return (bool(passed) if passed is not None else None), err
 
 
-def data_window(train: Mapping[str, Any], manifest: Mapping[str, Any],
+def data_window(train: Mapping[str, Any],
                 evaluation: Mapping[str, Any]) -> dict[str, Any]:
-    """Training partitions, window bounds and held-out day, from whichever file has them."""
-    window = train.get("window") or train.get("data_window") or manifest.get("training_window") or {}
-    window = window if isinstance(window, Mapping) else {}
-    days = train.get("training_days") or window.get("days") or []
-    days = [str(d) for d in days] if isinstance(days, list) else []
-    start = window.get("first_ds") or window.get("start") or (days[0] if days else None)
-    end = window.get("last_ds") or window.get("end") or (days[-1] if days else None)
+    """Training partitions, window bounds and held-out day (train.json's ``window``; the
+    held-out day evaluation used, else the one training set aside)."""
+    window = train.get("window") or {}
+    days = [str(d) for d in window.get("days") or []]
+    start = window.get("first_ds") or (days[0] if days else None)
+    end = window.get("last_ds") or (days[-1] if days else None)
     heldout = evaluation.get("heldout_ds") or train.get("heldout_ds")
     return {"training_days": days, "start": start, "end": end, "heldout_ds": heldout}
 
 
 def policy_settings(manifest: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
     """Policy settings the bundle was built with (manifest), else the current configuration."""
-    pol = manifest.get("policy") or manifest.get("policy_settings")
+    pol = manifest.get("policy")
     if isinstance(pol, Mapping) and pol:
         return dict(pol)
-    return {f: getattr(settings, f) for f in POLICY_SETTING_FIELDS}
+    return {f: getattr(settings, f) for f in policy.SETTINGS_FIELDS.values()}
 
 
 @dataclass
@@ -135,7 +134,7 @@ def read_run_dir(run_dir: Path, ds: str, settings: Settings) -> RunRecord:
     manifest = bundle.verify(run_dir / "bundle").data
     train = _read_json(run_dir / "train.json")
     evaluation = _read_json(run_dir / "evaluation.json")
-    window = data_window(train, manifest, evaluation)
+    window = data_window(train, evaluation)
     params: dict[str, Any] = {
         "ds": ds,
         "feature_spec_version": manifest.get("feature_spec_version"),
@@ -146,7 +145,7 @@ def read_run_dir(run_dir: Path, ds: str, settings: Settings) -> RunRecord:
         "data.window_end": window["end"],
         "data.heldout_ds": window["heldout_ds"],
     }
-    lgb_params = train.get("params") or train.get("lgb_params") or {}
+    lgb_params = train.get("params") or {}
     params.update({f"lgb.{k}": v for k, v in lgb_params.items() if not isinstance(v, Mapping | list)})
     params.update({f"policy.{k}": v for k, v in policy_settings(manifest, settings).items()
                    if not isinstance(v, Mapping | list)})
@@ -170,13 +169,15 @@ def read_run_dir(run_dir: Path, ds: str, settings: Settings) -> RunRecord:
     for step, source in (("train", train), ("evaluate", evaluation), ("export", manifest)):
         metrics.update(flatten_numeric(f"timing.{step}", source.get("timings")))
 
-    logging_policy = (evaluation.get("logging_policies") or evaluation.get("logging_policy")
-                      or train.get("logging_policy") or manifest.get("logging_policy"))
+    logging_policy = evaluation.get("logging_policies")
     champion_info = evaluation.get("champion")
     eval_champion = champion_info.get("bundle_version") if isinstance(champion_info, Mapping) else None
     lineage = {
         "ds": ds,
+        "kind": registry.KIND_TRAINED,
         "bundle_version": str(manifest.get("bundle_version")),
+        "model_sha256": str(manifest["files"][bundle.MODEL_FILE]),
+        "tables_ds": str(manifest.get("priors_ds") or ds),
         "feature_spec_version": str(manifest.get("feature_spec_version")),
         "data_partitions": json.dumps({"training": window["training_days"],
                                        "heldout": window["heldout_ds"]}),
@@ -232,7 +233,7 @@ def _log_artifacts(rec: RunRecord, settings: Settings) -> list[str]:
     for name in ("train.json", "evaluation.json"):
         mlflow.log_artifact(str(rec.run_dir / name))
     mlflow.log_artifact(str(rec.run_dir / "bundle" / bundle.MANIFEST), artifact_path="bundle")
-    mlflow.log_artifact(str(rec.run_dir / "bundle" / "feature_spec.json"))
+    mlflow.log_artifact(str(rec.run_dir / "bundle" / bundle.SPEC_FILE))
     return made.notes
 
 
@@ -307,3 +308,59 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"ds": fmt_ds(args.ds), "version": result.version, "run_id": result.run_id,
                       "created": result.created}))
     return 0
+
+
+def register_refresh(ds: str, bundle_dir: Path, model_from: str, replaced: str, reason: str,
+                     settings: Settings | None = None) -> RegisterResult:
+    """Register the table refresh in ``bundle_dir`` (tables of ``ds``, the model of trained
+    version ``model_from``; ``replaced`` is the champion it refreshes) and return its version.
+
+    One version per (ds, model): a refresh of the same model for the same day that is already
+    registered is returned as it is, so a rerun of the gate adds nothing. The version is
+    logged under its own run (``ds=D table refresh``) so the registry keeps the manifest and
+    why the refresh was made; the ``challenger`` alias stays on the newest trained version.
+    """
+    t0 = time.perf_counter()
+    settings = registry.configure(settings)
+    ds = fmt_ds(ds)
+    manifest = bundle.verify(bundle_dir)
+    model_sha = str(manifest["files"][bundle.MODEL_FILE])
+    origin = registry.get_version(model_from, settings)
+    for v in registry.versions_for_ds(ds, settings, kind=registry.KIND_REFRESH):
+        if v.tags.get(registry.TAG_MODEL_SHA) == model_sha:
+            if v.tags.get(registry.TAG_STATUS) != STATUS_REGISTERED:  # an earlier attempt died late
+                registry.tag_version(str(v.version), {registry.TAG_STATUS: STATUS_REGISTERED}, settings)
+            log.info("ds=%s: the tables of the day are already version %s for model v%s", ds, v.version, model_from)
+            return RegisterResult(str(v.version), v.run_id or "", created=False)
+    checksum = registry.bundle_checksum(bundle_dir)
+    lineage = {
+        registry.TAG_DS: ds, registry.TAG_KIND: registry.KIND_REFRESH, registry.TAG_TABLES_DS: ds,
+        registry.TAG_MODEL_FROM: str(origin.version), registry.TAG_MODEL_SHA: model_sha,
+        registry.TAG_MODEL_DS: registry.model_ds(origin.tags) or "",
+        "keyart.model_bundle_version": origin.tags.get(registry.TAG_BUNDLE_VERSION, ""),
+        "keyart.refreshed_champion": str(replaced), "keyart.refresh_reason": reason[:MAX_TAG_CHARS],
+        registry.TAG_BUNDLE_VERSION: manifest.version, registry.TAG_SHA: checksum,
+        "keyart.feature_spec_version": manifest.feature_spec_version,
+        "keyart.heldout_ds": origin.tags.get("keyart.heldout_ds", str(manifest.get("heldout_ds"))),
+        "keyart.data_partitions": origin.tags.get("keyart.data_partitions", ""),
+        "keyart.parity_passed": "true" if (manifest.get("parity") or {}).get("passed") else "false",
+    }
+    experiment_id = registry.ensure_experiment(settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"ds={ds} table refresh",
+                          tags={k: v for k, v in lineage.items() if k != "keyart.refresh_reason"}) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({"ds": ds, "model_from": str(origin.version), "bundle_version": manifest.version,
+                           "tables_ds": ds, **{f"rows.{k}": v for k, v in (manifest.get("row_counts") or {}).items()}})
+        model_uri = registry.log_bundle_model(Path(bundle_dir), run_id, model_tags={"keyart.ds": ds})
+        mlflow.log_metrics(flatten_numeric("parity", manifest.get("parity")))
+        mlflow.log_artifact(str(Path(bundle_dir) / bundle.MANIFEST), artifact_path="bundle")
+        mlflow.set_tag("mlflow.note.content",
+                       f"Table refresh for ds={ds}: the model of version {origin.version} "
+                       f"(bundle {origin.tags.get(registry.TAG_BUNDLE_VERSION)}, byte for byte) with the "
+                       f"priors, member snapshot and catalog of {ds}.\n\nWhy: {reason}"[:MAX_TAG_CHARS])
+        version = str(registry.register_version(model_uri, {**lineage, "keyart.source_run": run_id}, settings).version)
+        mlflow.set_tag("keyart.model_version", version)
+        mlflow.log_metric("timing.register_s", time.perf_counter() - t0)
+    registry.tag_version(version, {registry.TAG_STATUS: STATUS_REGISTERED}, settings)
+    log.info("ds=%s: tables registered as version %s (model of version %s)", ds, version, origin.version)
+    return RegisterResult(version, run_id, created=True)

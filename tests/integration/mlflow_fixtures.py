@@ -9,6 +9,9 @@ The synthetic world: every impression offers ``K`` candidate artworks with rando
 features; the chance of a quality play rises with feature 0 and 1 of the candidate.
 Logging is uniform, so SNIPS/IPS of a greedy policy are unbiased and a model trained on
 shuffled labels (``quality="bad"``) is measurably worse than a good one.
+
+The lake also gets the day's tables (:func:`write_lake_tables`: catalog, priors, member
+snapshot), which export and the gate's table refresh read.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
-import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 from onnxmltools import convert_lightgbm
@@ -28,6 +30,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType
 
 from keyart import bundle, contracts, feature_spec
 from keyart.lake import Lake, shift_ds
+from keyart.scoring import OnnxScorer
 
 K = 4  # candidates per impression
 N_TRAIN = 3000
@@ -170,7 +173,7 @@ def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
 
 
 def export_onnx(booster: lgb.Booster, path: Path) -> float:
-    """Write model.onnx (input 'features', output 'probabilities'); return max |Δp|."""
+    """Write model.onnx (input 'features', output 'probabilities'); return max |dp|."""
     onx = convert_lightgbm(booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, feature_spec.N_FEATURES]))],
                            zipmap=False, target_opset=15)
     graph = onx.graph
@@ -182,13 +185,54 @@ def export_onnx(booster: lgb.Booster, path: Path) -> float:
     prob.name = bundle.OUTPUT_NAME
     path.write_bytes(onx.SerializeToString())
     x = np.random.default_rng(0).random((256, feature_spec.N_FEATURES), dtype=np.float32)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_p = sess.run([bundle.OUTPUT_NAME], {bundle.INPUT_NAME: x})[0][:, 1]
+    onnx_p = OnnxScorer(path).predict(x)
     return float(np.abs(onnx_p - booster.predict(x)).max())
 
 
+def probe(booster: lgb.Booster, n: int = 16) -> dict:
+    """Manifest probe rows: feature rows and the native model's P(quality play)."""
+    x = np.random.default_rng(5).random((n, feature_spec.N_FEATURES), dtype=np.float32)
+    return {"features": x.tolist(), "scores": [float(v) for v in booster.predict(x)], "source": "lightgbm"}
+
+
+TITLES = [f"t{i:04d}" for i in range(3)]
+FIRST_ACTIVE = dt.date(2026, 10, 1)
+
+
+def write_lake_tables(lake_root: Path, ds: str, launches: dict[str, str] | None = None,
+                      rate: float = 0.05) -> None:
+    """The catalog (titles, artworks) and the day's priors and member snapshot in the lake.
+
+    ``launches`` maps extra artwork ids (``t0000-new``) to their first active day; the priors
+    of ``ds`` give rows only to artworks active on ``ds`` (as the priors job does), with
+    posterior means spread around ``rate``.
+    """
+    lake = Lake(lake_root)
+    launches = launches or {}
+    arts = [{"artwork_id": f"{t}-a{j}", "title_id": t, "tags": ["tone:drama"], "is_default": j == 0,
+             "active_from": FIRST_ACTIVE, "active_to": None} for t in TITLES for j in range(K)]
+    arts += [{"artwork_id": a, "title_id": a.split("-")[0], "tags": ["tone:drama"], "is_default": False,
+              "active_from": dt.date.fromisoformat(day), "active_to": None} for a, day in launches.items()]
+    titles = [{"title_id": t, "name": t, "genres": ["drama"], "cast": [], "maturity_rating": "PG"} for t in TITLES]
+    for path, rows, contract in ((lake.titles, titles, contracts.TITLES), (lake.artworks, arts, contracts.ARTWORKS)):
+        path.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, contract.arrow_schema()), path / "part-0.parquet")
+    day = dt.date.fromisoformat(ds)
+    priors = [{"title_id": a["title_id"], "artwork_id": a["artwork_id"], "segment": "all",
+               "alpha": 40.0 * rate * (1 + 0.2 * (i % 3 - 1)), "beta": 40.0 * (1 - rate * (1 + 0.2 * (i % 3 - 1))),
+               "n_impressions": 40.0}
+              for i, a in enumerate(arts) if a["active_from"] <= day]
+    lake.priors(ds).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(priors, contracts.PRIORS.arrow_schema()), lake.priors(ds) / "part-0.parquet")
+    members = pa.table({"member_id": ["m000001", "m000002", f"m-{ds}"], "member_is_kids": [0, 1, 0],
+                        "member_log_plays_28d": [1.2, 0.0, 0.5], "member_days_since_last_play": [2.0, 365.0, 0.0],
+                        "affinity_tags": [["genre:drama"], [], []], "affinity_values": [[1.0], [], []]})
+    lake.member_features(ds).mkdir(parents=True, exist_ok=True)
+    pq.write_table(members, lake.member_features(ds) / "part-0.parquet")
+
+
 def _tables(bundle_dir: Path, ds: str) -> None:
-    titles = [f"t{i:04d}" for i in range(3)]
+    titles = TITLES
     arts = [(t, f"{t}-a{j}") for t in titles for j in range(K)]
     pq.write_table(pa.Table.from_pylist(
         [{"title_id": t, "artwork_id": a, "segment": "all", "alpha": 2.0, "beta": 18.0,
@@ -208,9 +252,12 @@ def _tables(bundle_dir: Path, ds: str) -> None:
 
 def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
                   champion: Champion | None = None, parity_passed: bool = True,
-                  held: HeldOut | None = None, rich: bool = False) -> tuple[Path, Champion]:
-    """Write ``runs/ds=<ds>/`` under ``lake_root``; return it and (model, bundle version)."""
+                  held: HeldOut | None = None, rich: bool = False,
+                  launches: dict[str, str] | None = None) -> tuple[Path, Champion]:
+    """Write ``runs/ds=<ds>/`` and the day's lake tables under ``lake_root``; return the run
+    directory and (model, bundle version)."""
     lake = Lake(lake_root)
+    write_lake_tables(lake_root, ds, launches)
     run_dir = lake.run_dir(ds)
     bdir = lake.bundle_dir(ds)
     bdir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +290,8 @@ def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
         bundle_version=f"{ds}.s{seed}{quality[0]}",
         created_at=dt.datetime(2026, 11, 1, tzinfo=dt.UTC).isoformat(),
         ds=ds,
+        priors_ds=ds,
+        probe=probe(booster),
         training_window=train["window"],
         heldout_ds=heldout_ds,
         policy={"name": "squarecb", "gamma": 400.0, "floor": 0.02, "prior_blend_n0": 50.0},
