@@ -17,6 +17,10 @@ and how often the offline estimators' intervals cover the truth.
    SNIPS / DR (95% bootstrap intervals) for greedy, the default exploring policy and the
    non-contextual policy, and count how often each interval holds the part's true value.
 
+With ``--days N`` (N > 1) it runs over days of its own logs instead
+(:mod:`keyart.bench.learning_loop`): each day's model trained as ``keyart train`` does, valued
+on the next day and serving it.
+
 This is a benchmark, not a test: it prints figures (``--json`` for JSON).
 """
 
@@ -43,16 +47,17 @@ from keyart.models.reward_model import TrainConfig, train_reward_model
 from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
 from keyart.policy import PolicyConfig, probabilities
 
-GRID: tuple[tuple[str, dict[str, float]], ...] = (
-    ("squarecb", {"gamma": 400.0}), ("squarecb", {"gamma": 1000.0}), ("squarecb", {"gamma": 3000.0}),
-    ("squarecb", {"gamma": 10000.0}), ("squarecb", {"gamma": 3000.0, "floor": 0.01}),
-    ("squarecb", {"gamma": 3000.0, "prior_blend_n0": 10.0}),
+GRID: tuple[tuple[str, dict[str, float | str]], ...] = (
+    ("squarecb", {"gamma": 10.0}), ("squarecb", {"gamma": 30.0}), ("squarecb", {"gamma": 100.0}),
+    ("squarecb", {"gamma": 300.0}), ("squarecb", {"gap_unit": "score", "gamma": 3000.0}),
+    ("squarecb", {"prior_blend_n0": 0.0}), ("squarecb", {"prior_blend_n0": 10.0}),
+    ("squarecb", {"prior_blend_n0": 50.0}),
     ("thompson", {}), ("egreedy", {"epsilon": 0.1}), ("egreedy", {"epsilon": 0.05}),
 )
 
 
-def _label(name: str, overrides: dict[str, float]) -> str:
-    return name + "".join(f" {k}={v:g}" for k, v in overrides.items())
+def _label(name: str, overrides: dict[str, float | str]) -> str:
+    return name + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in overrides.items())
 
 
 def train_on_logs(lake: Lake, ds: str):
@@ -234,9 +239,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the diagnostic model fit to ground truth (the feature ceiling)")
+    loop = parser.add_argument_group("over days (--days N > 1: keyart.bench.learning_loop; --seeds is then unused)")
+    loop.add_argument("--days", type=int, default=1, help="day 0 uniform, then days served by the model of the day before")
+    loop.add_argument("--world-seeds", type=int, default=2, help="worlds (seeds world-seed, world-seed + 1, ...)")
+    loop.add_argument("--history-days", type=int, default=90, help="viewing history of each world")
+    loop.add_argument("--variants", default="",
+                      help="comma-separated: blend, weighting, refit, horizon (also valued on the same logs)")
+    loop.add_argument("--scramble-tags", action="store_true",
+                      help="permute artwork tags within each title in what keyart sees (truth keeps the real ones)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.days > 1:
+        from keyart.bench.learning_loop import format_loop, run_loop
+
+        result = run_loop(args)
+        print(json.dumps(result, indent=2, default=str) if args.json else format_loop(result))
+        return 0
     s = settings()
     result = run_benchmark(ensure_path(args.workdir), args.world_seed if args.world_seed is not None else s.sim_seed,
                            args.visits or s.sim_visits_per_day, args.eval_visits, args.seeds, args.n_boot,

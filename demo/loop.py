@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,8 +30,9 @@ from typing import Any
 
 import httpx
 
-from keyart.config import load_settings
+from keyart.config import Settings
 from keyart.lake import Lake, shift_ds
+from keyart.net import free_port
 
 DEFAULT_DAYS = 5
 DEFAULT_VISITS = 8000
@@ -50,12 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spark", choices=("connect", "submit"), default="connect",
                         help="connect: the Spark jobs are clients of one Spark Connect server started for the demo "
                              "(default); submit: every job is its own spark-submit application")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Progress:
@@ -169,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from keyart.sim.world import World
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress bar
-    settings = load_settings()
+    settings = Settings()
     lake = Lake(settings.lake)
     home = settings.home
     logs = home / "demo-logs"
@@ -181,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     members = args.members or settings.sim_members
     seed = settings.sim_seed if args.seed is None else args.seed
     days = [shift_ds(args.start, k) for k in range(args.days + 1)]
-    port = args.port or _free_port()
+    port = args.port or free_port()
 
     env = dict(os.environ)
     env.update({"KEYART_HOME": str(home), "KEYART_LAKE_ROOT": str(settings.lake),
@@ -189,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
                 # simulated days keep simulated time: the endpoint stamps decisions and ages
                 # rewards with the simulator's clock
                 "KEYART_SERVE_CLIENT_CLOCK": "true",
+                # a fresh event-signing secret per run: `keyart serve` refuses the default
+                "KEYART_SERVE_EVENT_SECRET": secrets.token_hex(32),
                 "PYSPARK_PYTHON": sys.executable})
     bin_dir = Path(sys.executable).parent
     keyart_bin = str(bin_dir / "keyart")

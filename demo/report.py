@@ -18,6 +18,7 @@ import pyarrow as pa
 from keyart import policy as P
 from keyart.feature_spec import DEFAULT_PRIOR, SEGMENT_ALL
 from keyart.lake import Lake
+from keyart.ope import ESTIMATORS
 
 NAMED = {
     "good_will_hunting": ("genre", ("romance", "comedy")),
@@ -210,7 +211,7 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
         for who in ("logging", "candidate"):
             truth = truths[who] * seen
             est = ev.get("policies", {}).get(who, {})
-            for estimator in ("replay", "ips", "snips", "dr"):
+            for estimator in ESTIMATORS:
                 e = est.get(estimator)
                 if e:
                     out.append({"run": r.ds, "heldout_ds": truths["heldout_ds"], "heldout_part": truths["heldout_part"],

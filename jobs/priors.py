@@ -11,9 +11,12 @@ d = 0.5 ** (1 / prior_half_life_days):
 
 1. warm start: yesterday's (alpha, beta, n) times d;
 2. evidence: today's labelled impressions of a in s, each weighted w = 1 / (K * propensity)
-   (K candidates; w = 1 under a uniform logging policy), self-normalised so the weights of
-   (a, s) sum to its count c: S = c * sum(w r) / sum(w), F = c - S;
-   alpha += S, beta += F, n += c;
+   (K candidates; w = 1 under a uniform logging policy). The weighted mean
+   r_w = sum(w r) / sum(w) estimates a's rate as if it had been shown in every context, and
+   it counts as e = (sum w)^2 / sum(w^2) impressions (Kish's effective sample size: c under
+   uniform logging, fewer the more the weights vary): S = e * r_w, F = e - S;
+   alpha += S, beta += F, n += e. So the posterior is as sure as the day's evidence is, and
+   accumulates day after day as a non-contextual Thompson sampler's would;
 3. an artwork without yesterday's ``all`` row starts from an empirical-Bayes prior: the
    method of moments over the posterior means p_i of its title's artworks with data
    (catalog-wide when the title has fewer than two): mean m, variance v,
@@ -34,7 +37,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from keyart import feature_spec
+from keyart import catalog, feature_spec
 from keyart.config import Settings
 from keyart.contracts import ARTWORKS, MEMBERS, PRIORS, REWARDS
 from keyart.jobs.common import conform, main_for, read_days, read_table, write_day, write_metrics
@@ -64,13 +67,12 @@ class PriorParams:
 
 def active_artworks(artworks: DataFrame, ds: str) -> DataFrame:
     """``title_id, artwork_id`` of the artworks that may be shown on ``ds``."""
-    day = F.lit(ds).cast("date")
-    live = (F.col("active_from") <= day) & (F.col("active_to").isNull() | (F.col("active_to") >= day))
-    return artworks.where(live).select("title_id", "artwork_id")
+    return artworks.where(F.expr(catalog.active_sql(ds))).select("title_id", "artwork_id")
 
 
 def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
-    """Self-normalised importance-weighted ``(artwork_id, segment, s, f, n)`` of the day's labels. Pure."""
+    """Importance-weighted ``(artwork_id, segment, s, f, n)`` of the day's labels, n the weights'
+    effective sample size. Pure."""
     seg = F.when(F.col("profile") == "kids", F.lit(feature_spec.member_segment(True))).otherwise(F.lit(feature_spec.member_segment(False)))
     rows = rewards.join(members.select("member_id", "profile"), "member_id", "left").select(
         "artwork_id", "reward",
@@ -78,8 +80,10 @@ def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
         F.explode(F.array(F.lit(feature_spec.SEGMENT_ALL), seg)).alias("segment"),
     )
     agg = rows.groupBy("artwork_id", "segment").agg(
-        F.count(F.lit(1)).cast("double").alias("n"), F.sum("w").alias("sw"), F.sum(F.col("w") * F.col("reward")).alias("swr")
+        F.sum("w").alias("sw"), F.sum(F.col("w") * F.col("w")).alias("sww"), F.sum(F.col("w") * F.col("reward")).alias("swr")
     )
+    ess = F.col("sw") * F.col("sw") / F.col("sww")
+    agg = agg.withColumn("n", ess)
     s = F.col("n") * F.col("swr") / F.col("sw")
     return agg.select("artwork_id", "segment", s.alias("s"), (F.col("n") - s).alias("f"), "n")
 

@@ -15,7 +15,6 @@ held-out day H, so a run trains on ``training_window_days`` days when all exist.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keyart.feature_spec import N_FEATURES
-from keyart.lake import Lake, fmt_ds, parse_ds
+from keyart.lake import Lake
 
 # Columns every model step reads from the training table (``features`` is added on demand).
 PAGE_COLUMNS = (
@@ -36,54 +35,9 @@ PAGE_COLUMNS = (
 )
 
 
-def labelled_days(lake: Lake, through: str | dt.date) -> list[str]:
-    """Dates of the training partitions on or before ``through``, oldest first."""
-    root = lake.training()
-    if not root.is_dir():
-        return []
-    last = parse_ds(through)
-    days = []
-    for child in root.iterdir():
-        if child.is_dir() and child.name.startswith("ds=") and any(child.glob("*.parquet")):
-            try:
-                day = parse_ds(child.name[3:])
-            except ValueError:
-                continue
-            if day <= last:
-                days.append(day)
-    return [fmt_ds(d) for d in sorted(days)]
-
-
-def heldout_day(lake: Lake, ds: str | dt.date) -> str:
-    """The newest labelled day on or before ``ds`` (never used for training)."""
-    days = labelled_days(lake, ds)
-    if not days:
-        raise FileNotFoundError(f"no training partitions under {lake.training()} on or before {fmt_ds(ds)}")
-    return days[-1]
-
-
 COLD_START_TRAIN_SHARE = 0.7
 """On a lake's first labelled day, the earliest 70% of its impressions (by time) train the
 model and the rest are held out, so the first daily run already yields a model."""
-
-
-def training_days(lake: Lake, ds: str | dt.date, window_days: int) -> list[str]:
-    """Labelled days in ``[H - window_days, H - 1]`` for the held-out day H of ``ds``.
-
-    With no labelled day before H (a cold start) this is ``[H]``: the model trains on the
-    early part of H and is evaluated on the late part (:func:`time_split_rows`).
-    """
-    if window_days < 1:
-        raise ValueError(f"window_days must be >= 1, got {window_days}")
-    held = parse_ds(heldout_day(lake, ds))
-    first = held - dt.timedelta(days=window_days)
-    older = [d for d in labelled_days(lake, held - dt.timedelta(days=1)) if parse_ds(d) >= first]
-    return older or [fmt_ds(held)]
-
-
-def is_cold_start(days: Sequence[str], heldout: str) -> bool:
-    """True when the training days are the held-out day itself."""
-    return list(days) == [heldout]
 
 
 def time_split_rows(table: pa.Table, part: str) -> pa.Table:
@@ -99,6 +53,20 @@ def time_split_rows(table: pa.Table, part: str) -> pa.Table:
     cutoff = np.quantile(values, COLD_START_TRAIN_SHARE, method="lower")
     mask = values <= cutoff if part == "train" else values > cutoff
     return table.filter(pa.array(mask))
+
+
+def uniform_impressions(table: pa.Table, atol: float = 1e-6) -> pa.Table:
+    """The candidate rows of the impressions logged uniformly at random (propensity = 1/K,
+    K = the impression's candidate rows), whatever the policy's name."""
+    if table.num_rows == 0:
+        return table
+    events = table.column("event_id").to_numpy(zero_copy_only=False)
+    _, inverse, counts = np.unique(events, return_inverse=True, return_counts=True)
+    logged = table.column("is_logged").to_numpy(zero_copy_only=False).astype(bool)
+    propensity = table.column("propensity").to_numpy(zero_copy_only=False).astype(np.float64)
+    uniform_event = np.zeros(len(counts), dtype=bool)
+    uniform_event[inverse[logged]] = np.abs(propensity[logged] * counts[inverse[logged]] - 1.0) <= atol
+    return table.filter(pa.array(uniform_event[inverse]))
 
 
 def read_training(lake: Lake, days: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:

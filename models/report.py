@@ -28,10 +28,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keyart.ope import ESTIMATORS  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("candidate", "champion", "logging", "random", "noncontextual")
-ESTIMATORS = ("replay", "ips", "snips", "dr")
 TOP_N = 25
 
 

@@ -6,27 +6,46 @@ outcome), float32 features in :data:`keyart.feature_spec.FEATURE_NAMES` order.
 Importance weights
 ------------------
 Logs from an exploiting policy over-represent the arms it liked, so the model would fit
-them best and extrapolate to the rest. When the logging was not uniform, each row gets
-weight ``(1 / K) / propensity`` (K = candidates of the impression): the re-weighted rows
-look like uniform-random logging. Weights are clipped at ``max_weight`` (bias for
-variance) and normalised to mean 1. Uniform logs (every ``propensity * K == 1``) are
-left unweighted.
+them best and extrapolate to the rest. Re-weighting a row by ``(1 / K) / propensity``
+(K = candidates of the impression) makes the logs look like uniform-random logging, at a
+price: the weights' effective sample size ``(sum w)^2 / sum w^2`` falls far below the row
+count, so the model learns from fewer rows. ``TrainConfig.weighting`` picks the trade:
 
-Validation is time-ordered: the newest ``valid_fraction`` of rows by ``ts`` is held out
-for early stopping and metrics, so the model is judged on data after what it saw.
+``clipped``  ``min(ratio, max_weight)``: close to uniform, the highest variance;
+``sqrt``     ``sqrt(min(ratio, max_weight))``: half-way in log space;
+``none``     every row weight 1: the most rows, the logging policy's preference kept.
+
+Weights are normalised to mean 1. Uniform logs (every ``propensity * K == 1``) get weight
+1 under every rule. The default was chosen by measurement (docs/models.md).
+
+Capacity
+--------
+The tree count is chosen by early stopping on a validation set *pooled over days*: the
+newest ``valid_fraction`` of each labelled day (``day``), so a window of several days is
+judged on all of them and not on the tail of its last day alone. The count is at least
+:meth:`TrainConfig.trees_floor`. Then, with ``refit``, the shipped model is fit again on
+every row (validation rows included) with the same parameters and that many trees: the
+validation rows are the newest of each day and the most like tomorrow.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from keyart.config import Settings, TrainWeighting
 from keyart.feature_spec import FEATURE_NAMES, FEATURE_SPEC_VERSION, N_FEATURES
+
+Weighting = TrainWeighting
+WEIGHTINGS: tuple[str, ...] = get_args(TrainWeighting)
+DEFAULT_WEIGHTING: Weighting = Settings.model_fields["train_weighting"].default
+"""The ``train_weighting`` setting's default, chosen by measurement (docs/models.md)."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +56,11 @@ class TrainConfig:
     ----------
     num_boost_round : upper bound on trees; early stopping usually ends sooner.
     early_stopping_rounds : stop after this many rounds without a better validation logloss.
-    valid_fraction : newest share of rows (by ``ts``) used for validation.
+    valid_fraction : newest share of each day's rows (by ``ts``) used for validation.
     max_weight : clip on importance weights before normalisation.
+    weighting : ``none``, ``sqrt`` or ``clipped`` (module docstring).
+    refit : ship a model refit on every row with the chosen tree count.
+    min_trees : floor on the tree count; None = :meth:`trees_floor` of the learning rate.
     """
 
     learning_rate: float = 0.05
@@ -52,6 +74,9 @@ class TrainConfig:
     max_weight: float = 20.0
     num_threads: int = 2
     seed: int = 7
+    weighting: Weighting = DEFAULT_WEIGHTING
+    refit: bool = True
+    min_trees: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.learning_rate <= 1.0:
@@ -68,6 +93,23 @@ class TrainConfig:
             raise ValueError(f"valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
         if self.max_weight < 1.0:
             raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.min_trees is not None and not 1 <= self.min_trees <= self.num_boost_round:
+            raise ValueError(f"min_trees must be in [1, num_boost_round], got {self.min_trees}")
+
+    def trees_floor(self) -> int:
+        """Fewest trees the model may have.
+
+        Each tree fits only ``learning_rate`` of the residual it sees, so after B trees a
+        signal one tree can capture is in the model to ``1 - (1 - lr)^B``. Below 90% the
+        count measures the shrinkage, not the data: early stopping on a noisy validation
+        curve then ships a model still close to the base rate (lr 0.05: 45 trees).
+        """
+        if self.min_trees is not None:
+            return self.min_trees
+        return min(self.num_boost_round, math.ceil(math.log(0.1) / math.log(1.0 - self.learning_rate))
+                   if self.learning_rate < 1.0 else 1)
 
     def lgb_params(self) -> dict[str, Any]:
         return {
@@ -102,13 +144,16 @@ class TrainResult:
 # Weights and split
 # ---------------------------------------------------------------------------------------
 
-def importance_weights(propensity: np.ndarray, n_candidates: np.ndarray, max_weight: float = 20.0) -> np.ndarray:
-    """Weights re-targeting logged rows to uniform logging: [n], mean 1 (ones if uniform).
+def importance_weights(propensity: np.ndarray, n_candidates: np.ndarray, max_weight: float = 20.0,
+                       weighting: str = "clipped") -> np.ndarray:
+    """Row weights [n], mean 1 (ones if the logging was uniform or ``weighting`` is ``none``).
 
     Parameters
     ----------
     propensity : [n] logging probability of the shown artwork, in (0, 1].
     n_candidates : [n] number of candidate artworks of the impression (K >= 1).
+    weighting : ``clipped`` (ratio to uniform logging, clipped at ``max_weight``), ``sqrt``
+        (its square root) or ``none``.
     """
     p = np.asarray(propensity, dtype=np.float64)
     k = np.asarray(n_candidates, dtype=np.float64)
@@ -118,19 +163,43 @@ def importance_weights(propensity: np.ndarray, n_candidates: np.ndarray, max_wei
         raise ValueError("propensity must be in (0, 1]")
     if np.any(k < 1):
         raise ValueError("n_candidates must be >= 1")
-    if len(p) == 0 or np.allclose(p * k, 1.0, rtol=0, atol=1e-6):
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "none" or len(p) == 0 or np.allclose(p * k, 1.0, rtol=0, atol=1e-6):
         return np.ones_like(p)
     w = np.minimum((1.0 / k) / p, max_weight)
+    if weighting == "sqrt":
+        w = np.sqrt(w)
     return w / w.mean()
 
 
-def time_split(ts: np.ndarray, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train [n_train], valid [n_valid]): the newest ``valid_fraction`` by time."""
-    order = np.argsort(np.asarray(ts), kind="stable")
-    n_valid = max(1, int(round(len(order) * valid_fraction)))
-    if len(order) - n_valid < 1:
-        raise ValueError(f"too few rows ({len(order)}) for a validation split")
-    return np.sort(order[:-n_valid]), np.sort(order[-n_valid:])
+def effective_size(w: np.ndarray) -> float:
+    """Kish effective sample size of weights: (sum w)^2 / sum w^2 (n for equal weights)."""
+    w = np.asarray(w, dtype=np.float64)
+    return float(w.sum() ** 2 / (w ** 2).sum()) if len(w) and (w ** 2).sum() > 0 else 0.0
+
+
+def time_split(ts: np.ndarray, valid_fraction: float, day: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train [n_train], valid [n_valid]): the newest ``valid_fraction`` by time,
+    of every ``day`` separately when given (validation pooled over days)."""
+    ts = np.asarray(ts)
+    if day is None:
+        groups = [np.arange(len(ts))]
+    else:
+        _, inverse = np.unique(np.asarray(day), return_inverse=True)
+        groups = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(ts) else []
+    valid = []
+    for rows in groups:
+        order = rows[np.argsort(ts[rows], kind="stable")]
+        n_valid = int(round(len(order) * valid_fraction))
+        valid.append(order[len(order) - n_valid:] if n_valid else order[:0])
+    va = np.sort(np.concatenate(valid)) if valid else np.zeros(0, np.int64)
+    if len(va) == 0 and len(ts) > 1:  # too few rows per day: the newest row overall
+        va = np.array([int(np.argsort(ts, kind="stable")[-1])])
+    if len(ts) - len(va) < 1 or len(va) < 1:
+        raise ValueError(f"too few rows ({len(ts)}) for a validation split")
+    tr = np.setdiff1d(np.arange(len(ts)), va, assume_unique=True)
+    return tr, va
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +268,8 @@ def logged_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def train_reward_model(X: np.ndarray, y: np.ndarray, ts: np.ndarray, propensity: np.ndarray,
-                       n_candidates: np.ndarray, cfg: TrainConfig | None = None) -> TrainResult:
+                       n_candidates: np.ndarray, cfg: TrainConfig | None = None,
+                       day: np.ndarray | None = None) -> TrainResult:
     """Fit the reward model on logged impressions.
 
     Parameters
@@ -208,35 +278,59 @@ def train_reward_model(X: np.ndarray, y: np.ndarray, ts: np.ndarray, propensity:
     y : [n] reward (1 = quality play).
     ts : [n] impression time (orders the validation split).
     propensity, n_candidates : [n] logging propensity and candidate count (weights).
+    day : [n] labelled day of each row: validation takes the newest share of each day.
+
+    The tree count is chosen by early stopping on the validation rows (at least
+    ``cfg.trees_floor()``); with ``cfg.refit`` the returned booster is fit again on every
+    row with that count, else it is the early-stopped one. ``metrics`` are those of the
+    early-stopped model at that count (the refit model has no unseen rows to be judged on).
     """
     cfg = cfg or TrainConfig()
     X = np.ascontiguousarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != N_FEATURES:
         raise ValueError(f"X must be [n, {N_FEATURES}], got {X.shape}")
-    if len(y) != len(X) or len(ts) != len(X):
-        raise ValueError(f"X, y and ts must have the same rows: {len(X)}, {len(y)}, {len(ts)}")
+    if len(y) != len(X) or len(ts) != len(X) or (day is not None and len(day) != len(X)):
+        raise ValueError(f"X, y, ts and day must have the same rows: {len(X)}, {len(y)}, {len(ts)}"
+                         + (f", {len(day)}" if day is not None else ""))
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("rewards must be 0 or 1")
     if not np.isfinite(X).all():
         raise ValueError("features contain NaN or infinite values")
     t0 = time.perf_counter()
-    w = importance_weights(propensity, n_candidates, cfg.max_weight)
-    tr, va = time_split(ts, cfg.valid_fraction)
+    w = importance_weights(propensity, n_candidates, cfg.max_weight, cfg.weighting)
+    tr, va = time_split(ts, cfg.valid_fraction, day)
+    floor = cfg.trees_floor()
     dtrain = lgb.Dataset(X[tr], y[tr], weight=w[tr], feature_name=list(FEATURE_NAMES), free_raw_data=False)
     dvalid = lgb.Dataset(X[va], y[va], weight=w[va], reference=dtrain)
-    booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=cfg.num_boost_round,
-                        valid_sets=[dvalid], valid_names=["valid"],
-                        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
-    fit_s = time.perf_counter() - t0
+    curve: dict[str, Any] = {}
+    # patience of at least the floor: the curve is recorded that far even when it turns at once
+    selector = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=cfg.num_boost_round,
+                         valid_sets=[dvalid], valid_names=["valid"],
+                         callbacks=[lgb.early_stopping(max(cfg.early_stopping_rounds, floor), verbose=False),
+                                    lgb.record_evaluation(curve)])
+    stopped_at = int(selector.best_iteration or selector.current_iteration())
+    trees = max(stopped_at, floor)
+    select_s = time.perf_counter() - t0
     metrics = {
-        "train": classification_metrics(y[tr], booster.predict(X[tr], num_iteration=booster.best_iteration), w[tr]),
-        "valid": classification_metrics(y[va], booster.predict(X[va], num_iteration=booster.best_iteration), w[va]),
+        "train": classification_metrics(y[tr], selector.predict(X[tr], num_iteration=trees), w[tr]),
+        "valid": classification_metrics(y[va], selector.predict(X[va], num_iteration=trees), w[va]),
     }
-    info = {"rows": {"train": int(len(tr)), "valid": int(len(va))},
-            "best_iteration": int(booster.best_iteration or booster.current_iteration()),
+    booster = selector
+    t1 = time.perf_counter()
+    if cfg.refit:
+        full = lgb.Dataset(X, y, weight=w, feature_name=list(FEATURE_NAMES))
+        booster = lgb.train(cfg.lgb_params(), full, num_boost_round=trees)
+    else:
+        booster.best_iteration = trees
+    info = {"rows": {"train": int(len(tr)), "valid": int(len(va)), "fit": int(len(X) if cfg.refit else len(tr))},
+            "best_iteration": int(trees), "early_stopping_iteration": stopped_at, "trees_floor": int(floor),
+            "refit": bool(cfg.refit), "weighting": cfg.weighting,
             "importance_weighted": bool(not np.allclose(w, 1.0)),
-            "timings": {"fit_s": round(fit_s, 3)}}
+            "weights_effective_size": round(effective_size(w), 1),
+            "valid_days": int(len(np.unique(np.asarray(day)[va]))) if day is not None else 1,
+            "timings": {"fit_s": round(select_s + time.perf_counter() - t1, 3), "select_s": round(select_s, 3),
+                        "refit_s": round(time.perf_counter() - t1, 3)}}
     return TrainResult(booster=booster, metrics=metrics, info=info)
 
 

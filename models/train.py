@@ -1,7 +1,10 @@
 """``keyart train --ds D``: fit the reward model on the training window of D.
 
-Reads ``features/training`` for the window (see :mod:`keyart.models.data`), writes
-``runs/ds=D/model.txt`` (LightGBM, best iteration only) and ``runs/ds=D/train.json``.
+Reads ``features/training`` for the window (see :mod:`keyart.models.data`) and, from the
+older labelled days within ``training_exploration_horizon_days``, the impressions that were
+logged uniformly at random (:func:`keyart.lake.exploration_days`); writes
+``runs/ds=D/model.txt`` (LightGBM, the shipped model: refit on every row with the chosen
+tree count) and ``runs/ds=D/train.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from keyart.config import settings
-from keyart.lake import Lake, fmt_ds
-from keyart.models.data import (
-    feature_array,
-    heldout_day,
-    is_cold_start,
-    read_training,
-    time_split_rows,
-    training_days,
-)
+from keyart.lake import Lake, exploration_days, fmt_ds, heldout_day, is_cold_start, training_days
+from keyart.models.data import feature_array, read_training, time_split_rows, uniform_impressions
 from keyart.models.reward_model import TrainConfig, TrainResult, train_reward_model
 
 log = logging.getLogger(__name__)
@@ -34,23 +31,31 @@ TRAIN_COLUMNS = ("event_id", "ts", "is_logged", "reward", "propensity", "feature
 
 
 def logged_arrays(table: pa.Table) -> dict[str, np.ndarray]:
-    """Features and labels of the shown rows, with each impression's candidate count."""
+    """Features and labels of the shown rows, with each impression's candidate count and
+    (when the table has the ``ds`` column :func:`read_training` adds) its labelled day."""
     events = table.column("event_id").to_numpy()
     _, inverse, counts = np.unique(events, return_inverse=True, return_counts=True)
     logged = table.column("is_logged").to_numpy(zero_copy_only=False).astype(bool)
     shown = table.filter(pa.array(logged))
     ts = pc.cast(shown.column("ts"), pa.int64()) if pa.types.is_timestamp(shown.column("ts").type) else shown.column("ts")
-    return {"X": feature_array(shown.column("features")),
-            "y": shown.column("reward").to_numpy().astype(np.float64),
-            "ts": np.asarray(ts.to_numpy()),
-            "propensity": shown.column("propensity").to_numpy().astype(np.float64),
-            "n_candidates": counts[inverse[logged]]}
+    out = {"X": feature_array(shown.column("features")),
+           "y": shown.column("reward").to_numpy().astype(np.float64),
+           "ts": np.asarray(ts.to_numpy()),
+           "propensity": shown.column("propensity").to_numpy().astype(np.float64),
+           "n_candidates": counts[inverse[logged]]}
+    if "ds" in shown.column_names:
+        out["day"] = shown.column("ds").to_numpy(zero_copy_only=False)
+    return out
 
 
 def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = None,
-              run_dir: Path | None = None) -> dict[str, Any]:
-    """Train on the window of ``ds`` and write model.txt and train.json; return train.json."""
-    cfg = cfg or TrainConfig()
+              run_dir: Path | None = None, exploration_horizon_days: int | None = None) -> dict[str, Any]:
+    """Train on the window of ``ds`` (plus the uniformly-logged impressions of the labelled
+    days within ``exploration_horizon_days`` before it) and write model.txt and train.json;
+    return train.json. ``cfg`` and the horizon default to the settings'."""
+    cfg = cfg or train_config(settings())
+    if exploration_horizon_days is None:
+        exploration_horizon_days = settings().training_exploration_horizon_days
     t0 = time.perf_counter()
     days = training_days(lake, ds, window_days)
     if not days:
@@ -59,6 +64,12 @@ def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = N
     table = read_training(lake, days, columns=TRAIN_COLUMNS)
     if is_cold_start(days, heldout):
         table = time_split_rows(table, "train")
+    older = exploration_days(lake, ds, window_days, exploration_horizon_days)
+    kept: dict[str, int] = {}
+    if older:
+        uniform = uniform_impressions(read_training(lake, older, columns=TRAIN_COLUMNS))
+        kept = dict(Counter(uniform.filter(uniform.column("is_logged")).column("ds").to_pylist()))
+        table = pa.concat_tables([uniform, table], promote_options="default")
     # Spark writes rows in no fixed order; a fixed order makes a rerun train the same model.
     table = table.sort_by([("ts", "ascending"), ("event_id", "ascending"), ("is_logged", "ascending")])
     arrays = logged_arrays(table)
@@ -69,10 +80,17 @@ def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = N
     result.booster.save_model(str(run_dir / "model.txt"), num_iteration=result.booster.best_iteration or None)
     info = result.train_json(cfg)
     info.update(ds=ds, heldout_ds=heldout, cold_start_split=is_cold_start(days, heldout),
-                window={"days": days, "first_ds": days[0], "last_ds": days[-1], "window_days": window_days})
+                window={"days": days, "first_ds": days[0], "last_ds": days[-1], "window_days": window_days,
+                        "exploration_horizon_days": exploration_horizon_days,
+                        "exploration_impressions": kept})
     info["timings"]["load_s"] = round(load_s, 3)
     (run_dir / "train.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
+
+
+def train_config(s: Any) -> TrainConfig:
+    """The reward model's settings from keyart.config.Settings (``train_weighting``)."""
+    return TrainConfig(weighting=s.train_weighting)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = settings()
     lake = Lake(args.lake or s.lake)
-    info = train_run(lake, args.ds, args.window_days or s.training_window_days, run_dir=args.run_dir)
+    info = train_run(lake, args.ds, args.window_days or s.training_window_days, cfg=train_config(s),
+                     run_dir=args.run_dir, exploration_horizon_days=s.training_exploration_horizon_days)
     v = info["metrics"]["valid"]
     print(f"trained on {info['window']['first_ds']}..{info['window']['last_ds']} "
           f"({info['rows']['train']} + {info['rows']['valid']} rows, {info['best_iteration']} trees): "

@@ -48,14 +48,54 @@ def test_decay_update_and_ess_cap(spark):
     assertDataFrameEqual(got, frame(spark, "priors", expected))
 
 
-def test_importance_weights_are_self_normalised_per_artwork(spark):
+def test_importance_weighted_evidence_counts_its_effective_sample_size(spark):
     rewards = frame(spark, "rewards", labels("t1-a0", [1, 1], propensity=0.8) + labels("t1-a0", [0, 0], propensity=0.2))
     previous = frame(spark, "priors", [prior("t1", "t1-a0", 0.0, 0.0, 0.0)])
     row = priors.transform(previous, rewards, arts(spark, "t1-a0"), members(spark), params()).where("segment = 'all'").first()
-    # w = 1/(2*0.8) = 0.625 on the successes, 1/(2*0.2) = 2.5 on the failures; sum of weights rescaled to 4
-    assert row["alpha"] == pytest.approx(4 * 1.25 / 6.25)
-    assert row["beta"] == pytest.approx(4 - 4 * 1.25 / 6.25)
-    assert row["n_impressions"] == 4.0
+    # w = 1/(2*0.8) = 0.625 on the successes, 1/(2*0.2) = 2.5 on the failures: mean 1.25 / 6.25,
+    # worth (sum w)^2 / sum w^2 = 6.25^2 / (2 * 0.625^2 + 2 * 2.5^2) impressions, not 4
+    ess = 6.25 ** 2 / (2 * 0.625 ** 2 + 2 * 2.5 ** 2)
+    assert row["alpha"] == pytest.approx(ess * 1.25 / 6.25)
+    assert row["beta"] == pytest.approx(ess * (1 - 1.25 / 6.25))
+    assert row["n_impressions"] == pytest.approx(ess)
+
+
+def test_a_few_high_weight_impressions_do_not_make_an_exploited_artwork_look_certain(spark):
+    """An exploiting policy showed a0 400 times at propensity 0.95 and 4 times at its floor: the
+    weighted mean leans on the 4, so the posterior must stay about as wide as 4-ish impressions."""
+    rewards = frame(spark, "rewards", labels("t1-a0", [1] * 40 + [0] * 360, propensity=0.95)
+                    + labels("t1-a0", [0] * 4, propensity=0.01))
+    previous = frame(spark, "priors", [prior("t1", "t1-a0", 0.0, 0.0, 0.0)])
+    row = priors.transform(previous, rewards, arts(spark, "t1-a0"), members(spark), params()).where("segment = 'all'").first()
+    w_hi, w_lo = 1 / (2 * 0.95), 1 / (2 * 0.01)
+    mean = 40 * w_hi / (400 * w_hi + 4 * w_lo)
+    ess = (400 * w_hi + 4 * w_lo) ** 2 / (400 * w_hi ** 2 + 4 * w_lo ** 2)
+    assert row["alpha"] / (row["alpha"] + row["beta"]) == pytest.approx(mean)
+    assert row["n_impressions"] == pytest.approx(ess) and ess < 20  # was counted as 404
+
+
+def test_posterior_accumulates_day_after_day_like_a_thompson_sampler(spark):
+    """Without decay, two daily updates give the posterior of both days' evidence at once."""
+    arts_ = arts(spark, "t1-a0", "t1-a1")
+    start = frame(spark, "priors", [prior("t1", "t1-a0", 1, 9, 0), prior("t1", "t1-a1", 1, 9, 0)])
+    day1 = labels("t1-a0", [1] * 3 + [0] * 17) + labels("t1-a1", [1] * 6 + [0] * 14)
+    day2 = labels("t1-a0", [1] * 2 + [0] * 18, member_id="m2") + labels("t1-a1", [1] * 7 + [0] * 13, member_id="m2")
+    p = params(half_life_days=1e12, max_ess=1e9)
+    after1 = priors.transform(start, frame(spark, "rewards", day1), arts_, members(spark), p)
+    after2 = priors.transform(after1, frame(spark, "rewards", day2), arts_, members(spark), p)
+    got = {r["artwork_id"]: (r["alpha"], r["beta"], r["n_impressions"]) for r in after2.where("segment = 'all'").collect()}
+    assert got["t1-a0"] == pytest.approx((1 + 5, 9 + 35, 40))
+    assert got["t1-a1"] == pytest.approx((1 + 13, 9 + 27, 40))
+
+
+def test_default_decay_and_cap_leave_room_to_learn():
+    """The decay forgets slowly (a month's half-life) and the cap sits above the steady state of
+    an artwork with 1000 effective impressions a day, so the cap never replaces the decay."""
+    from keyart.config import Settings
+
+    p = priors.PriorParams.from_settings(DS, Settings())
+    assert p.half_life_days >= 30
+    assert 1000 / (1 - p.decay) < p.max_ess
 
 
 def test_uniform_logging_policy_gives_plain_counts(spark):

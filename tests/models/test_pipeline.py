@@ -11,9 +11,8 @@ import pytest
 
 from keyart import bundle
 from keyart.feature_spec import N_FEATURES
-from keyart.lake import shift_ds
+from keyart.lake import heldout_day, labelled_days, shift_ds, training_days
 from keyart.models import export as export_mod
-from keyart.models.data import heldout_day, labelled_days, training_days
 from keyart.models.evaluate import evaluate_run
 from keyart.models.export import ParityError, booster_to_onnx, export_bundle, parity_check
 from keyart.policy import PolicyConfig

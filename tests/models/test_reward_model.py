@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from keyart.models.data import feature_array
 from keyart.models.reward_model import (
     TrainConfig,
     classification_metrics,
+    effective_size,
     importance_weights,
     logged_rows,
     time_split,
@@ -127,3 +130,97 @@ def test_training_rejects_bad_input(mutate, match):
     X2, y2 = mutate(X, y)
     with pytest.raises(ValueError, match=match):
         train_reward_model(X2, y2, np.arange(100), np.full(100, 0.5), np.full(100, 2))
+
+
+def test_weightings_sqrt_and_none():
+    p, k = np.array([0.9, 0.05, 0.001]), np.array([2, 2, 2])
+    clipped = np.array([0.5 / 0.9, 0.5 / 0.05, 20.0])
+    np.testing.assert_allclose(importance_weights(p, k, 20.0, "sqrt"), np.sqrt(clipped) / np.sqrt(clipped).mean())
+    np.testing.assert_array_equal(importance_weights(p, k, 20.0, "none"), 1.0)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        importance_weights(p, k, 20.0, "full")
+    assert effective_size(np.ones(10)) == pytest.approx(10)
+    assert effective_size(importance_weights(p, k, 20.0, "clipped")) < effective_size(importance_weights(p, k, 20.0, "sqrt")) < 3
+
+
+def test_weighting_is_a_setting():
+    from keyart.config import Settings
+    from keyart.models.train import train_config
+
+    assert train_config(Settings()).weighting == Settings().train_weighting == TrainConfig().weighting
+    assert train_config(Settings(train_weighting="sqrt")).weighting == "sqrt"
+    with pytest.raises(ValueError, match="weighting"):
+        TrainConfig(weighting="full")
+
+
+def test_validation_is_pooled_over_days():
+    """The newest share of every labelled day, not the tail of the last day alone."""
+    ts = np.r_[np.arange(100), np.arange(100, 200), np.arange(200, 210)]
+    day = np.repeat(["d1", "d2", "d3"], [100, 100, 10])
+    tr, va = time_split(ts, 0.2, day)
+    assert sorted(ts[va]) == [*range(80, 100), *range(180, 200), 208, 209]
+    assert len(tr) + len(va) == len(ts) and not set(tr) & set(va)
+    tr1, va1 = time_split(ts, 0.2)  # without days: the newest 20% overall (days 2 and 3 only)
+    assert ts[va1].min() >= 168
+
+
+def test_trees_floor_follows_the_learning_rate():
+    assert TrainConfig().trees_floor() == 45  # (1 - 0.05)^45 < 0.1
+    assert TrainConfig(learning_rate=0.1).trees_floor() == 22
+    assert TrainConfig(min_trees=5).trees_floor() == 5
+    assert TrainConfig(num_boost_round=30).trees_floor() == 30
+    with pytest.raises(ValueError, match="min_trees"):
+        TrainConfig(min_trees=0)
+
+
+def _day(rng, n, t0, effect):
+    """n synthetic logged rows; feature 3 has effect ``effect`` on the logit."""
+    X = rng.random((n, N_FEATURES)).astype(np.float32)
+    z = -2.5 + 1.5 * X[:, 0] + effect * X[:, 3]
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    return X, y, t0 + np.arange(n)
+
+
+def test_shipped_model_is_refit_on_every_row_with_the_chosen_tree_count():
+    """The newest rows (the validation tail) teach the shipped model too."""
+    rng = np.random.default_rng(0)
+    X, y, ts = _day(rng, 6000, 0, effect=0.0)
+    X[-900:, 7] = 1.0  # something only the newest rows show: a launch late in the day ...
+    X[:-900, 7] = 0.0
+    y[-900:] = (rng.random(900) < 0.6).astype(float)  # ... that does very well
+    cfg = TrainConfig(min_data_in_leaf=50, learning_rate=0.1, num_boost_round=150, early_stopping_rounds=20)
+    res = train_reward_model(X, y, ts, np.full(len(y), 0.5), np.full(len(y), 2), cfg)
+    assert res.info["refit"] and res.info["rows"]["fit"] == len(y)
+    assert res.booster.num_trees() == res.info["best_iteration"] >= cfg.trees_floor()
+    probe = X[:200].copy()
+    probe[:, 7] = 1.0
+    assert res.booster.predict(probe).mean() > 0.3  # the refit model learned it
+    no_refit = train_reward_model(X, y, ts, np.full(len(y), 0.5), np.full(len(y), 2), replace(cfg, refit=False))
+    assert no_refit.booster.predict(probe, num_iteration=no_refit.booster.best_iteration).mean() < 0.2
+
+
+def test_noisy_small_day_still_gets_the_floor_of_trees():
+    rng = np.random.default_rng(3)
+    X, y, ts = _day(rng, 1500, 0, effect=0.0)  # no signal beyond feature 0: early stopping turns at once
+    res = train_reward_model(X, y, ts, np.full(len(y), 0.5), np.full(len(y), 2))
+    assert res.info["early_stopping_iteration"] <= res.info["best_iteration"] == TrainConfig().trees_floor()
+
+
+def test_adding_a_day_of_data_does_not_make_the_model_worse_on_average():
+    """Capacity chosen robustly: over seeds, two days of logs fit fresh data at least as well as one."""
+    gain = []
+    cfg = TrainConfig(learning_rate=0.1, num_boost_round=150, early_stopping_rounds=20)
+    for seed in range(4):
+        rng = np.random.default_rng(100 + seed)
+        X1, y1, t1 = _day(rng, 3000, 0, effect=1.0)
+        X2, y2, t2 = _day(rng, 3000, 10_000, effect=1.0)
+        Xt, yt, _ = _day(rng, 5000, 0, effect=1.0)
+        truth = 1 / (1 + np.exp(-(-2.5 + 1.5 * Xt[:, 0] + 1.0 * Xt[:, 3])))
+
+        fits = []
+        for X, y, ts, day in ((X1, y1, t1, np.repeat("d1", len(y1))),
+                              (np.vstack([X1, X2]), np.r_[y1, y2], np.r_[t1, t2], np.repeat(["d1", "d2"], [len(y1), len(y2)]))):
+            res = train_reward_model(X, y, ts, np.full(len(y), 0.5), np.full(len(y), 2), cfg, day=day)
+            fits.append(float(np.mean((res.booster.predict(Xt) - truth) ** 2)))
+        gain.append(fits[0] - fits[1])
+    assert np.mean(gain) > 0, gain
