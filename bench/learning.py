@@ -114,6 +114,7 @@ def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConf
     }
     if q_ceiling is not None:
         out["greedy, model fit to truth (ceiling)"] = {"value": value(replace(base, name="greedy"), q_ceiling)}
+    out[f"{base.name} (the settings)"] = {"value": value(base, q), "config": asdict(base)}
     for name, over in GRID:
         cfg = replace(base, name=name, **over)
         t0 = time.perf_counter()
