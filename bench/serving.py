@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--titles", type=int, default=40)
     parser.add_argument("--artworks", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--stack", action="store_true", help="the serving tier of `make up` instead: replicas behind "
+                        "HAProxy, 2 vs 1 and the shared online state in Redis vs per process (bench/serving_stack.py)")
 
 
 def _page(bundle_dir: Path, n_titles: int, n_art: int) -> dict[str, Any]:
@@ -284,6 +286,10 @@ def table(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stack:
+        from keyart.bench import serving_stack
+
+        return serving_stack.run(args)
     with tempfile.TemporaryDirectory(prefix="keyart-bench-serving-") as tmp:
         os.environ["KEYART_HOME"] = tmp
         from keyart import config

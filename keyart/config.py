@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     )
     spark_shuffle_partitions: int = Field(default=4, ge=1, description="Shuffle partitions; raise on a cluster (a few per core).")
     spark_driver_memory: str = "4g"
+    spark_bind_address: str = Field(
+        default="127.0.0.1",
+        description="Address the Spark driver binds and advertises (RPC, block manager, UI). Set a routable one "
+        "only where executors run on other machines.")
+    spark_ui: bool = Field(default=False, description="Spark's web UI for the jobs (bound to spark_bind_address when on).")
+    spark_authenticate_secret: str | None = Field(
+        default=None, min_length=16,
+        description="Shared secret for spark.authenticate on a standalone master (its master and workers need the "
+        "same one). Local masters always authenticate with a secret Spark generates per application.")
 
     # --- rewards and features -------------------------------------------------------
     quality_play_minutes: float = Field(default=15.0, gt=0, description="A play of at least this many minutes is a quality play.")
@@ -167,10 +176,25 @@ class Settings(BaseSettings):
     serve_api_keys_file: Path | None = Field(default=None, description="File of API keys for /v1/*, one per line ('#' comments); read at start-up.")
     serve_idempotency_ttl_seconds: float = Field(default=600.0, ge=0, description="How long a /v1/artwork request_id (Idempotency-Key) replays its answer; 0 = off.")
     serve_idempotency_max_bytes: int = Field(default=32 << 20, ge=0, description="Memory bound of the idempotency cache (the oldest answers are dropped first).")
+    bundle_signing_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs every bundle manifest written (the daily run's export); "
+        "default <home>/keys/bundle-signing.pem, generated with its .pub on first use. A path set here must exist.")
+    serve_bundle_public_key: Path | None = Field(
+        default=None,
+        description="Ed25519 public key(s) (PEM, several for a rotation) that bundle signatures must verify with "
+        "before serving swaps a bundle in; default <home>/keys/bundle-signing.pub. A path set here must exist.")
     serve_online_sync_seconds: float = Field(
         default=1.0, ge=0,
         description="How often each worker folds the impression and reward lines the other workers logged (same "
         "log directories) into its online priors, so N workers count what one process would; 0 = at start-up only.")
+    serve_online_state: Literal["local", "redis"] = Field(
+        default="local",
+        description="Where the online priors and the reward de-duplication set live: local = in each process, folding "
+        "the other workers' logs (same directories); redis = shared by every replica in serve_redis_url.")
+    serve_redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="The Redis of serve_online_state=redis.")
+    serve_redis_prefix: str = Field(default="keyart:", min_length=1,
+                                    description="Prefix of every Redis key of the shared online state (one per deployment).")
 
     # --- simulator ------------------------------------------------------------------
     sim_seed: int = 7

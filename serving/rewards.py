@@ -333,6 +333,16 @@ class LogTail:
 _DS_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+def _delay_cdf(h: np.ndarray) -> np.ndarray | None:
+    """F by cohort age from the reward delays ``h`` by bin, or None below MIN_DELAY_REWARDS."""
+    total = h.sum()
+    if total < MIN_DELAY_REWARDS:
+        return None
+    below = np.concatenate([[0.0], np.cumsum(h)[:-1]])
+    # a cohort of age k spans ages k - 1/2 .. k + 1/2 cohorts: half of bin k has arrived
+    return np.concatenate([(below + h / 2.0) / total, [1.0, 1.0]])
+
+
 class _Entry:
     """An impression younger than the reward age limit: matches its reward."""
 
@@ -409,14 +419,7 @@ class LocalState:
 
     def _refresh_cdf(self) -> None:
         self._cdf_dirty = False
-        h = sum(self._delays.values(), np.zeros(DELAY_BINS))
-        total = h.sum()
-        if total < MIN_DELAY_REWARDS:
-            self._cdf = None
-            return
-        below = np.concatenate([[0.0], np.cumsum(h)[:-1]])
-        # a cohort of age k spans ages k - 1/2 .. k + 1/2 cohorts: half of bin k has arrived
-        self._cdf = np.concatenate([(below + h / 2.0) / total, [1.0, 1.0]])
+        self._cdf = _delay_cdf(sum(self._delays.values(), np.zeros(DELAY_BINS)))
 
     def _impression(self, ev: Impression, changed: set[Key]) -> None:
         if ev.digest in self._entries:
@@ -809,3 +812,533 @@ class RewardBook:
     def apply(self, ref: EventRef, reward: int, now_ms: int | None = None) -> None:
         """Count a logged reward in the online priors."""
         self.priors.record(ref, reward, int(time.time() * 1000) if now_ms is None else now_ms)
+
+
+# --- the shared online state: Redis ------------------------------------------------------
+
+_IMPRESSIONS_LUA = """
+local p, window, maxage, binms, keep, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6])
+local clock = tonumber(redis.call('GET', p .. 'clock') or '0')
+local oldest = -1e12
+if clock > 0 then oldest = math.floor(clock / 86400000) - (keep - 1) end
+local ver = redis.call('INCR', p .. 'ver')
+local newest, newest_text, out, i = clock, nil, {ver}, 7
+local dirty = {}
+while i <= #ARGV do
+  local digest, ts, day, ds, b, w, ww, keys = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3],
+    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  i = i + 8
+  if ts > newest then newest, newest_text = ts, ARGV[i - 7] end
+  local reward = -1
+  if day < oldest or redis.call('EXISTS', p .. 'e:' .. digest) == 1 then
+    reward = -2
+  else
+    local orphan = redis.call('GET', p .. 'o:' .. digest)
+    if orphan then
+      redis.call('DEL', p .. 'o:' .. digest)
+      local sep = string.find(orphan, ':', 1, true)
+      if tonumber(string.sub(orphan, 1, sep - 1)) + maxage > clock then reward = tonumber(string.sub(orphan, sep + 1)) end
+    end
+    for key in string.gmatch(keys, '[^;]+') do
+      local name = 'k:' .. ds .. '|' .. key
+      local h = p .. name
+      if redis.call('HINCRBY', h, 'n', 1) == 1 then redis.call('PEXPIRE', h, ttl) end
+      redis.call('HINCRBYFLOAT', h, b .. ':w', w)
+      redis.call('HINCRBYFLOAT', h, b .. ':ww', ww)
+      if reward >= 0 then
+        redis.call('HINCRBY', h, 'r', 1)
+        redis.call('HINCRBYFLOAT', h, b .. ':rw', w)
+        redis.call('HINCRBYFLOAT', h, b .. ':rww', ww)
+      end
+      dirty[#dirty + 1] = ver
+      dirty[#dirty + 1] = name
+    end
+    if reward >= 0 and reward - ts >= 0 and reward - ts < window then
+      local h = p .. 'dl:' .. ds
+      redis.call('HINCRBY', h, b .. ':' .. math.min(math.floor((reward - ts) / binms), 47), 1)
+      redis.call('PEXPIRE', h, ttl)
+      dirty[#dirty + 1] = ver
+      dirty[#dirty + 1] = 'dl:' .. ds
+    end
+    if (tonumber(b) + 1) * binms + maxage > clock then
+      local rewarded = '0'
+      if reward >= 0 then rewarded = '1' end
+      redis.call('SET', p .. 'e:' .. digest, table.concat({ds, b, w, ww, ARGV[i - 7], rewarded, keys}, ' '),
+        'PX', maxage + 3600000)
+    end
+  end
+  out[#out + 1] = reward
+end
+if newest_text then redis.call('SET', p .. 'clock', newest_text) end
+if #dirty > 0 then redis.call('ZADD', p .. 'dirty', unpack(dirty)) end
+return out
+"""
+"""A page's impressions, atomically. ARGV: prefix, window ms, reward age limit ms, cohort ms,
+kept days, key TTL ms, then per impression: digest (hex), decision ms, day number, ds,
+cohort, w, w^2 (as text: no rounding), 'artwork|segment;...'. Per key ``k:<ds>|<artwork>|<segment>``
+a hash of ``n``, ``r`` and per cohort the sums ``<cohort>:w|ww|rw|rww``; per decision day
+``dl:<ds>`` the reward delays by ``<cohort>:<delay bin>``; ``e:<digest>`` the impression for
+its reward (until the reward age limit passes on the decision clock), ``o:<digest>`` a reward
+that came first; ``dirty`` (sorted set) the version each hash last changed at. Returns
+{version, then per impression the matched reward's ms, -1 (none) or -2 (not counted: a
+duplicate or a day no longer kept)}: the rule of :class:`LocalState`."""
+
+_REWARD_LUA = """
+local p, window, maxage, binms, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local digest, impression, reward = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local clock = tonumber(redis.call('GET', p .. 'clock') or '0')
+local entry = redis.call('GET', p .. 'e:' .. digest)
+local f = {}
+if entry then
+  for part in string.gmatch(entry, '%S+') do f[#f + 1] = part end
+  if (tonumber(f[2]) + 1) * binms + maxage <= clock then entry = false end
+end
+if not entry then
+  redis.call('SET', p .. 'o:' .. digest, impression .. ':' .. ARGV[9], 'PX', maxage + 3600000)
+  return {0, ''}
+end
+if f[6] == '1' then return {0, ''} end
+f[6] = '1'
+redis.call('SET', p .. 'e:' .. digest, table.concat(f, ' '), 'KEEPTTL')
+local ver = redis.call('INCR', p .. 'ver')
+local ds, b, w, ww, ts = f[1], f[2], f[3], f[4], tonumber(f[5])
+for key in string.gmatch(f[7], '[^;]+') do
+  local name = 'k:' .. ds .. '|' .. key
+  redis.call('HINCRBY', p .. name, 'r', 1)
+  redis.call('HINCRBYFLOAT', p .. name, b .. ':rw', w)
+  redis.call('HINCRBYFLOAT', p .. name, b .. ':rww', ww)
+  redis.call('ZADD', p .. 'dirty', ver, name)
+end
+if reward - ts >= 0 and reward - ts < window then
+  local h = p .. 'dl:' .. ds
+  redis.call('HINCRBY', h, b .. ':' .. math.min(math.floor((reward - ts) / binms), 47), 1)
+  redis.call('PEXPIRE', h, ttl)
+  redis.call('ZADD', p .. 'dirty', ver, 'dl:' .. ds)
+end
+return {ver, entry}
+"""
+"""A reward of 1, atomically. ARGV: the same six, then digest (hex), decision ms, reward ms.
+Returns {version, the impression's entry} when counted, {0, ''} otherwise (kept as an
+orphan until its impression arrives, or a second reward for the impression)."""
+
+_CLOCK_LUA = """
+local now = tonumber(ARGV[2])
+if now > tonumber(redis.call('GET', ARGV[1] .. 'clock') or '0') then
+  redis.call('SET', ARGV[1] .. 'clock', ARGV[2])
+end
+return redis.call('GET', ARGV[1] .. 'clock')
+"""
+
+
+class OnlineStateUnavailable(RuntimeError):
+    """The shared online state does not answer at start-up."""
+
+
+class RedisState:
+    """:class:`OnlineState` shared by every replica through Redis, by the rule of
+    :class:`LocalState`: whatever replica a page or a reward reaches, every replica's
+    evidence is what one process counting all of them holds.
+
+    Writes are one Lua script per page (its impressions) or per reward: atomic, one round
+    trip. Per key and cohort Redis holds the sums of w, w^2 and of the rewarded ones; per
+    day the reward delays by cohort; the impressions younger than the reward age limit (for
+    their rewards) and the claimed event ids (``SET NX``, so a duplicate reward on another
+    replica is refused). Cohorts close on the shared decision clock (the newest decision
+    time any replica saw). Each replica reads evidence from its own mirror of the sums:
+    its own writes enter it at once, the others' with :meth:`sync` (the hashes changed
+    since the last one, read in one transaction with the version they are current at).
+
+    The first replica to find the prefix empty (a first start, or a Redis that lost its
+    data: every replica notices by the seeding token) folds the kept days' logs in
+    (:meth:`seed`), so the state is the logs' as :class:`LocalState` rebuilds it.
+
+    A Redis error on an impression or a reward is logged and counted (``errors``); the
+    event is in the durable logs and the next day's priors, only today's online delta
+    misses it. A claim that cannot reach Redis is refused with 503 (retry), never accepted
+    twice.
+    """
+
+    def __init__(self, client: Any, prefix: str, window_s: float, max_age_s: float, wall_clock: bool = False,
+                 logs: Sequence[tuple[LogTail, str]] = ()):
+        self.client, self.prefix = client, prefix
+        self.logs = list(logs)  # folded into an empty Redis by the first sync
+        self._epoch: bytes | None = None  # the token of the seeding this mirror was read after
+        self._forgotten = ""  # the oldest kept day when old change marks were last dropped
+        self.window_ms = int(window_s * 1000)
+        self.max_age_ms = int(max_age_s * 1000)
+        self.bin_ms = max(1, -(-self.window_ms // DELAY_BINS))
+        self.wall_clock = wall_clock
+        self.clock_ms = 0
+        self.errors = 0
+        ttl_ms = (KEEP_DAYS + 1) * _DAY_MS
+        self._args = [prefix, self.window_ms, self.max_age_ms, self.bin_ms, KEEP_DAYS, ttl_ms]
+        self._impressions_script = client.register_script(_IMPRESSIONS_LUA)
+        self._reward_script = client.register_script(_REWARD_LUA)
+        self._clock_script = client.register_script(_CLOCK_LUA)
+        self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._since = 0                                        # versions up to this one were read
+        self._snapshot: dict[Key, int] = {}                    # key -> version its mirror was read at
+        self._delay_snapshot: dict[str, int] = {}              # decision day -> the same for its delays
+        self._closed: dict[Key, list[float]] = {}              # key -> [sw, sww, swr]
+        self._young: dict[Key, dict[int, list[float]]] = {}    # key -> cohort -> [sw, sww, rewarded sw, sww]
+        self._counts: dict[Key, list[int]] = {}
+        self._delays: dict[str, dict[int, np.ndarray]] = {}    # decision day -> cohort -> delays by bin
+        self._cdf: np.ndarray | None = None
+        self._clock_bin = 0
+        self._cache: dict[Key, tuple[float, float, float]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, window_s: float, max_age_s: float, wall_clock: bool = False,
+                 logs: Sequence[tuple[LogTail, str]] = (), timeout_s: float = 2.0) -> RedisState:
+        try:
+            import redis
+        except ImportError:
+            raise OnlineStateUnavailable("serve_online_state=redis needs the redis client: pip install redis") from None
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                      health_check_interval=30)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise OnlineStateUnavailable(f"serve_online_state=redis: no Redis answers at {url} ({exc})") from None
+        return cls(client, prefix, window_s, max_age_s, wall_clock, logs)
+
+    # -- the mirror (lock held) --------------------------------------------------------
+    def _closed_bin(self, b: int) -> bool:
+        return (b + 1) * self.bin_ms + self.window_ms <= self.clock_ms
+
+    def _oldest_day(self) -> str:
+        return "" if self.clock_ms <= 0 else _ds_of_day(self.clock_ms // _DAY_MS - (KEEP_DAYS - 1))
+
+    def _add(self, key: Key, b: int, sums: tuple[float, float, float, float], n: int, r: int) -> None:
+        if self._closed_bin(b):
+            c = self._closed.setdefault(key, [0.0, 0.0, 0.0])
+            c[0] += sums[0]
+            c[1] += sums[1]
+            c[2] += sums[2]
+        else:
+            y = self._young.setdefault(key, {}).setdefault(b, [0.0, 0.0, 0.0, 0.0])
+            for j in range(4):
+                y[j] += sums[j]
+        c = self._counts.setdefault(key, [0, 0])
+        c[0] += n
+        c[1] += r
+        self._cache.pop(key, None)
+
+    def _add_delay(self, ds: str, b: int, delay_ms: int, version: int, changed: set[Key]) -> None:
+        if 0 <= delay_ms < self.window_ms and self._delay_snapshot.get(ds, -1) < version:
+            self._delays.setdefault(ds, {}).setdefault(b, np.zeros(DELAY_BINS))[
+                min(delay_ms // self.bin_ms, DELAY_BINS - 1)] += 1
+            if self._closed_bin(b) and self._refresh_cdf():
+                changed.update(self._young)
+
+    def _set_key(self, key: Key, fields: dict[bytes, bytes], version: int) -> None:
+        """The mirror of a key from its hash as read at ``version``."""
+        self._snapshot[key] = version
+        self._closed.pop(key, None)
+        self._young.pop(key, None)
+        self._cache.pop(key, None)
+        bins: dict[int, list[float]] = {}
+        counts = [0, 0]
+        for name, value in fields.items():
+            label, _, part = name.decode().partition(":")
+            if not part:
+                counts["nr".index(label)] = int(value)
+                continue
+            slot = ("w", "ww", "rw", "rww").index(part)
+            bins.setdefault(int(label), [0.0, 0.0, 0.0, 0.0])[slot] = float(value)
+        self._counts[key] = counts
+        for b, sums in bins.items():
+            self._add(key, b, (sums[0], sums[1], sums[2], sums[3]), 0, 0)
+
+    def _set_delays(self, ds: str, fields: dict[bytes, bytes], version: int) -> None:
+        self._delay_snapshot[ds] = version
+        cohorts: dict[int, np.ndarray] = {}
+        for name, value in fields.items():
+            b, _, d = name.decode().partition(":")
+            cohorts.setdefault(int(b), np.zeros(DELAY_BINS))[int(d)] = int(value)
+        self._delays[ds] = cohorts
+
+    def _refresh_cdf(self) -> bool:
+        """F from the delays of the closed cohorts of the kept days; True if it changed."""
+        oldest = self._oldest_day()
+        h = np.zeros(DELAY_BINS)
+        for ds, cohorts in self._delays.items():
+            if ds >= oldest:
+                for b, counts in cohorts.items():
+                    if self._closed_bin(b):
+                        h += counts
+        cdf = _delay_cdf(h)
+        if (cdf is None) != (self._cdf is None) or (cdf is not None and not np.array_equal(cdf, self._cdf)):
+            self._cdf = cdf
+            self._cache.clear()
+            return True
+        return False
+
+    def _advance(self, now_ms: int, changed: set[Key]) -> None:
+        if now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        cb = self.clock_ms // self.bin_ms
+        if cb == self._clock_bin:
+            return
+        self._clock_bin = cb
+        for key, cohorts in list(self._young.items()):
+            for b in [b for b in cohorts if self._closed_bin(b)]:
+                sw, sww, swr, _ = cohorts.pop(b)
+                c = self._closed.setdefault(key, [0.0, 0.0, 0.0])
+                c[0] += sw
+                c[1] += sww
+                c[2] += swr
+                changed.add(key)
+            if not cohorts:
+                del self._young[key]
+        oldest = self._oldest_day()
+        for table in (self._closed, self._young, self._counts, self._snapshot):
+            for key in [k for k in table if k[0] < oldest]:
+                del table[key]
+        for ds in [ds for ds in self._delays if ds < oldest]:
+            del self._delays[ds]
+            self._delay_snapshot.pop(ds, None)
+        self._refresh_cdf()
+        self._cache.clear()
+        changed.update(self._young)  # their open cohorts are older now: F moved
+
+    def _f(self, b: int) -> float:
+        cdf = self._cdf
+        return 0.0 if cdf is None else float(cdf[min(max(self._clock_bin - b, 0), len(cdf) - 1)])
+
+    # -- OnlineState -----------------------------------------------------------------------
+    def add_impressions(self, events: Sequence[Impression]) -> set[Key]:
+        if not events:
+            return set()
+        args: list[Any] = list(self._args)
+        rows = []
+        for ev in events:
+            ds = _utc_ds(ev.ts_ms)
+            keys = ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL),) if ev.segment == feature_spec.SEGMENT_ALL \
+                else ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL), (ds, ev.artwork_id, ev.segment))
+            b, w = ev.ts_ms // self.bin_ms, ev.weight
+            ww = w * w
+            args += [ev.digest.hex(), ev.ts_ms, ev.ts_ms // _DAY_MS, ds, b, repr(w), repr(ww),
+                     ";".join(f"{k[1]}|{k[2]}" for k in keys)]
+            rows.append((ev, ds, keys, b, w, ww))
+        try:
+            out = self._impressions_script(args=args)
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the logs keep the impressions
+            self._failed("impressions", exc)
+            return set()
+        version = int(out[0])
+        changed: set[Key] = set()
+        with self._lock:
+            for (ev, ds, keys, b, w, ww), reward in zip(rows, out[1:], strict=True):
+                reward = int(reward)
+                if reward == -2:
+                    continue
+                rewarded = reward >= 0
+                for k in keys:
+                    if self._snapshot.get(k, -1) < version:
+                        self._add(k, b, (w, ww, w, ww) if rewarded else (w, ww, 0.0, 0.0), 1, int(rewarded))
+                if rewarded:
+                    self._add_delay(ds, b, reward - ev.ts_ms, version, changed)
+                changed.update(keys)
+            self._advance(max(ev.ts_ms for ev in events), changed)
+        return changed
+
+    def claim(self, ref: EventRef, now_ms: int) -> bool:
+        try:
+            return bool(self.client.set(f"{self.prefix}s:{ref.digest.hex()}", b"1", nx=True,
+                                        px=self.max_age_ms + 3_600_000))
+        except Exception as exc:  # noqa: BLE001 - never accept a reward that may be a duplicate
+            self._failed("claim", exc)
+            raise RewardRefused(503, "unavailable", "the online state does not answer; retry") from None
+
+    def release(self, ref: EventRef) -> None:
+        try:
+            self.client.delete(f"{self.prefix}s:{ref.digest.hex()}")
+        except Exception as exc:  # noqa: BLE001 - a retry of this reward is then refused as a duplicate
+            self._failed("release", exc)
+
+    def add_reward(self, ref: EventRef, reward: int, ts_ms: int) -> set[Key]:
+        if not reward:
+            return set()
+        try:
+            version, entry = self._reward_script(args=[*self._args, ref.digest.hex(), ref.ts_ms, ts_ms])
+        except Exception as exc:  # noqa: BLE001 - the reward is in the log; the online delta misses it
+            self._failed("reward", exc)
+            return set()
+        if not version:
+            return set()
+        ds, b, w, ww, ts, _, keys_text = entry.decode().split(" ")
+        b, w, ww = int(b), float(w), float(ww)
+        keys = [(ds, *k.split("|", 1)) for k in keys_text.split(";")]
+        changed: set[Key] = set()
+        with self._lock:
+            for k in keys:
+                if self._snapshot.get(k, -1) < int(version):
+                    self._add(k, b, (0.0, 0.0, w, ww), 0, 1)
+            self._add_delay(ds, b, ts_ms - int(ts), int(version), changed)
+            changed.update(keys)
+        return changed
+
+    def seed(self) -> bool:
+        """Fold the kept days' logs into Redis if this prefix holds no state yet (a first
+        start, or a Redis that lost its data), as :meth:`LocalState.sync` folds them at
+        start-up: rewards first, then impressions. One replica does it (``SET NX``)."""
+        if not self.client.set(self.prefix + "seeded", os.urandom(8).hex().encode(), nx=True):
+            return False
+        if not self.logs:
+            return True
+        tails = [(LogTail(t.root, t.prefix), kind) for t, kind in self.logs]  # every line, this process's too
+        days = sorted({d for t, kind in tails if kind == "impressions" for d in t.days()})
+        if not days:
+            return True
+        first = (dt.date.fromisoformat(days[-1]) - dt.timedelta(days=KEEP_DAYS - 1)).isoformat()
+        for t, kind in tails:
+            if kind != "rewards":
+                continue
+            for ds in [d for d in t.days() if d >= first]:
+                for payload in t.read(ds):
+                    try:
+                        row = orjson.loads(payload)
+                        parsed = _parts(row["event_id"])
+                        reward_ms, reward = _ms(row["ts"]), int(row.get("reward", 0))
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                        continue
+                    if parsed is None:
+                        continue
+                    ref = EventRef(row["event_id"], parsed[0], parsed[1], str(row.get("artwork_id", "")), parsed[2])
+                    if self.claim(ref, reward_ms) and reward:
+                        self.add_reward(ref, reward, reward_ms)
+        for t, kind in tails:
+            if kind != "impressions":
+                continue
+            for ds in [d for d in t.days() if first <= d <= days[-1]]:
+                batch: list[Impression] = []
+                for payload in t.read(ds):
+                    try:
+                        ev = Impression.from_row(orjson.loads(payload))
+                    except orjson.JSONDecodeError:
+                        continue
+                    if ev is not None:
+                        batch.append(ev)
+                    if len(batch) >= 500:
+                        self.add_impressions(batch)
+                        batch = []
+                self.add_impressions(batch)
+        return True
+
+    def sync(self) -> set[Key]:
+        """Read what changed in Redis since the last call (at start-up: everything kept,
+        after :meth:`seed`)."""
+        epoch = self.client.get(self.prefix + "seeded")
+        if epoch is None or epoch != self._epoch:
+            # first start, or Redis lost its data (restarted without persistence, flushed):
+            # the state is rebuilt from the logs (by one replica), and this mirror from it
+            with self._lock:
+                for table in (self._closed, self._young, self._counts, self._delays, self._snapshot,
+                              self._delay_snapshot, self._cache):
+                    table.clear()
+                self._since = 0
+            self.seed()
+            self._epoch = self.client.get(self.prefix + "seeded")
+        with self._sync_lock:
+            if self.wall_clock:
+                self._clock_script(args=[self.prefix, int(time.time() * 1000)])
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self.prefix + "ver")
+                pipe.zrangebyscore(self.prefix + "dirty", f"({self._since}", "+inf")
+                since, names = pipe.execute()
+            names = [n.decode() for n in names]
+            with self.client.pipeline(transaction=True) as pipe:
+                for n in names:
+                    pipe.hgetall(self.prefix + n)
+                pipe.get(self.prefix + "clock")
+                pipe.get(self.prefix + "ver")
+                *hashes, clock, version = pipe.execute()
+            version = int(version or 0)
+            changed: set[Key] = set()
+            with self._lock:
+                self._advance(int(clock or 0), changed)
+                oldest = self._oldest_day()
+                for n, fields in zip(names, hashes, strict=True):
+                    kind, _, rest = n.partition(":")
+                    if kind == "k":
+                        ds, artwork_id, segment = rest.split("|", 2)
+                        if ds >= oldest:
+                            self._set_key((ds, artwork_id, segment), fields, version)
+                            changed.add((ds, artwork_id, segment))
+                    elif kind == "dl" and rest >= oldest:
+                        self._set_delays(rest, fields, version)
+                if self._refresh_cdf():
+                    changed.update(self._young)
+            self._since = int(since or 0)
+            self._forget_days()
+        return changed
+
+    def _forget_days(self) -> None:
+        """Once a day: drop the change marks of days no longer kept (their hashes expire by
+        their TTL), so the set of marks stays as large as the kept days' keys."""
+        oldest = self._oldest_day()
+        if oldest == self._forgotten:
+            return
+        old = [n for n, _ in self.client.zscan_iter(self.prefix + "dirty", count=1000)
+               if n.decode().partition(":")[2][:10] < oldest]
+        for i in range(0, len(old), 1000):
+            self.client.zrem(self.prefix + "dirty", *old[i:i + 1000])
+        self._forgotten = oldest
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        import logging
+
+        logging.getLogger("keyart.serving").warning("online state (Redis) %s failed: %s", what, exc)
+
+    def evidence(self, key: Key) -> tuple[float, float, float]:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+            c = self._closed.get(key)
+            sw, sww, swr = c if c is not None else _ZERO
+            young = self._young.get(key)
+            if self._cdf is not None and young:
+                yw = yww = rw = rww = 0.0
+                for b, (w, ww, r1, r2) in young.items():
+                    f = self._f(b)
+                    yw += f * w
+                    yww += f * ww
+                    rw += r1
+                    rww += r2
+                sw += max(yw, rw)
+                sww += max(yww, rww)
+                swr += rw
+            out = weighted_evidence(sw, sww, swr)
+            self._cache[key] = out
+            return out
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._closed.keys() | self._young.keys())
+
+    def day(self) -> str:
+        return _utc_ds(self.clock_ms) if self.clock_ms > 0 else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+
+    def counts(self, key: Key) -> tuple[int, int]:
+        with self._lock:
+            c = self._counts.get(key, (0, 0))
+            return (c[0], c[1])
+
+    @property
+    def delay_cdf(self) -> np.ndarray | None:
+        return self._cdf
+
+
+def online_state(settings: Any, window_s: float, max_age_s: float, logs: Sequence[tuple[LogTail, str]] = (),
+                 wall_clock: bool = False) -> OnlineState:
+    """The online state ``serve_online_state`` names: this process's (folding the other
+    workers' ``logs``) or Redis's at ``serve_redis_url`` under ``serve_redis_prefix``."""
+    if getattr(settings, "serve_online_state", "local") == "redis":
+        return RedisState.from_url(settings.serve_redis_url, settings.serve_redis_prefix, window_s, max_age_s,
+                                   wall_clock=wall_clock, logs=logs)
+    return LocalState(window_s, max_age_s, logs=logs, wall_clock=wall_clock)

@@ -7,8 +7,12 @@ One stack for the module, on free ports, its own databases (``<name>_airflow``,
 * every component comes up healthy, listening on 127.0.0.1 only, with a login on Airflow
   and an API key on serving;
 * two replicas answer through HAProxy;
+* the replicas share their online state in Redis: a reward posted to one and its duplicate
+  posted to the other is refused (409), and the shared counts and evidence equal, key by
+  key, one process folding every replica's logs;
 * kill -9 of one replica under a bounded load: the balancer keeps answering and every
-  acknowledged decision is in the replicas' impression logs; ``up`` brings the replica back;
+  acknowledged decision is in the replicas' impression logs; ``up`` brings the replica back
+  and returns only once every component is healthy in one pass;
 * a day through the scheduler: the DAG unpaused, its scheduled run for yesterday runs the
   Spark jobs on the standalone master and the model steps against the MLflow server, the
   gate names a champion and both replicas pick it up;
@@ -65,8 +69,9 @@ def keyart(env: dict[str, str], *args: str, timeout: float = 1200) -> str:
 
 
 class Stack:
-    def __init__(self, state: Path):
+    def __init__(self, state: Path, history: subprocess.Popen | None = None):
         self.state = state
+        self.history = history  # the world's history being ingested on the master (see the fixture)
         self.env = stk.read_env(state)
         self.port = {k[len("STACK_PORT_"):]: int(v) for k, v in self.env.items() if k.startswith("STACK_PORT_")}
         self.balancer = f"http://127.0.0.1:{self.port['BALANCER']}"
@@ -124,15 +129,32 @@ def stack(tmp_path_factory):
     # A small world whose first traffic day is yesterday: the day the scheduler will run.
     keyart(world_env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
            "--history-days", str(HISTORY_DAYS), "--start", DAY)
-    keyart(world_env, "traffic", "--lake", str(lake), "--ds", DAY, "--policy", "random", "--visits", "150")
-    stack_id = None
+    # the day's traffic is written while the stack starts (nothing of the stack reads it before the DAG)
+    logs = state.parent / "test-logs"
+    logs.mkdir()
+    with open(logs / "traffic.log", "wb") as out:
+        traffic = subprocess.Popen([sys.executable, "-m", "keyart.cli", "traffic", "--lake", str(lake), "--ds", DAY,
+                                    "--policy", "random", "--visits", "150"], env=world_env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    stack_id = history = None
     try:
         up = driver("up", "--state-dir", str(state), "--name", name, "--free-ports", "--timeout", "900")
         if stk.env_path(state).exists():
             stack_id = stk.read_env(state)["KEYART_STACK_ID"]
         assert up.returncode == 0, f"stack up failed:\n{up.stdout[-3000:]}\n{up.stderr[-6000:]}"
-        yield Stack(state)
+        assert traffic.wait(timeout=1200) == 0, (logs / "traffic.log").read_text()[-4000:]
+        # The world's history, ingested on the standalone master while the serving tests run
+        # (the scheduled day's training window needs it; the DAG runs the day itself).
+        with open(logs / "history-ingest.log", "wb") as out:
+            history = subprocess.Popen([sys.executable, "-m", "keyart.cli", "job", "ingest", "--ds", HISTORY_START,
+                                        "--through", HISTORY_END], env=stk.process_environ(stk.read_env(state)),
+                                       stdout=out, stderr=subprocess.STDOUT)
+        yield Stack(state, history)
     finally:
+        for proc in (traffic, history):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if stack_id is not None:
             down = driver("down", "--state-dir", str(state), "--purge", timeout=600)
             left = stk.stack_processes(stack_id)
@@ -200,6 +222,69 @@ def test_two_replicas_answer_through_the_balancer(stack):
         assert client.post("/v1/artwork", json=stack.page(members[0], titles[:2]),
                            headers={"X-API-Key": "not-the-key-not-the-key"}).status_code == 401
     assert set(seen) == {"serve-1", "serve-2"}, seen
+
+
+def test_a_duplicate_reward_on_the_other_replica_is_refused(stack):
+    if not stk.online_state_settings(stack.env):
+        pytest.skip("serving keeps its online state per process (no shared-state settings in keyart.config yet)")
+    titles, members = _catalog(Path(stack.env["KEYART_LAKE_ROOT"]))
+    a, b = (f"http://127.0.0.1:{stack.port[f'SERVE_{r}']}" for r in stk.REPLICAS)
+    decision = httpx.post(f"{a}/v1/artwork", json=stack.page(members[1], titles[:3]), headers=stack.key,
+                          timeout=30).json()["decisions"][0]
+    reward = {"event_id": decision["event_id"], "reward": 1, "minutes": 30.0}
+    assert httpx.post(f"{a}/v1/reward", json=reward, headers=stack.key, timeout=30).status_code == 200
+    assert httpx.post(f"{b}/v1/reward", json=reward, headers=stack.key, timeout=30).status_code == 409
+
+
+def _online_prefix(stack) -> str:
+    return stk.ONLINE_STATE_SETTINGS["serve_redis_prefix"].format(name=stack.env["KEYART_STACK_NAME"])
+
+
+def test_the_replicas_count_what_one_process_counts(stack):
+    """Pages through the balancer, rewards posted to either replica and each one's duplicate
+    to the other: the shared online state, read back from Redis as a replica reads it, holds
+    key by key the counts and evidence of one process folding every replica's logs, and
+    every reward is in the reward log once. (Before the kill test: an impression logged by
+    a replica killed before it reached Redis was never acknowledged, and is in the log only.)"""
+    if not stk.online_state_settings(stack.env):
+        pytest.skip("serving keeps its online state per process (no shared-state settings in keyart.config yet)")
+    from keyart.config import Settings
+    from keyart.serving.rewards import LocalState, LogTail, RedisState
+
+    lake = Path(stack.env["KEYART_LAKE_ROOT"])
+    titles, members = _catalog(lake)
+    replicas = [f"http://127.0.0.1:{stack.port[f'SERVE_{r}']}" for r in stk.REPLICAS]
+    decisions, answered_by, rewarded = [], set(), 0
+    with httpx.Client(headers=stack.key, timeout=30) as client:
+        for i in range(30):
+            resp = client.post(f"{stack.balancer}/v1/artwork", json=stack.page(members[20 + i], titles[i % 20: i % 20 + 5]))
+            assert resp.status_code == 200, resp.text
+            answered_by.add(resp.headers["x-keyart-replica"])
+            decisions += resp.json()["decisions"]
+        for j, d in enumerate(decisions[::3]):
+            first, second = replicas[j % 2], replicas[1 - j % 2]
+            reward = {"event_id": d["event_id"], "reward": int(j % 4 != 3), "minutes": 20.0}
+            assert client.post(f"{first}/v1/reward", json=reward).status_code == 200
+            assert client.post(f"{second}/v1/reward", json=reward).status_code == 409
+            rewarded += reward["reward"]
+    assert answered_by == {"serve-1", "serve-2"}
+
+    window_s = Settings.model_fields["attribution_window_hours"].default * 3600
+    shared = RedisState.from_url(stack.env["STACK_REDIS_URL"], _online_prefix(stack), window_s, window_s + 3600)
+    shared.sync()
+    one = LocalState(window_s, window_s + 3600, logs=[(LogTail(lake / "raw" / "impressions", "impressions"), "impressions"),
+                                                       (LogTail(lake / "raw" / "rewards", "rewards"), "rewards")])
+    one.sync()
+    one._advance(shared.clock_ms, set())  # the replicas' shared clock (they move it to the wall clock)
+    keys = sorted(one.keys())
+    assert keys and sorted(shared.keys()) == keys
+    for k in keys:
+        assert shared.counts(k) == one.counts(k), k
+        assert shared.evidence(k) == pytest.approx(one.evidence(k), rel=1e-9, abs=1e-9), k
+    assert sum(shared.counts(k)[1] for k in keys if k[2] == "all") >= rewarded > 0
+    ids = [json.loads(line)["event_id"] for path in (lake / "raw" / "rewards").glob("ds=*/rewards-*.jsonl")
+           for line in path.read_bytes().splitlines() if line.strip()]
+    assert len(ids) == len(set(ids)) >= len(decisions[::3])
 
 
 def test_kill_9_of_a_replica_under_load_loses_no_acknowledged_decision(stack):
@@ -272,24 +357,15 @@ def test_kill_9_of_a_replica_under_load_loses_no_acknowledged_decision(stack):
     # `up` again started what was not running: the replica is back, the rest was kept
     assert again.returncode == 0, again.stderr[-4000:]
     assert "started  serve-1" in again.stdout and "started  mlflow" not in again.stdout, again.stdout
-    assert stk.status(stack.state)["up"]
-
-
-def test_a_duplicate_reward_on_the_other_replica_is_refused(stack):
-    if not stk.online_state_settings(stack.env):
-        pytest.skip("serving keeps its online state per process (no shared-state settings in keyart.config yet)")
-    titles, members = _catalog(Path(stack.env["KEYART_LAKE_ROOT"]))
-    a, b = (f"http://127.0.0.1:{stack.port[f'SERVE_{r}']}" for r in stk.REPLICAS)
-    decision = httpx.post(f"{a}/v1/artwork", json=stack.page(members[1], titles[:3]), headers=stack.key,
-                          timeout=30).json()["decisions"][0]
-    reward = {"event_id": decision["event_id"], "reward": 1, "minutes": 30.0}
-    assert httpx.post(f"{a}/v1/reward", json=reward, headers=stack.key, timeout=30).status_code == 200
-    assert httpx.post(f"{b}/v1/reward", json=reward, headers=stack.key, timeout=30).status_code == 409
+    report = stk.status(stack.state)
+    assert report["up"], f"{json.dumps(report, indent=2)}\n{again.stdout}"
 
 
 def test_a_scheduled_day_runs_on_the_spark_master_and_reaches_the_replicas(stack):
-    # the world's history, ingested on the standalone master
-    keyart(stack.process_env, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END, timeout=1500)
+    # the world's history, ingested on the standalone master (started by the fixture)
+    stack.history.wait(timeout=1500)
+    assert stack.history.returncode == 0, ("keyart job ingest of the history failed:\n"
+                                           + (stack.state.parent / "test-logs" / "history-ingest.log").read_text()[-4000:])
 
     with stack.airflow() as client:
         deadline = time.monotonic() + 300
