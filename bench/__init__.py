@@ -15,6 +15,7 @@ BENCHMARKS = {
     "learning": ("keyart.bench.learning", "policy value from ground truth and OPE interval coverage"),
     "serving": ("keyart.bench.serving", "endpoint throughput/latency vs the in-process floor"),
     "loop": ("keyart.bench.loop", "the closed loop over days vs random, non-contextual and VW"),
+    "faults": ("keyart.bench.faults", "bad input, kill -9, disk full, bad bundles, registry outage, bad raw logs"),
 }
 
 

@@ -9,7 +9,8 @@ Every daily bundle is one version of the registered model ``settings.registered_
 
 yields a folder that :func:`keyart.bundle.verify` accepts: serving needs nothing else.
 ``model.onnx`` is the exported file itself, never a re-serialisation, so its checksum
-in ``manifest.json`` holds.
+in ``manifest.json`` holds, and ``manifest.sig`` travels with the manifest, so serving
+can check that the daily run signed what the registry hands out.
 
 Aliases: ``challenger`` is the newest registered candidate, ``champion`` the version
 serving loads. The registered model's tag ``keyart.champion_history`` lists the champion
@@ -108,7 +109,36 @@ def configure(settings: Settings | None = None) -> Settings:
             db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _pin_default_artifact_root(settings)
     return settings
+
+
+_pinned_root: str | None = None
+
+
+def _pin_default_artifact_root(settings: Settings) -> None:
+    """Give MLflow's SQL tracking store keyart's artifact root as its default. A client
+    otherwise opens the store with ``./mlruns``: it creates that folder in whatever directory
+    the process runs in (an empty ``mlruns/`` in a checkout, a task's temporary folder) and
+    gives a fresh database's "Default" experiment that location. MLflow has no setting for
+    this on the client side, so the store builder of the SQL schemes is replaced (private
+    API of mlflow.tracking; checked by tests/integration/test_mlflow_review.py)."""
+    global _pinned_root
+    if urlparse(settings.tracking_uri).scheme in ("http", "https", "databricks"):
+        return
+    root = artifact_location(settings)
+    if root == _pinned_root:
+        return
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    def builder(store_uri: str, artifact_uri: str | None = None) -> Any:
+        return tracking_utils._get_sqlalchemy_store(store_uri, artifact_uri or root)
+
+    for scheme in DATABASE_ENGINES:
+        tracking_utils._register(scheme, builder)
+    tracking_utils._tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    _pinned_root = root
 
 
 def registry_exists(settings: Settings) -> bool:
@@ -207,8 +237,10 @@ class _BundleFlavor:
         onnx_model = onnx.load(str(Path(bundle_dir) / bundle.MODEL_FILE))
         mlflow.onnx.save_model(onnx_model, path, mlflow_model=mlflow_model,
                                save_as_external_data=False, **kwargs)
-        for name in (*bundle.FILES, bundle.MANIFEST):
-            # model.onnx too: the exported bytes, exactly what the manifest checksums.
+        signed = (Path(bundle_dir) / bundle.SIGNATURE_FILE).is_file()
+        for name in (*bundle.FILES, bundle.MANIFEST, *((bundle.SIGNATURE_FILE,) if signed else ())):
+            # model.onnx too: the exported bytes, exactly what the manifest checksums and
+            # manifest.sig signs (serving refuses a version whose signature does not verify).
             shutil.copyfile(Path(bundle_dir) / name, Path(path) / name)
         bundle.verify(Path(path))  # what serving will download must verify before it is uploaded
         mlflow_model.model_size_bytes = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -456,14 +488,21 @@ class Resolved:
     path: Path | None = None  # the folder, for a folder URI
 
 
-def resolve(uri: str, settings: Settings | None = None) -> Resolved | None:
+def resolve(uri: str, settings: Settings | None = None, strict: bool = False) -> Resolved | None:
     """What ``uri`` points at, or None when nothing is there (no such folder or manifest,
-    no registry yet, no such model or alias). Other registry errors propagate."""
+    no registry yet, no such model or alias). Other registry errors propagate. With
+    ``strict``, a folder URI whose folder is missing or whose manifest cannot be read
+    raises :class:`keyart.bundle.BundleError` (reason ``missing_folder``, ``no_manifest``,
+    ``bad_manifest``) instead of giving None: serving reports and counts it."""
     if not uri.startswith(MODELS_SCHEME):
         path = Path(uri.removeprefix("file://")).resolve()
         try:
+            if not path.is_dir():
+                raise bundle.BundleError(f"{path}: no such bundle folder", "missing_folder")
             return Resolved(f"{path}:{bundle.read_manifest(path).version}", path=path)
         except bundle.BundleError:
+            if strict:
+                raise
             return None
     settings = settings or default_settings()
     if not registry_exists(settings):

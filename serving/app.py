@@ -6,6 +6,10 @@ writers, folds the kept days' impression and reward logs into the online priors,
 bundle (or the fallback catalog), starts the alias poller and the periodic fold of the
 other workers' log lines (``serve_online_sync_seconds``); shutdown flushes and fsyncs the logs.
 
+``/docs`` and ``/redoc`` load Swagger UI and ReDoc from the fastapi-offline wheel (no CDN),
+and ``/openapi.json`` carries a request example built from the loaded catalog, so "Try it
+out" sends a page this server can decide.
+
 Every error is JSON ``{"detail": "..."}`` (invalid requests add ``errors``: loc, msg,
 type per field) and never echoes the input, so it always encodes; bodies are parsed by
 orjson, which refuses NaN, Infinity, numbers beyond a double and lone surrogates (422).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import datetime as dt
 import gc
 import hashlib
@@ -36,7 +41,9 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
+from keyart import bundle as kbundle
 from keyart import config
 from keyart.contracts import ID_SCHEMA_PATTERN, MAX_CANDIDATES
 from keyart.lake import Lake
@@ -45,11 +52,11 @@ from keyart.serving.event_log import JsonlLog
 from keyart.serving.metrics import CLIENT_KEY, Guard, GuardMiddleware, Metrics, MetricsMiddleware
 from keyart.serving.rewards import (
     EventSigner,
-    LocalState,
     LogTail,
     OnlinePriors,
     RewardBook,
     RewardRefused,
+    online_state,
 )
 from keyart.serving.schemas import (
     ArtworkRequest,
@@ -242,15 +249,15 @@ def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | 
     impressions = JsonlLog(settings.impression_log_dir, "impressions", **fsync)
     reward_log = JsonlLog(lake.root / "raw" / "rewards", "rewards", **fsync)
     max_age_s = settings.attribution_window_hours * 3600 + 3600
-    state = LocalState(settings.attribution_window_hours * 3600, max_age_s,
-                       logs=[(LogTail(impressions.root, "impressions", own=impressions), "impressions"),
-                             (LogTail(reward_log.root, "rewards", own=reward_log), "rewards")],
-                       wall_clock=not settings.serve_client_clock)
+    state = online_state(settings, settings.attribution_window_hours * 3600, max_age_s,
+                         logs=[(LogTail(impressions.root, "impressions", own=impressions), "impressions"),
+                               (LogTail(reward_log.root, "rewards", own=reward_log), "rewards")],
+                         wall_clock=not settings.serve_client_clock)
     priors = OnlinePriors(state)
 
     def on_swap(b: LoadedBundle) -> None:
         b.prior_alpha, b.prior_beta, b.prior_n = priors.bind(b.artworks, b.priors_ds)
-        metrics.set_model(b.version, b.source)
+        metrics.set_model(b.version, b.source, b.registry_version, b.signed_by)
 
     def on_event(event: str, fields: dict[str, Any]) -> None:
         if event == "bundle_swapped":
@@ -258,6 +265,11 @@ def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | 
             settle_heap()
         elif event == "bundle_refused":
             metrics.bundle_loads.labels(outcome="refused").inc()
+            metrics.bundle_refusals.labels(reason=fields.get("reason", "invalid")).inc()
+        elif event == "bundle_fetch_failed":
+            metrics.bundle_loads.labels(outcome="retry").inc()
+        elif event == "bundle_resolve_failed":
+            metrics.bundle_loads.labels(outcome="resolve_failed").inc()
         log_event(event, fields)
 
     store = BundleStore(settings, model_uri, on_swap=on_swap, on_event=on_event)
@@ -273,8 +285,21 @@ def build_runtime(settings: config.Settings, metrics: Metrics, model_uri: str | 
         metrics.set_model(None, None)
     log_event("serving_ready", {"uri": store.uri, "version": store.current.version if store.current else None,
                                 "fallback": store.current is None, "online_priors": folded,
-                                "api_keys": len(api_keys)})
+                                "api_keys": len(api_keys), "bundle_keys": trusted_key_ids(settings)})
     return rt
+
+
+def trusted_key_ids(s: config.Settings) -> list[str] | str:
+    """The ids of the public keys bundle signatures are checked against (for the start-up
+    log line), or why there are none."""
+    path = kbundle.public_key_path(s)
+    if not path.exists():
+        return f"none: {path} does not exist" + (" (serve_dev_mode: bundles are not checked)" if s.serve_dev_mode else
+                                                 " (every bundle will be refused)")
+    try:
+        return sorted(kbundle.load_public_keys(path))
+    except kbundle.BundleError as exc:
+        return f"none: {exc}"
 
 
 async def sync_online_priors(rt: Runtime, every_s: float) -> None:
@@ -383,9 +408,10 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
             rt.impressions.close()
             rt.reward_log.close()
 
-    app = FastAPI(title="keyart serving", version="1", lifespan=lifespan,
-                  description="Personalized artwork selection with exploration, durable impression "
-                              "logging and online priors. See docs/serving.md.")
+    # /docs and /redoc with Swagger UI and ReDoc served from the fastapi-offline wheel (no CDN)
+    app = FastAPIOffline(title="keyart serving", version="1", lifespan=lifespan, static_url=DOCS_ASSETS,
+                         description="Personalized artwork selection with exploration, durable impression "
+                                     "logging and online priors. See docs/serving.md.")
     app.router.route_class = StrictJsonRoute
     app.add_middleware(GuardMiddleware, guard=guard)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401/413 too
@@ -395,6 +421,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         return _json(validation_problem(list(exc.errors())), 422)
 
     async def decide(rt: Runtime, page: ArtworkRequest) -> Response:
+        decide_start = time.perf_counter()
         try:
             decided = rt.service.decide(page)
         except PageRefused as exc:
@@ -409,6 +436,10 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         rt.rewards.priors.record_impressions(decided.events)
         m = rt.metrics
         m.log_seconds.observe(time.perf_counter() - start)
+        m.decide_seconds.observe(start - decide_start)
+        if decided.inference_s is not None:
+            m.inference.observe(decided.inference_s)
+        m.stats.record_page(decided.table, decided.table.artwork_ids, decided.shown_rows, decided.propensity)
         fb = "true" if body["fallback"] else "false"
         m.pages.labels(fallback=fb).inc()
         m.decisions.labels(policy=body["policy"], fallback=fb).inc(len(body["decisions"]))
@@ -478,6 +509,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
             return _problem(503, "reward log unavailable; retry")
         rt.rewards.apply(ref, outcome.reward, now_ms)
         rt.metrics.rewards.labels(outcome="accepted").inc()
+        rt.metrics.stats.record_reward(outcome.reward)
         return _json({"event_id": ref.event_id, "artwork_id": ref.artwork_id, "accepted": True})
 
     @app.get("/healthz", response_model=Health)
@@ -495,7 +527,8 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         problems += [h for h in (rt.impressions.health(), rt.reward_log.health()) if h]
         ready = not problems
         detail = "; ".join(problems) if problems else ("" if b else "serving default artwork (no model)")
-        body = {"ready": ready, "model_version": b.version if b else None, "source": b.source if b else None,
+        body = {"ready": ready, "model_version": b.version if b else None,
+                "registry_version": b.registry_version if b else None, "source": b.source if b else None,
                 "fallback": b is None, "detail": detail}
         return _json(body, 200 if ready else 503)
 
@@ -505,7 +538,54 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         rt: Runtime = request.app.state.runtime
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    schema_cache: dict[int, dict[str, Any]] = {}
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The schema, with request examples taken from the loaded catalog, so "Try it out"
+        in /docs sends a page this server can decide."""
+        rt: Runtime | None = getattr(app.state, "runtime", None)
+        b = rt.store.current if rt else None
+        table = b.artworks if b is not None else (rt.store.fallback if rt else None)
+        hit = schema_cache.get(id(table))
+        if hit is not None:
+            return hit
+        schema = copy.deepcopy(base_openapi())
+        example = request_example(table, rt.settings if rt else config.Settings.model_construct())
+        body = schema["paths"]["/v1/artwork"]["post"]["requestBody"]["content"]["application/json"]
+        body["example"] = example
+        schema["paths"]["/v1/reward"]["post"]["requestBody"]["content"]["application/json"]["example"] = REWARD_EXAMPLE
+        schema_cache.clear()
+        schema_cache[id(table)] = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+REWARD_EXAMPLE = {"event_id": "paste the event_id of a decision from POST /v1/artwork", "reward": 1, "minutes": 42.0}
+
+
+def request_example(table: Any, s: config.Settings, n_titles: int = 2) -> dict[str, Any]:
+    """A page of the first ``n_titles`` titles of ``table`` with artworks active today
+    (each with at most two candidates), or the schema's generic example without a catalog."""
+    example = copy.deepcopy(ArtworkRequest.model_config["json_schema_extra"]["examples"][0])  # type: ignore[index]
+    if table is None:
+        return example
+    today = dt.datetime.now(dt.UTC).date()
+    titles = []
+    for tid in table.title_ids:
+        rows = table.active_rows(table.title_index[tid], today)
+        if len(rows) == 0:
+            continue
+        titles.append({"title_id": tid, "candidates": [table.artwork_ids[r] for r in rows[:min(2, s.serve_max_artworks)]],
+                       "page_row": 0, "position": len(titles)})
+        if len(titles) == min(n_titles, s.serve_max_titles):
+            break
+    if titles:
+        example["titles"] = titles
+    return example
 
 
 # --- command line ----------------------------------------------------------------------

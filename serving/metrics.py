@@ -7,22 +7,150 @@ the body under its size limit before the app sees a byte of it.
 Each app owns a :class:`CollectorRegistry`, so tests can build several apps in one
 process. With several uvicorn workers each worker exposes its own counters (scrape them
 per process, or set ``PROMETHEUS_MULTIPROC_DIR`` as prometheus-client documents).
+
+What an operator watches for policy collapse or a stale model is counted per page with
+numpy (:class:`DecisionStats`: per-artwork decisions, the propensity histogram, the
+online reward rate over the last hour) and rendered only when ``/metrics`` is scraped, so
+a 40-title page costs a few vector operations, not 40 metric updates.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
+import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
-ROUTES = ("/v1/artwork", "/v1/reward", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/v1/artwork", "/v1/reward", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1)
+PROPENSITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+MAX_ARTWORK_SERIES = 2000  # beyond this, the least shown artworks are summed as artwork_id="_other"
+REWARD_WINDOW_S = 3600
+REWARD_SLOT_S = 60
+
+
+class DecisionStats(Collector):
+    """Per-page counts an operator needs to spot policy collapse or a stale model, kept in
+    numpy and rendered at scrape time.
+
+    * ``keyart_artwork_decisions_total{artwork_id}``: decisions per shown artwork (at most
+      ``MAX_ARTWORK_SERIES`` series, the most shown; the rest as ``_other``). One artwork
+      taking every decision of its title is a collapsed policy.
+    * ``keyart_decision_propensity``: histogram of the propensities served (a mass at 1.0
+      with a model loaded = no exploration left).
+    * ``keyart_online_reward_rate``: rewards of 1 received in the last hour / decisions made
+      in the last hour (rewards arrive up to the attribution window later, so the rate of
+      a young window reads low; compare it with itself over days).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._table: object | None = None
+        self._rows_to_slot = np.zeros(0, dtype=np.int64)
+        self._bounds = np.asarray(PROPENSITY_BUCKETS, dtype=np.float64)
+        self._buckets = np.zeros(len(PROPENSITY_BUCKETS) + 1, dtype=np.int64)  # last: +Inf overflow (never)
+        self._p_sum = 0.0
+        n_slots = REWARD_WINDOW_S // REWARD_SLOT_S
+        self._slot_minute = np.full(n_slots, -1, dtype=np.int64)
+        self._slot_decisions = np.zeros(n_slots, dtype=np.int64)
+        self._slot_rewards = np.zeros(n_slots, dtype=np.int64)
+
+    def _slot(self, now: float) -> int:
+        minute = int(now // REWARD_SLOT_S)
+        i = minute % len(self._slot_minute)
+        if self._slot_minute[i] != minute:
+            self._slot_minute[i] = minute
+            self._slot_decisions[i] = 0
+            self._slot_rewards[i] = 0
+        return i
+
+    def _bind(self, table: object, artwork_ids: Sequence[str]) -> None:
+        """Map the rows of a (new) artwork table onto counter slots, kept across bundle swaps."""
+        slots = np.empty(len(artwork_ids), dtype=np.int64)
+        for r, a in enumerate(artwork_ids):
+            j = self._index.get(a)
+            if j is None:
+                j = self._index[a] = len(self._ids)
+                self._ids.append(a)
+            slots[r] = j
+        if len(self._ids) > len(self._counts):
+            self._counts = np.concatenate([self._counts, np.zeros(len(self._ids) - len(self._counts), np.int64)])
+        self._rows_to_slot, self._table = slots, table
+
+    def record_page(self, table: object, artwork_ids: Sequence[str], shown_rows: np.ndarray,
+                    propensities: np.ndarray, now: float | None = None) -> None:
+        """Count one decided page: ``shown_rows`` [T] rows of ``table`` (whose ids are
+        ``artwork_ids``), ``propensities`` [T]."""
+        p = np.asarray(propensities, dtype=np.float64)
+        with self._lock:
+            if table is not self._table:
+                self._bind(table, artwork_ids)
+            np.add.at(self._counts, self._rows_to_slot[shown_rows], 1)
+            self._buckets += np.bincount(np.searchsorted(self._bounds, p, side="left"),
+                                         minlength=len(self._buckets))[: len(self._buckets)]
+            self._p_sum += float(p.sum())
+            self._slot_decisions[self._slot(time.time() if now is None else now)] += len(p)
+
+    def record_reward(self, reward: int, now: float | None = None) -> None:
+        if reward:
+            with self._lock:
+                self._slot_rewards[self._slot(time.time() if now is None else now)] += 1
+
+    def reward_rate(self, now: float | None = None) -> float:
+        """Rewards of 1 / decisions over the last hour (NaN without decisions)."""
+        with self._lock:
+            minute = int((time.time() if now is None else now) // REWARD_SLOT_S)
+            live = self._slot_minute > minute - len(self._slot_minute)
+            decisions = int(self._slot_decisions[live].sum())
+            rewards = int(self._slot_rewards[live].sum())
+        return rewards / decisions if decisions else float("nan")
+
+    def artwork_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {a: int(c) for a, c in zip(self._ids, self._counts.tolist(), strict=True) if c}
+
+    def collect(self) -> Iterator[Any]:
+        counts = self.artwork_counts()
+        fam = CounterMetricFamily("keyart_artwork_decisions", "Decisions per shown artwork", labels=["artwork_id"])
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        for a, c in ranked[:MAX_ARTWORK_SERIES]:
+            fam.add_metric([a], c)
+        if len(ranked) > MAX_ARTWORK_SERIES:
+            fam.add_metric(["_other"], sum(c for _, c in ranked[MAX_ARTWORK_SERIES:]))
+        yield fam
+        with self._lock:
+            cumulative = np.cumsum(self._buckets).tolist()
+            p_sum = self._p_sum
+        buckets = [(repr(b), c) for b, c in zip(PROPENSITY_BUCKETS, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily("keyart_decision_propensity", "Propensity of every decision served",
+                                    buckets=buckets, sum_value=p_sum)
+        rate = self.reward_rate()
+        yield GaugeMetricFamily("keyart_online_reward_rate",
+                                "Rewards of 1 received / decisions made, over the last hour (NaN without decisions)",
+                                value=rate)
 
 
 class Metrics:
@@ -38,20 +166,38 @@ class Metrics:
         self.fallback_mode = Gauge("keyart_fallback_mode", "1 while no model is loaded", registry=r)
         self.rejections = Counter("keyart_rejections_total", "Refused requests by route and reason", ["route", "reason"], registry=r)
         self.rewards = Counter("keyart_rewards_total", "Rewards by outcome", ["outcome"], registry=r)
-        self.model = Gauge("keyart_model_info", "The serving bundle (value 1)", ["version", "source"], registry=r)
+        self.model = Gauge("keyart_model_info", "The serving bundle (value 1): bundle version, where it came from, "
+                           "its registry version and the key that signed it", ["version", "source", "registry_version",
+                                                                                "signed_by"], registry=r)
         self.bundle_loads = Counter("keyart_bundle_loads_total", "Bundle load attempts", ["outcome"], registry=r)
         self.log_seconds = Histogram("keyart_impression_log_seconds", "Wait for the durable impression log write",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.replays = Counter("keyart_idempotent_replays_total",
                                "/v1/artwork retries answered from the idempotency cache", registry=r)
+        self.bundle_refusals = Counter("keyart_bundle_refusals_total",
+                                       "Bundles refused (and folder URIs without a readable bundle), by reason",
+                                       ["reason"], registry=r)
+        self.inference = Histogram("keyart_inference_seconds", "ONNX model call for one page (inference only)",
+                                   buckets=INFERENCE_BUCKETS, registry=r)
+        self.decide_seconds = Histogram("keyart_decide_seconds",
+                                        "Deciding one page in process: validate against the catalog, features, "
+                                        "inference, policy, render (not the log wait)",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.stats = DecisionStats()
+        r.register(self.stats)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
 
-    def set_model(self, version: str | None, source: str | None) -> None:
+    def set_model(self, version: str | None, source: str | None, registry_version: str | None = None,
+                  signed_by: str | None = None) -> None:
         self.model.clear()
         if version is None:
             self.fallback_mode.set(1)
         else:
             self.fallback_mode.set(0)
-            self.model.labels(version=version, source=source or "").set(1)
+            self.model.labels(version=version, source=source or "", registry_version=registry_version or "",
+                              signed_by=signed_by or "").set(1)
 
     def reject(self, route: str, reason: str) -> None:
         self.rejections.labels(route=route, reason=reason).inc()

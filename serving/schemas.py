@@ -69,6 +69,9 @@ class ArtworkResponse(BaseModel):
     """Decisions for every title of the page, in request order."""
 
     model_version: str = Field(description="Bundle version that decided, or 'default' without a model.")
+    registry_version: str | None = Field(default=None, description=(
+        "MLflow registry version of that bundle (models:/<name>/<version>); null for a bundle folder or "
+        "without a model."))
     policy: str = Field(description="Exploration policy, or 'default' without a model.")
     fallback: bool = Field(description="True when no model is loaded and default artwork is served.")
     decisions: list[Decision]
@@ -114,6 +117,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     model_version: str | None
+    registry_version: str | None = Field(default=None, description="MLflow registry version of the bundle, if any.")
     source: str | None = Field(default=None, description="Where the bundle came from: a path or models:/<name>/<version>.")
     fallback: bool
     detail: str = ""

@@ -62,11 +62,14 @@ class Choice:
     model_version: str
     fallback: bool
     probs: np.ndarray         # [R] the distribution every title's artwork was drawn from
+    registry_version: str | None = None
+    inference_s: float | None = None  # the ONNX call alone; None without a model
 
 
 class Decided(NamedTuple):
     """A decided page: the response body, the UTC day of the decision, the impression-log
-    lines, and the impressions the online priors count once the lines are logged."""
+    lines, the impressions the online priors count once the lines are logged, and what the
+    metrics count (the table, the shown rows [T] and propensities [T], the inference time)."""
 
     body: dict[str, Any]
     ds: str
@@ -74,6 +77,10 @@ class Decided(NamedTuple):
     segment: str
     shown: list[str]
     events: list[Impression]
+    table: ArtworkTable
+    shown_rows: np.ndarray
+    propensity: np.ndarray
+    inference_s: float | None
 
 
 def logged_probabilities(probs: np.ndarray, chosen: np.ndarray, propensity: np.ndarray) -> np.ndarray:
@@ -207,13 +214,16 @@ class Service:
             one_hot = np.zeros(len(p.rows))
             one_hot[chosen] = 1.0
             return Choice(chosen, np.ones(len(chosen)), DEFAULT, DEFAULT, True, one_hot)
-        scores = b.score(self.features(p))
+        x = self.features(p)
+        t0 = time.perf_counter()
+        scores = b.score(x)
+        inference_s = time.perf_counter() - t0
         alpha = b.prior_alpha if b.prior_alpha is not None else p.table.policy_alpha
         beta = b.prior_beta if b.prior_beta is not None else p.table.policy_beta
         n = b.prior_n if b.prior_n is not None else p.table.policy_n
         probs = policy.probabilities(b.policy, scores, p.offsets, alpha[p.rows], beta[p.rows], n[p.rows], rng=self.rng)
         chosen, propensity = policy.draw(probs, p.offsets, self.rng)
-        return Choice(chosen, propensity, b.policy.name, b.version, False, probs)
+        return Choice(chosen, propensity, b.policy.name, b.version, False, probs, b.registry_version, inference_s)
 
     def decide(self, req: ArtworkRequest) -> Decided:
         """The page's decisions, its impression-log lines and what the online priors count."""
@@ -248,9 +258,11 @@ class Service:
                 "context": {"device": ctx.device, "country": ctx.country, "local_hour": ctx.local_hour,
                             "day_of_week": ctx.day_of_week, "page_row": slot.page_row, "position": slot.position},
             }))
-        body = {"model_version": c.model_version, "policy": c.policy, "fallback": c.fallback, "decisions": decisions}
+        body = {"model_version": c.model_version, "registry_version": c.registry_version, "policy": c.policy,
+                "fallback": c.fallback, "decisions": decisions}
         lines.append(b"")
-        return Decided(body, now.strftime("%Y-%m-%d"), b"\n".join(lines), p.member.segment, shown, events)
+        return Decided(body, now.strftime("%Y-%m-%d"), b"\n".join(lines), p.member.segment, shown, events,
+                       p.table, p.rows[c.chosen], c.propensity, c.inference_s)
 
 
 def client_clock_ms(ts: dt.datetime) -> int:

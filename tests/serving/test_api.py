@@ -211,7 +211,8 @@ def test_fallback_without_model_serves_defaults(_isolated_home):
     lake.artworks.mkdir(parents=True)
     pq.write_table(synthetic.catalog_rows(rows), lake.artworks / "part-0.parquet")
     with client(None, serve_cold_start="default") as c:
-        assert c.get("/readyz").json() == {"ready": True, "model_version": None, "source": None, "fallback": True,
+        assert c.get("/readyz").json() == {"ready": True, "model_version": None, "registry_version": None,
+                                           "source": None, "fallback": True,
                                            "detail": "serving default artwork (no model)"}
         r = c.post("/v1/artwork", json={"member_id": "m1", "context": {"device": "web", "country": "DE",
                                         "local_hour": 3, "day_of_week": 0},
@@ -232,34 +233,48 @@ def test_no_model_no_catalog_is_not_ready():
 
 
 def test_bad_bundle_refused_old_keeps_serving(tmp_path, bundle_dir, lgbm_model_b):
+    from keyart import bundle as kb
+
     path, world = bundle_dir
     link = tmp_path / "current"
     os.symlink(path, link)
+    foreign = kb.generate_key(tmp_path / "foreign" / "key.pem")
     with client(link) as c:
         store = c.app.state.runtime.store
-        assert store.current.version == "v1"
+        assert store.current.version == "v1" and store.current.signed_by is not None
         cases = {}
-        for name in ("corrupt", "spec", "model"):
+        for name in ("corrupt", "truncated", "spec", "model", "unsigned", "tampered", "foreign-key"):
             bad = tmp_path / f"bad-{name}"
             make_bundle(bad, lgbm_model_b, f"bad-{name}")
+            m = orjson.loads((bad / "manifest.json").read_bytes())
             if name == "corrupt":
                 (bad / "members.parquet").write_bytes(b"garbage")
-            elif name == "spec":
-                m = orjson.loads((bad / "manifest.json").read_bytes())
+            elif name == "truncated":
+                data = (bad / "model.onnx").read_bytes()
+                (bad / "model.onnx").write_bytes(data[: len(data) // 2])
+            elif name == "spec":  # signed by the daily run's key, but for another feature specification
                 m["feature_spec_version"] = "999"
                 (bad / "manifest.json").write_bytes(orjson.dumps(m))
-            else:  # a model whose outputs do not match the manifest's probe rows
+                kb.sign(bad)
+            elif name == "model":  # signed, but its model does not score the manifest's probe rows
                 shutil.copy(path / "model.onnx", bad / "model.onnx")
-                m = orjson.loads((bad / "manifest.json").read_bytes())
-                from keyart import bundle as kb
-
                 m["files"]["model.onnx"] = kb.sha256(bad / "model.onnx")
                 (bad / "manifest.json").write_bytes(orjson.dumps(m))
+                kb.sign(bad)
+            elif name == "unsigned":
+                (bad / kb.SIGNATURE_FILE).unlink()
+            elif name == "tampered":  # another model with a matching checksum, the signature left as it was
+                shutil.copy(path / "model.onnx", bad / "model.onnx")
+                m["files"]["model.onnx"] = kb.sha256(bad / "model.onnx")
+                (bad / "manifest.json").write_bytes(orjson.dumps(m))
+            else:  # a consistent bundle signed by a key serving does not trust
+                kb.sign(bad, key=foreign)
             tmp_link = tmp_path / "next"
             os.symlink(bad, tmp_link)
             os.replace(tmp_link, link)
             assert store.poll_once() is False
             cases[name] = next(v for k, v in store.bad.items() if f"bad-{name}" in k)
+            assert store.poll_once() is False  # refused once, not retried while the URI stays
             r = c.post("/v1/artwork", json=page(world, 2))
             assert r.status_code == 200 and r.json()["model_version"] == "v1"
         good = tmp_path / "good"
@@ -269,9 +284,14 @@ def test_bad_bundle_refused_old_keeps_serving(tmp_path, bundle_dir, lgbm_model_b
         assert store.poll_once() is True
         assert c.post("/v1/artwork", json=page(world, 2)).json()["model_version"] == "v2"
         metrics = c.get("/metrics").text
-    assert "checksum" in cases["corrupt"] and "feature spec" in cases["spec"] and "parity probe" in cases["model"]
-    assert 'keyart_bundle_loads_total{outcome="refused"} 3.0' in metrics
-    assert 'keyart_model_info{source=' in metrics and 'version="v2"' in metrics
+    assert "checksum" in cases["corrupt"] and "checksum" in cases["truncated"]
+    assert "feature spec" in cases["spec"] and "parity probe" in cases["model"]
+    assert "unsigned" in cases["unsigned"] and "does not verify" in cases["tampered"]
+    assert "not trusted" in cases["foreign-key"]
+    assert 'keyart_bundle_loads_total{outcome="refused"} 7.0' in metrics
+    for reason in ("checksum_mismatch", "feature_spec", "parity_probe", "unsigned", "bad_signature", "unknown_key"):
+        assert f'keyart_bundle_refusals_total{{reason="{reason}"}}' in metrics, reason
+    assert 'keyart_model_info{registry_version="",signed_by=' in metrics and 'version="v2"' in metrics
 
 
 def test_artworks_that_start_later_are_resolved_per_request_day(_isolated_home):

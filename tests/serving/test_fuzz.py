@@ -25,12 +25,14 @@ schema.app = APP
 @pytest.fixture(scope="module")
 def running_app(tmp_path_factory, lgbm_model):
     home = tmp_path_factory.mktemp("fuzz-home")
-    make_bundle(home / "bundle", lgbm_model, "v1")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KEYART_HOME", str(home))
         mp.setenv("KEYART_SERVE_MODEL_URI", str(home / "bundle"))
         mp.setenv("KEYART_SERVE_EVENT_SECRET", "fuzz-tests-event-secret-" + "0" * 40)
+        # named explicitly: each test's own KEYART_HOME (autouse fixture) would otherwise hide it
+        mp.setenv("KEYART_SERVE_BUNDLE_PUBLIC_KEY", str(home / "keys" / "bundle-signing.pub"))
         config.settings.cache_clear()
+        make_bundle(home / "bundle", lgbm_model, "v1")  # signed with the key generated under this home
         with TestClient(APP):  # runs the lifespan once; fuzzed calls reuse the loaded runtime
             assert APP.state.runtime.store.current is not None
             yield APP

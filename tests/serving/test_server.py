@@ -102,3 +102,31 @@ def test_kill9_loses_no_acknowledged_impression(tmp_path: Path, lgbm_model, serv
             logged.add(row["event_id"])
     missing = acked - logged
     assert not missing, f"{len(missing)} acknowledged decisions not in the log"
+
+
+def test_keyart_serve_binds_loopback_by_default(tmp_path: Path, lgbm_model, serve_env):
+    import subprocess
+    import sys
+
+    import psutil
+    from serving_fixtures import REPO
+
+    from keyart.net import free_port
+
+    make_bundle(tmp_path / "v1", lgbm_model, "v1")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "keyart.cli", "serve", "--bundle", str(tmp_path / "v1"),
+                             "--port", str(port)], env=serve_env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        listening: list = []
+        while not listening and time.monotonic() < deadline:
+            assert proc.poll() is None, "server exited"
+            listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN]
+            time.sleep(0.1)
+        assert listening and {a.ip for a in listening} == {"127.0.0.1"} and {a.port for a in listening} == {port}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
