@@ -165,7 +165,7 @@ def coverage(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConfig, s
 
 
 def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: int, seeds: int,
-                  n_boot: int, ceiling: bool = True) -> dict[str, Any]:
+                  n_boot: int, ceiling: bool = True, tag_vocabulary: str = "default") -> dict[str, Any]:
     from keyart.sim.world import World
 
     s = settings()
@@ -175,8 +175,12 @@ def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: in
     if (lake.root / "sim" / "world.json").exists():
         world = World.load(lake.root)
     else:
-        world = World.build(seed=world_seed, n_titles=s.sim_titles, n_members=s.sim_members)
+        world = World.build(seed=world_seed, n_titles=s.sim_titles, n_members=s.sim_members,
+                            tag_vocabulary=tag_vocabulary)
         world.save(lake.root)
+    if world.config.tag_vocabulary != tag_vocabulary:
+        raise ValueError(f"{lake.root} holds a world with the {world.config.tag_vocabulary!r} tag vocabulary, "
+                         f"not {tag_vocabulary!r}: use another --workdir")
     warmup = world.config.start
     ds = shift_ds(warmup, 1)
     if not any(lake.training(shift_ds(ds, 1)).glob("*.parquet")):
@@ -205,7 +209,7 @@ def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: in
     t0 = time.perf_counter()
     cover = coverage(world, visits, rows, q, base, seeds, n_boot)
     timings["coverage_s"] = time.perf_counter() - t0
-    return {"world_seed": world_seed, "logged_day": ds, "train_impressions": n_train,
+    return {"world_seed": world_seed, "tag_vocabulary": tag_vocabulary, "logged_day": ds, "train_impressions": n_train,
             "train_metrics": trained.metrics["valid"], "best_iteration": trained.info["best_iteration"], "eval_day": eval_day, "eval_impressions": visits.n_slots,
             "default_policy": asdict(base), "values": values, "coverage": cover,
             "coverage_impressions_per_seed": visits.n_slots // seeds, "seeds": seeds,
@@ -214,7 +218,7 @@ def run_benchmark(workdir: Path, world_seed: int, n_visits: int, eval_visits: in
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = [f"world seed {r['world_seed']}: trained on {r['train_impressions']} uniform-random impressions "
+    lines = [f"world seed {r['world_seed']} ({r.get('tag_vocabulary', 'default')} tag vocabulary): trained on {r['train_impressions']} uniform-random impressions "
              f"of {r['logged_day']} (valid AUC {r['train_metrics']['auc']:.3f}); "
              f"valued on {r['eval_impressions']} impressions of {r['eval_day']}",
              f"{'policy':<36}{'take rate':>10}{'lift capture':>14}"]
@@ -238,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-visits", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--n-boot", type=int, default=200)
+    parser.add_argument("--tag-vocabulary", choices=("default", "unseen"), default="default",
+                        help="the world's artwork tags: default, or unseen (other keys, values and flags; same truth)")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the diagnostic model fit to ground truth (the feature ceiling)")
     loop = parser.add_argument_group("over days (--days N > 1: keyart.bench.learning_loop; --seeds is then unused)")
@@ -260,6 +266,6 @@ def run(args: argparse.Namespace) -> int:
     s = settings()
     result = run_benchmark(ensure_path(args.workdir), args.world_seed if args.world_seed is not None else s.sim_seed,
                            args.visits or s.sim_visits_per_day, args.eval_visits, args.seeds, args.n_boot,
-                           ceiling=not args.no_ceiling)
+                           ceiling=not args.no_ceiling, tag_vocabulary=args.tag_vocabulary)
     print(json.dumps(result, indent=2, default=str) if args.json else format_table(result))
     return 0

@@ -5,7 +5,7 @@ The logs go through the real pipeline (``keyart.sim`` traffic -> ingest -> rewar
 features -> priors, in-process on ``local[2]``) so the model trains on exactly what the
 daily DAG would give it. For valuation, every candidate of every slot of new visits gets
 its feature row from :func:`keyart.feature_spec.feature_matrix` (the one specification), with
-the member snapshot and priors of the last logged day: what the bundle would hold.
+the member snapshot, priors and vocabulary of the last logged day: what the bundle would hold.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from keyart import feature_spec
+from keyart.contracts import DEVICES
 from keyart.lake import Lake, shift_ds
 from keyart.models.data import read_table_dir
 
@@ -128,7 +129,9 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
         "member_days_since_last_play": member_col("member_days_since_last_play", feature_spec.DAYS_SINCE_CAP),
         "affinity_tags": member_col("affinity_tags", []),
         "affinity_values": member_col("affinity_values", []),
-        "device": np.asarray(feature_spec.DEVICES, dtype=object)[ctx["device"]],
+        **{c: member_col(c, []) if c in snap.columns else [[]] * len(art)
+           for c in ("response_tags", "response_values", "response_n")},
+        "device": np.asarray(DEVICES, dtype=object)[ctx["device"]],
         "local_hour": ctx["local_hour"], "day_of_week": ctx["day_of_week"],
         "page_row": ctx["page_row"], "position": ctx["position"],
         "art_tags": [cat.art_tags[i] for i in art],
@@ -139,7 +142,8 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
     missing = ~np.isfinite(a_all)
     alpha = np.where(missing, feature_spec.DEFAULT_PRIOR[0], a_all)
     beta = np.where(missing, feature_spec.DEFAULT_PRIOR[1], b_all)
-    return SlotRows(X=feature_spec.feature_matrix(inputs), offsets=offsets, prior_alpha=alpha, prior_beta=beta,
+    vocabulary = feature_spec.read_vocabulary(lake.root, ds)
+    return SlotRows(X=feature_spec.feature_matrix(inputs, vocabulary), offsets=offsets, prior_alpha=alpha, prior_beta=beta,
                     prior_n=np.where(missing, 0.0, np.nan_to_num(n_all)))
 
 

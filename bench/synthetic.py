@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from keyart import bundle, contracts, feature_spec
 
-TONES = feature_spec.TONES
+TONES = ("action", "comedy", "drama", "romance", "thriller", "horror", "family", "animation", "documentary", "scifi")
+FLAGS = ("closeup", "text_heavy", "group")
 CAST = tuple(f"actor_{i:03d}" for i in range(60))
 
 
@@ -41,7 +42,7 @@ def artwork_rows(rng: np.random.Generator, n_titles: int, per_title: int) -> lis
         for j in range(per_title):
             shown = rng.choice(cast, size=int(rng.integers(0, 3)), replace=False)
             tags = [f"cast:{c}" for c in shown] + [f"tone:{rng.choice(genres)}"]
-            tags += [f for f in feature_spec.FLAGS if rng.random() < 0.3]
+            tags += [f for f in FLAGS if rng.random() < 0.3]
             rows.append({
                 "artwork_id": f"{tid}-a{j}", "title_id": tid, "tags": tags, "is_default": j == 0,
                 "title_genres": genres, "active_from": "2026-01-01", "active_to": None,

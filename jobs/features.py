@@ -8,22 +8,35 @@ Reads ``clean/plays`` (``history_days`` back), ``members``, ``catalog/{titles,ar
 impression's day - 1. Writes ``features/members/ds=D/`` and ``features/training/ds=D/``
 (columns in docs/architecture.md) and ``metrics/features/ds=D/metrics.json``.
 
+Also writes the day's tag vocabulary, ``features/vocabulary/ds=D/vocabulary.json``
+(:func:`keyart.feature_spec.learn_vocabulary`): the catalog's tags counted over its artworks
+and its genres over its titles, the frequent ones in sticky slots (yesterday's slots kept),
+the other tags hashed into buckets. It reads ``rewards`` ``response_days`` back as well.
+
 Member snapshot as of the end of D: per member, from plays in the ``history_days`` ending
 D, each play weighted by ``minutes_played * 0.5 ** (age_days / affinity_half_life_days)``;
 a tag's affinity is the weighted share of minutes on titles carrying it (``genre:<g>``,
-``cast:<c>``). Training rows join each labelled impression's candidates with the snapshot
-and priors of the day before the impression (what serving had) and compute the ``features``
-array with :func:`keyart.feature_spec.feature_matrix` inside ``mapInPandas``: the same
-arithmetic serving runs. A snapshot that was never written is computed from the plays.
+``cast:<c>``). Its responses come from the labelled impressions of the ``response_days``
+ending D (rewards partitions up to D only, so a snapshot recomputed later is the same): per
+artwork tag shown, the member's impressions n, quality plays q and
+:func:`keyart.feature_spec.response_lift` against the tag's population rate over the same
+impressions. Training rows join each labelled impression's candidates with the snapshot,
+priors and vocabulary of the day before the impression (what serving had) and compute the
+``features`` array with :func:`keyart.feature_spec.feature_matrix` inside ``mapInPandas``:
+the same arithmetic serving runs. A snapshot or vocabulary that was never written is
+computed from the data.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -31,7 +44,7 @@ from pyspark.sql import types as T
 
 from keyart import feature_spec
 from keyart.config import Settings
-from keyart.contracts import ARTWORKS, MEMBERS, PLAYS, PRIORS, TITLES
+from keyart.contracts import ARTWORKS, MEMBERS, PLAYS, PRIORS, REWARDS, TITLES
 from keyart.jobs.common import (
     has_data,
     main_for,
@@ -43,7 +56,10 @@ from keyart.jobs.common import (
 )
 from keyart.lake import Lake, parse_ds, shift_ds
 
-MEMBER_COLUMNS = ("member_id", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play", "affinity_tags", "affinity_values")
+MEMBER_COLUMNS = ("member_id", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play", "affinity_tags", "affinity_values",
+                  "response_tags", "response_values", "response_n")
+RESPONSE_DAYS = 28
+"""Days of labelled impressions behind a member's tag responses."""
 SNAPSHOT_SCHEMA = T.StructType([
     T.StructField("member_id", T.StringType(), False),
     T.StructField("member_is_kids", T.IntegerType(), False),
@@ -51,6 +67,9 @@ SNAPSHOT_SCHEMA = T.StructType([
     T.StructField("member_days_since_last_play", T.DoubleType(), False),
     T.StructField("affinity_tags", T.ArrayType(T.StringType(), False), False),
     T.StructField("affinity_values", T.ArrayType(T.DoubleType(), False), False),
+    T.StructField("response_tags", T.ArrayType(T.StringType(), False), False),
+    T.StructField("response_values", T.ArrayType(T.DoubleType(), False), False),
+    T.StructField("response_n", T.ArrayType(T.DoubleType(), False), False),
 ])
 ROW_COLUMNS = (
     "event_id", "impression_ds", "ts", "member_id", "title_id", "artwork_id", "is_logged",
@@ -65,10 +84,14 @@ class SnapshotParams:
     ds: str
     history_days: int
     affinity_half_life_days: float
+    response_days: int = RESPONSE_DAYS
 
     @classmethod
     def from_settings(cls, ds: str, settings: Settings) -> SnapshotParams:
         return cls(ds, settings.history_days, settings.affinity_half_life_days)
+
+    def on(self, ds: str) -> SnapshotParams:
+        return SnapshotParams(ds, self.history_days, self.affinity_half_life_days, self.response_days)
 
 
 def _end_us(ds: str) -> Column:
@@ -84,8 +107,38 @@ def _segment(is_kids: Column) -> Column:
 # member snapshot
 # ----------------------------------------------------------------------------------------
 
-def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams) -> DataFrame:
-    """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``. Pure."""
+def member_responses(labelled: DataFrame, artworks: DataFrame, params: SnapshotParams) -> DataFrame:
+    """Per member: ``resp`` = sorted array of (tag, value, n) as of the end of ``params.ds``. Pure.
+
+    ``labelled`` holds REWARDS rows with their partition day as ``labelled_ds``; only
+    partitions up to ``params.ds`` and impressions of the ``response_days`` ending it count,
+    each impression once with its latest label.
+    """
+    from pyspark.sql import Window
+
+    day = F.lit(params.ds).cast("date")
+    shown = labelled.where((F.col("labelled_ds") <= day) & (F.col("impression_ds") <= day)
+                           & (F.col("impression_ds") > F.date_sub(day, params.response_days)))
+    # a late play relabels an impression in a later partition: the latest label counts, once
+    latest = Window.partitionBy("event_id").orderBy(F.col("labelled_ds").desc())
+    shown = shown.withColumn("_k", F.row_number().over(latest)).where(F.col("_k") == 1).drop("_k")
+    tags = artworks.select("artwork_id", F.explode(F.array_distinct("tags")).alias("tag"))
+    per = (shown.select("member_id", "artwork_id", F.col("reward").cast("double").alias("r"))
+           .join(F.broadcast(tags), "artwork_id")
+           .groupBy("member_id", "tag").agg(F.sum("r").alias("q"), F.count(F.lit(1)).cast("double").alias("n")))
+    population = per.groupBy("tag").agg((F.sum("q") / F.sum("n")).alias("p"))
+    lift = feature_spec.response_lift(F.col("q"), F.col("n"), F.col("p"))
+    return (per.join(F.broadcast(population), "tag")
+            .groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", lift.alias("value"), "n"))).alias("resp")))
+
+
+def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams,
+                    labelled: DataFrame | None = None, artworks: DataFrame | None = None) -> DataFrame:
+    """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``. Pure.
+
+    ``labelled`` (REWARDS rows with ``labelled_ds``) and ``artworks`` give the responses;
+    without them every member's are empty.
+    """
     end = _end_us(params.ds)
     age_days = (end - F.unix_micros("ts")) / F.lit(float(_DAY_US))
     recent = plays.where((age_days > 0) & (age_days <= params.history_days)).select(
@@ -115,6 +168,10 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
     empty_str = F.array().cast("array<string>")
     empty_dbl = F.array().cast("array<double>")
     snap = members.select("member_id", (F.col("profile") == "kids").cast("int").alias("member_is_kids")).join(activity, "member_id", "left").join(per_tag, "member_id", "left")
+    if labelled is not None and artworks is not None:
+        snap = snap.join(member_responses(labelled, artworks, params), "member_id", "left")
+    else:
+        snap = snap.withColumn("resp", F.lit(None).cast("array<struct<tag:string,value:double,n:double>>"))
     return snap.select(
         "member_id",
         F.coalesce("member_is_kids", F.lit(0)).alias("member_is_kids"),
@@ -122,6 +179,9 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
         F.least(F.coalesce("days_since", F.lit(feature_spec.DAYS_SINCE_CAP)), F.lit(feature_spec.DAYS_SINCE_CAP)).cast("double").alias("member_days_since_last_play"),
         F.coalesce(F.col("aff.tag"), empty_str).alias("affinity_tags"),
         F.coalesce(F.col("aff.value"), empty_dbl).alias("affinity_values"),
+        F.coalesce(F.col("resp.tag"), empty_str).alias("response_tags"),
+        F.coalesce(F.col("resp.value"), empty_dbl).alias("response_values"),
+        F.coalesce(F.col("resp.n"), empty_dbl).alias("response_n"),
     )
 
 
@@ -146,6 +206,9 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     base = base.withColumn("logging_probability", F.get("candidate_probabilities", F.col("candidate_pos"))).drop(
         "candidate_pos", "candidate_probabilities")
     snap = snapshots.select(*MEMBER_COLUMNS, F.col("snapshot_ds").alias("known_ds"), F.lit(1).alias("member_known"))
+    # snapshots written before responses existed read them as null
+    for name, kind in (("response_tags", "array<string>"), ("response_values", "array<double>"), ("response_n", "array<double>")):
+        snap = snap.withColumn(name, F.coalesce(name, F.array().cast(kind)))
     rows = base.join(snap, ["member_id", "known_ds"], "left").withColumn("member_known", F.coalesce("member_known", F.lit(0)))
     rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(feature_spec.UNKNOWN_MEMBER["member_is_kids"])))
     rows = rows.withColumn("segment", _segment(F.col("member_is_kids")))
@@ -160,7 +223,7 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     art = artworks.select("artwork_id", F.col("tags").alias("art_tags"), F.col("is_default").cast("int").alias("art_is_default"))
     rows = rows.join(F.broadcast(art), "artwork_id", "left").join(F.broadcast(titles.select("title_id", F.col("genres").alias("title_genres"))), "title_id", "left")
     return rows.select(
-        *ROW_COLUMNS, "seg_alpha", "seg_beta", "member_known", *MEMBER_COLUMNS[1:],
+        *ROW_COLUMNS, "known_ds", "seg_alpha", "seg_beta", "member_known", *MEMBER_COLUMNS[1:],
         "device", "local_hour", "day_of_week", "page_row", "position",
         F.coalesce("art_tags", F.array().cast("array<string>")).alias("art_tags"),
         F.coalesce("art_is_default", F.lit(0)).alias("art_is_default"),
@@ -168,17 +231,18 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     )
 
 
-def features_pandas(batch: pd.DataFrame) -> pd.DataFrame:
+def features_pandas(batch: pd.DataFrame, vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> pd.DataFrame:
     """Feature inputs -> output rows with filled priors and the ``features`` array.
 
     ``batch`` must hold every candidate of each impression it holds: title_prior_mean is
     the mean over the impression's candidates (what serving computes over a page).
+    ``vocabularies`` maps each ``known_ds`` (ISO date) to its day's vocabulary (missing: empty).
     """
     df = batch.copy()
     unknown = df["member_known"] == 0
     for name in ("member_log_plays_28d", "member_days_since_last_play"):
         df[name] = df[name].where(~unknown, feature_spec.UNKNOWN_MEMBER[name]).astype("float64")
-    for name in ("affinity_tags", "affinity_values"):
+    for name in ("affinity_tags", "affinity_values", "response_tags", "response_values", "response_n"):
         df[name] = [feature_spec.UNKNOWN_MEMBER[name] if u or v is None else v for u, v in zip(unknown, df[name], strict=True)]
     priors = feature_spec.prior_inputs(
         df["prior_alpha"].astype("float64"), df["prior_beta"].astype("float64"), df["prior_n"].astype("float64"),
@@ -190,7 +254,12 @@ def features_pandas(batch: pd.DataFrame) -> pd.DataFrame:
     df["prior_alpha"] = df["prior_alpha"].where(~missing, feature_spec.DEFAULT_PRIOR[0]).astype("float64")
     df["prior_beta"] = df["prior_beta"].where(~missing, feature_spec.DEFAULT_PRIOR[1]).astype("float64")
     df["prior_n"] = df["prior_n"].where(~missing, 0.0).astype("float64")
-    matrix = feature_spec.feature_matrix(df)
+    matrix = np.zeros((len(df), feature_spec.N_FEATURES), dtype=np.float32)
+    known_ds = pd.to_datetime(df["known_ds"]).dt.strftime("%Y-%m-%d").to_numpy() if len(df) else np.array([], object)
+    for day in pd.unique(known_ds):
+        rows = np.flatnonzero(known_ds == day)
+        vocabulary = (vocabularies or {}).get(str(day))
+        matrix[rows] = feature_spec.feature_matrix(df.iloc[rows].reset_index(drop=True), vocabulary)
     out = df[list(ROW_COLUMNS)].copy()
     out["features"] = list(matrix)
     return out
@@ -202,7 +271,7 @@ def training_schema(inputs_schema: T.StructType) -> T.StructType:
     return T.StructType(out + [T.StructField("features", T.ArrayType(T.FloatType(), False), False)])
 
 
-def add_features(inputs: DataFrame) -> DataFrame:
+def add_features(inputs: DataFrame, vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> DataFrame:
     """Training rows: ``features`` computed by keyart.feature_spec through mapInPandas. Pure."""
     grouped = inputs.withColumn("ts_us", F.unix_micros("ts")).drop("ts").repartition("event_id").sortWithinPartitions("event_id", "artwork_id")
     schema = training_schema(inputs.schema)
@@ -221,9 +290,9 @@ def add_features(inputs: DataFrame) -> DataFrame:
             pending = batch[tail]
             done = batch[~tail]
             if len(done):
-                yield _with_ts(features_pandas(done.rename(columns={"ts_us": "ts"})))
+                yield _with_ts(features_pandas(done.rename(columns={"ts_us": "ts"}), vocabularies))
         if pending is not None and len(pending):
-            yield _with_ts(features_pandas(pending.rename(columns={"ts_us": "ts"})))
+            yield _with_ts(features_pandas(pending.rename(columns={"ts_us": "ts"}), vocabularies))
 
     out = grouped.mapInPandas(run, py_schema)
     return out.select(*[F.timestamp_micros("ts_us").alias("ts") if c == "ts" else F.col(c) for c in ROW_COLUMNS], "features")
@@ -233,9 +302,38 @@ def _with_ts(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns={"ts": "ts_us"}).astype({"ts_us": "int64"})
 
 
-def transform(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame) -> DataFrame:
-    """Training rows (docs/architecture.md, features/training). Pure."""
-    return add_features(feature_inputs(rewards, snapshots, priors, artworks, titles))
+def transform(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame,
+              vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> DataFrame:
+    """Training rows (docs/architecture.md, features/training); ``vocabularies`` by known day. Pure."""
+    return add_features(feature_inputs(rewards, snapshots, priors, artworks, titles), vocabularies)
+
+
+def catalog_counts(artworks: DataFrame, titles: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
+    """(artworks per tag, titles per genre) of the catalog: what a vocabulary is learned from."""
+    tags = artworks.select("artwork_id", F.explode(F.array_distinct("tags")).alias("tag")).groupBy("tag").count().collect()
+    genres = titles.select("title_id", F.explode(F.array_distinct("genres")).alias("genre")).groupBy("genre").count().collect()
+    return {r["tag"]: int(r["count"]) for r in tags}, {r["genre"]: int(r["count"]) for r in genres}
+
+
+def vocabulary_for(lake: Lake, ds: str, counts: tuple[dict[str, int], dict[str, int]],
+                   reuse: bool = True) -> feature_spec.Vocabulary:
+    """The vocabulary of ``ds``: the written one (``reuse``), else learned from ``counts`` with the
+    slots of the latest vocabulary written before ``ds``."""
+    path = feature_spec.vocabulary_path(lake.root, ds)
+    if reuse and path.is_file():
+        return feature_spec.read_vocabulary(lake.root, ds)
+    base = path.parent.parent
+    earlier = sorted(p.name[3:] for p in base.glob("ds=*") if p.name[3:] < ds and (p / path.name).is_file()) if base.is_dir() else []
+    previous = feature_spec.read_vocabulary(lake.root, earlier[-1]) if earlier else None
+    return feature_spec.learn_vocabulary(*counts, previous=previous)
+
+
+def write_vocabulary(vocabulary: feature_spec.Vocabulary, lake: Lake, ds: str) -> None:
+    path = feature_spec.vocabulary_path(lake.root, ds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(vocabulary.to_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,20 +349,21 @@ class Inputs:
     rewards: DataFrame
     priors: DataFrame
     snapshot_days: list[str]
+    labelled: DataFrame | None = None
 
 
-def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int) -> Inputs:
-    from keyart.contracts import REWARDS
-
+def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, response_days: int = RESPONSE_DAYS) -> Inputs:
     rewards = read_days(spark, lake.rewards, [ds], REWARDS.spark_schema())
     days = sorted({r[0].isoformat() for r in rewards.select("impression_ds").distinct().collect()})
     known_days = sorted({shift_ds(d, -1) for d in days})
     first = min([ds, *known_days])
     plays = read_range(spark, lake.clean("plays"), shift_ds(first, -history_days), ds, PLAYS.spark_schema())
     priors = read_days(spark, lake.priors, known_days, PRIORS.spark_schema(), ds_column="prior_ds")
+    labelled = read_range(spark, lake.rewards(), shift_ds(first, -response_days), ds, REWARDS.spark_schema(), ds_column="labelled_ds")
     return Inputs(
         plays=plays, titles=read_table(spark, lake.titles, TITLES), artworks=read_table(spark, lake.artworks, ARTWORKS),
         members=read_table(spark, lake.members, MEMBERS), rewards=rewards, priors=priors, snapshot_days=known_days,
+        labelled=labelled,
     )
 
 
@@ -275,7 +374,7 @@ def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: Snaps
         if has_data(lake.member_features(day)):
             snap = spark.read.schema(SNAPSHOT_SCHEMA).parquet(str(lake.member_features(day)))
         else:
-            snap = member_snapshot(inputs.plays, inputs.titles, inputs.members, SnapshotParams(day, params.history_days, params.affinity_half_life_days))
+            snap = member_snapshot(inputs.plays, inputs.titles, inputs.members, params.on(day), inputs.labelled, inputs.artworks)
         frames.append(snap.withColumn("snapshot_ds", F.lit(day).cast("date")))
     if not frames:
         return spark.createDataFrame([], T.StructType(SNAPSHOT_SCHEMA.fields + [T.StructField("snapshot_ds", T.DateType())]))
@@ -293,10 +392,16 @@ def load(snapshot: DataFrame, training: DataFrame, lake: Lake, ds: str) -> None:
 def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     params = SnapshotParams.from_settings(args.ds, settings)
     parse_ds(args.ds)
-    inputs = extract(spark, lake, args.ds, params.history_days)
-    snapshot = member_snapshot(inputs.plays, inputs.titles, inputs.members, params)
-    training = transform(inputs.rewards, snapshots_for(spark, lake, inputs, params), inputs.priors, inputs.artworks, inputs.titles)
+    inputs = extract(spark, lake, args.ds, params.history_days, params.response_days)
+    counts = catalog_counts(inputs.artworks, inputs.titles)
+    vocabularies = {day: vocabulary_for(lake, day, counts) for day in inputs.snapshot_days}
+    # today's is learned afresh from today's catalog on top of the slots before it (a rerun gives the same)
+    vocabulary = vocabulary_for(lake, args.ds, counts, reuse=False)
+    snapshot = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks)
+    training = transform(inputs.rewards, snapshots_for(spark, lake, inputs, params), inputs.priors, inputs.artworks, inputs.titles,
+                         vocabularies)
     load(snapshot, training, lake, args.ds)
+    write_vocabulary(vocabulary, lake, args.ds)
     written = spark.read.parquet(str(lake.training(args.ds)))
     row = written.agg(
         F.count(F.lit(1)).alias("rows"), F.sum(F.col("is_logged").cast("int")).alias("impressions"),
@@ -308,6 +413,9 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
         "snapshot_days_used": inputs.snapshot_days,
         "n_features": feature_spec.N_FEATURES,
         "feature_spec_version": feature_spec.FEATURE_SPEC_VERSION,
+        "vocabulary_tags": sum(1 for t in vocabulary.tags if t),
+        "vocabulary_genres": len(vocabulary.genres),
+        "catalog_tags": len(counts[0]),
     }
     write_metrics(lake, "features", args.ds, figures)
     return figures

@@ -2,10 +2,12 @@
 
 A model row is one (member, title, artwork, context). Its feature vector is built from
 *feature inputs*: plain columns that the features job writes for training rows and that
-serving assembles for a page. The functions here turn inputs into the float32 matrix, in
-the fixed order of :data:`FEATURE_NAMES`; Spark calls :func:`feature_matrix` through
-``mapInPandas`` and serving calls it (or its blocks, cached per artwork) directly, so the
-arithmetic exists once.
+serving assembles for a page, and from the day's :class:`Vocabulary` (data, not code: the
+features job learns it from the catalog, the bundle ships it in ``feature_spec.json``).
+The functions here turn inputs into the float32 matrix, in the fixed order of
+:data:`FEATURE_NAMES`; Spark calls :func:`feature_matrix` through ``mapInPandas`` and
+serving calls it (or its blocks, cached per artwork) directly, so the arithmetic exists once.
+:data:`FEATURE_SPEC_VERSION` changes when this arithmetic changes, not when a catalog adds a tag.
 
 Feature inputs (:data:`INPUT_COLUMNS`):
 
@@ -16,8 +18,11 @@ member_log_plays_28d        log1p(plays in the 28 days up to the snapshot)
 member_days_since_last_play days from last play to the snapshot end (capped)
 affinity_tags               member's tags: 'genre:<g>' and 'cast:<c>'
 affinity_values             time-decayed share of minutes watched per tag, in [0, 1]
+response_tags               artwork tags the member was shown in the response window
+response_values             the member's shrunk quality-play lift on them (:func:`response_lift`)
+response_n                  impressions behind each value
 device, local_hour, day_of_week, page_row, position      request context
-art_tags                    the artwork's tags ('cast:<c>', 'tone:<g>', flags)
+art_tags                    the artwork's tags (any 'key:value' or bare flag; 'cast:<c>')
 art_is_default              1 if it is the title's default artwork
 title_genres                the title's genres
 art_prior_mean              posterior mean quality-play rate of the artwork (segment 'all')
@@ -29,8 +34,12 @@ title_prior_mean            mean of art_prior_mean over the title's artworks
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,18 +47,26 @@ import numpy as np
 # The data contract's devices, in the order of the ctx_device_* one-hot columns.
 from keyart.contracts import DEVICES
 
-FEATURE_SPEC_VERSION = "1"
+FEATURE_SPEC_VERSION = "2"
 
-TONES = (
-    "action", "comedy", "drama", "romance", "thriller",
-    "horror", "family", "animation", "documentary", "scifi",
-)
-FLAGS = ("closeup", "text_heavy", "group")
 DAYS_SINCE_CAP = 365.0
 SEGMENT_ALL = "all"
 # Prior used where no posterior exists yet (first day, unseen title): Beta(1, 9), mean 0.1.
 DEFAULT_PRIOR = (1.0, 9.0)
 
+CAST_PREFIX = "cast:"
+"""The data contract's artwork tag for a cast member shown (matched to the member's cast affinity)."""
+GENRE_PREFIX = "genre:"
+N_TAG_SLOTS = 24
+"""Artwork tag columns: the catalog's most frequent tags, one column each (:class:`Vocabulary`)."""
+N_TAG_BUCKETS = 8
+"""Columns the other tags are hashed into (crc32 of the tag, modulo)."""
+TAG_MIN_ARTWORKS = 5
+"""A tag gets its own column only if at least this many artworks carry it."""
+N_GENRE_SLOTS = 12
+"""Member columns: the member's affinity for each of the catalog's most common title genres."""
+RESPONSE_PRIOR_N = 10.0
+"""Pseudo-impressions at the population's rate that a member's response to a tag is shrunk towards."""
 
 def member_segment(is_kids: int | bool) -> str:
     """The prior segment a member belongs to."""
@@ -61,6 +78,7 @@ MEMBER_FEATURES = (
     "member_is_kids",
     "member_log_plays_28d",
     "member_days_since_last_play",
+    *(f"member_genre_{j}" for j in range(N_GENRE_SLOTS)),
 )
 CONTEXT_FEATURES = (
     *(f"ctx_device_{d}" for d in DEVICES),
@@ -70,11 +88,13 @@ CONTEXT_FEATURES = (
     "ctx_page_row",
     "ctx_position",
 )
-ARTWORK_FEATURES = (
+ARTWORK_STATIC_FEATURES = (
     "art_is_default",
     "art_n_cast",
-    *(f"art_flag_{f}" for f in FLAGS),
-    *(f"art_tone_{t}" for t in TONES),
+    *(f"art_tag_{i}" for i in range(N_TAG_SLOTS)),
+    *(f"art_tag_bucket_{i}" for i in range(N_TAG_BUCKETS)),
+)
+ARTWORK_FEATURES = ARTWORK_STATIC_FEATURES + (
     "art_prior_mean",
     "art_prior_log_n",
     "art_prior_lift",
@@ -82,8 +102,11 @@ ARTWORK_FEATURES = (
 MATCH_FEATURES = (
     "match_cast_sum",
     "match_cast_max",
-    "match_tone",
+    "match_tag_genre",
     "match_title_genre",
+    "resp_lift_sum",
+    "resp_lift_max",
+    "resp_log_n",
     "art_prior_mean_seg",
 )
 FEATURE_NAMES: tuple[str, ...] = MEMBER_FEATURES + CONTEXT_FEATURES + ARTWORK_FEATURES + MATCH_FEATURES
@@ -91,7 +114,7 @@ N_FEATURES = len(FEATURE_NAMES)
 
 INPUT_COLUMNS = (
     "member_known", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play",
-    "affinity_tags", "affinity_values",
+    "affinity_tags", "affinity_values", "response_tags", "response_values", "response_n",
     "device", "local_hour", "day_of_week", "page_row", "position",
     "art_tags", "art_is_default", "title_genres",
     "art_prior_mean", "art_prior_n", "art_prior_mean_seg", "title_prior_mean",
@@ -104,35 +127,147 @@ UNKNOWN_MEMBER = {
     "member_days_since_last_play": DAYS_SINCE_CAP,
     "affinity_tags": [],
     "affinity_values": [],
+    "response_tags": [],
+    "response_values": [],
+    "response_n": [],
 }
 
 
-def spec_dict() -> dict[str, Any]:
-    """The specification as data: shipped in every bundle and checked by serving."""
+def tag_bucket(tag: str) -> int:
+    """The column of a tag outside the vocabulary's slots: stable across processes and machines."""
+    return N_TAG_SLOTS + zlib.crc32(tag.encode("utf-8")) % N_TAG_BUCKETS
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Which artwork tag owns each tag column and which genre each member genre column.
+
+    Learned from the catalog by the features job every day (:func:`learn_vocabulary`), written
+    as data and shipped in the bundle: the code lists no tag. ``tags[i]`` owns column
+    ``art_tag_<i>`` ('' = free slot); every other non-cast tag counts in its hash bucket.
+    """
+
+    tags: tuple[str, ...] = ()
+    genres: tuple[str, ...] = ()
+    tag_artworks: Mapping[str, int] = field(default_factory=dict)
+    genre_titles: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.tags) > N_TAG_SLOTS or len(self.genres) > N_GENRE_SLOTS:
+            raise ValueError(f"a vocabulary has at most {N_TAG_SLOTS} tags and {N_GENRE_SLOTS} genres, "
+                             f"got {len(self.tags)} and {len(self.genres)}")
+        named = [t for t in self.tags if t]
+        if len(set(named)) != len(named) or len(set(self.genres)) != len(self.genres):
+            raise ValueError("a vocabulary lists a tag or genre twice")
+        if any(t.startswith(CAST_PREFIX) for t in named):
+            raise ValueError("cast tags are matched to the member, not given a column")
+
+    @property
+    def slot_of(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tags) if t}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tags": list(self.tags), "genres": list(self.genres),
+                "tag_artworks": dict(sorted(self.tag_artworks.items())),
+                "genre_titles": dict(sorted(self.genre_titles.items()))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Vocabulary:
+        """From :meth:`to_dict` output; None or {} is the empty vocabulary (every tag hashed)."""
+        if not data:
+            return cls()
+        if not isinstance(data, Mapping) or not isinstance(data.get("tags", []), list) \
+                or not isinstance(data.get("genres", []), list):
+            raise ValueError("a vocabulary is a mapping with 'tags' and 'genres' lists")
+        return cls(tuple(map(str, data.get("tags", []))), tuple(map(str, data.get("genres", []))),
+                   {str(k): int(v) for k, v in (data.get("tag_artworks") or {}).items()},
+                   {str(k): int(v) for k, v in (data.get("genre_titles") or {}).items()})
+
+
+def learn_vocabulary(tag_artworks: Mapping[str, int], genre_titles: Mapping[str, int],
+                     previous: Vocabulary | None = None) -> Vocabulary:
+    """The day's vocabulary from catalog counts (artworks per tag, titles per genre).
+
+    Slots are sticky so a column means the same on every day of a training window: a tag or
+    genre keeps the slot it had in ``previous``; free slots go to the most frequent newcomers
+    (ties by name). A tag needs :data:`TAG_MIN_ARTWORKS` artworks for a slot; ``cast:`` tags
+    never take one (they are matched to the member's cast affinity).
+    """
+    previous = previous or Vocabulary()
+    tags = list(previous.tags) + [""] * (N_TAG_SLOTS - len(previous.tags))
+    ranked = sorted(((n, t) for t, n in tag_artworks.items()
+                     if n >= TAG_MIN_ARTWORKS and not t.startswith(CAST_PREFIX) and t not in previous.slot_of),
+                    key=lambda x: (-x[0], x[1]))
+    fresh = iter(t for _, t in ranked)
+    tags = [t or next(fresh, "") for t in tags]
+    while tags and not tags[-1]:
+        tags.pop()
+    genres = list(previous.genres)
+    genres += [g for _, g in sorted(((n, g) for g, n in genre_titles.items() if g not in genres),
+                                    key=lambda x: (-x[0], x[1]))][: N_GENRE_SLOTS - len(genres)]
+    return Vocabulary(tuple(tags), tuple(genres), dict(tag_artworks), dict(genre_titles))
+
+
+def vocabulary_path(lake_root: str | Path, ds: str) -> Path:
+    """Where the features job of ``ds`` writes the day's vocabulary."""
+    return Path(lake_root) / "features" / "vocabulary" / f"ds={ds}" / "vocabulary.json"
+
+
+def read_vocabulary(lake_root: str | Path, ds: str) -> Vocabulary:
+    """The vocabulary of day ``ds``; FileNotFoundError when the features job has not written one."""
+    return Vocabulary.from_dict(json.loads(vocabulary_path(lake_root, ds).read_text()))
+
+
+def spec_dict(vocabulary: Vocabulary | None = None) -> dict[str, Any]:
+    """The specification as data, with the vocabulary: shipped in every bundle and checked by serving."""
     return {
         "version": FEATURE_SPEC_VERSION,
         "features": list(FEATURE_NAMES),
         "inputs": list(INPUT_COLUMNS),
-        "tones": list(TONES),
-        "flags": list(FLAGS),
         "devices": list(DEVICES),
         "days_since_cap": DAYS_SINCE_CAP,
+        "tag_slots": N_TAG_SLOTS,
+        "tag_buckets": N_TAG_BUCKETS,
+        "genre_slots": N_GENRE_SLOTS,
+        "response_prior_n": RESPONSE_PRIOR_N,
+        "vocabulary": (vocabulary or Vocabulary()).to_dict(),
     }
+
+
+def response_lift(quality_plays, impressions, population_rate):
+    """A member's shrunk lift over the population on a tag: (q - n p) / (n + RESPONSE_PRIOR_N).
+
+    The member's quality-play rate on n impressions of artworks carrying the tag, shrunk
+    towards the tag's population rate p with :data:`RESPONSE_PRIOR_N` pseudo-impressions,
+    minus p. Plain operators only, so the features job applies it to Spark columns and a
+    test to numpy arrays: one formula.
+    """
+    return (quality_plays - impressions * population_rate) / (impressions + RESPONSE_PRIOR_N)
 
 
 # ---------------------------------------------------------------------------------------
 # Blocks. Each returns float32 arrays; rows are aligned across blocks.
 # ---------------------------------------------------------------------------------------
 
-def member_block(known, is_kids, log_plays_28d, days_since_last_play) -> np.ndarray:
-    """[n, len(MEMBER_FEATURES)] from per-row member scalars."""
+def member_block(known, is_kids, log_plays_28d, days_since_last_play, genre_affinity=None) -> np.ndarray:
+    """[n, len(MEMBER_FEATURES)] from per-row member scalars and ``genre_affinity`` [n, N_GENRE_SLOTS]
+    (:func:`genre_row` of each row; None = zeros)."""
     days = np.minimum(np.nan_to_num(np.asarray(days_since_last_play, dtype=np.float64), nan=DAYS_SINCE_CAP), DAYS_SINCE_CAP)
+    known = np.asarray(known, dtype=np.float64)
+    genres = np.zeros((len(known), N_GENRE_SLOTS)) if genre_affinity is None else np.asarray(genre_affinity, np.float64)
     return np.column_stack([
-        np.asarray(known, dtype=np.float64),
+        known,
         np.asarray(is_kids, dtype=np.float64),
         np.nan_to_num(np.asarray(log_plays_28d, dtype=np.float64)),
         days,
+        genres.reshape(len(known), N_GENRE_SLOTS),
     ]).astype(np.float32)
+
+
+def genre_row(affinity: Mapping[str, float], vocabulary: Vocabulary) -> list[float]:
+    """The member's affinity for each genre column of ``vocabulary``: [N_GENRE_SLOTS]."""
+    row = [affinity.get(GENRE_PREFIX + g, 0.0) for g in vocabulary.genres]
+    return row + [0.0] * (N_GENRE_SLOTS - len(row))
 
 
 def context_block(device, local_hour, day_of_week, page_row, position) -> np.ndarray:
@@ -152,13 +287,24 @@ def context_block(device, local_hour, day_of_week, page_row, position) -> np.nda
     return np.column_stack(cols).astype(np.float32)
 
 
-def artwork_static(art_tags: Sequence[str], is_default: bool | int) -> np.ndarray:
-    """Tag-derived artwork features (no priors) for one artwork: [2 + len(FLAGS) + len(TONES)]."""
+def artwork_static(art_tags: Sequence[str], is_default: bool | int, vocabulary: Vocabulary | None = None) -> np.ndarray:
+    """Tag-derived artwork features (no priors) for one artwork: [len(ARTWORK_STATIC_FEATURES)].
+
+    Each distinct non-cast tag sets its vocabulary column to 1 or adds 1 to its hash bucket
+    (:func:`tag_bucket`); ``art_n_cast`` counts the distinct ``cast:`` tags.
+    """
     tags = set(art_tags)
-    n_cast = sum(1 for t in tags if t.startswith("cast:"))
-    flags = [1.0 if f in tags else 0.0 for f in FLAGS]
-    tones = [1.0 if f"tone:{t}" in tags else 0.0 for t in TONES]
-    return np.asarray([float(bool(is_default)), float(n_cast), *flags, *tones], dtype=np.float32)
+    slot_of = (vocabulary or Vocabulary()).slot_of
+    row = np.zeros(len(ARTWORK_STATIC_FEATURES), dtype=np.float64)
+    row[0] = float(bool(is_default))
+    for t in tags:
+        if t.startswith(CAST_PREFIX):
+            row[1] += 1.0
+        elif t in slot_of:
+            row[2 + slot_of[t]] = 1.0
+        else:
+            row[2 + tag_bucket(t)] += 1.0
+    return row.astype(np.float32)
 
 
 def prior_block(art_prior_mean, art_prior_n, title_prior_mean) -> np.ndarray:
@@ -169,11 +315,36 @@ def prior_block(art_prior_mean, art_prior_n, title_prior_mean) -> np.ndarray:
 
 
 def match_row(affinity: Mapping[str, float], art_tags: Sequence[str], title_genres: Sequence[str]) -> tuple[float, float, float, float]:
-    """Member x artwork match for one row: (cast sum, cast max, tone, title genre)."""
-    cast = [affinity.get(t, 0.0) for t in art_tags if t.startswith("cast:")]
-    tone = sum(affinity.get("genre:" + t[5:], 0.0) for t in art_tags if t.startswith("tone:"))
-    genre = sum(affinity.get("genre:" + g, 0.0) for g in title_genres) / len(title_genres) if len(title_genres) else 0.0
-    return (float(sum(cast)), float(max(cast)) if cast else 0.0, float(tone), float(genre))
+    """Member x artwork match for one row: (cast sum, cast max, tag genre, title genre).
+
+    Tag genre sums the member's affinity for ``genre:<value>`` over the artwork's non-cast
+    ``key:value`` tags: a catalog whose tags name genres (any key) links them to taste; other
+    values add nothing.
+    """
+    cast = [affinity.get(t, 0.0) for t in art_tags if t.startswith(CAST_PREFIX)]
+    tag_genre = sum(affinity.get(GENRE_PREFIX + t.split(":", 1)[1], 0.0) for t in art_tags
+                    if ":" in t and not t.startswith(CAST_PREFIX))
+    genre = sum(affinity.get(GENRE_PREFIX + g, 0.0) for g in title_genres) / len(title_genres) if len(title_genres) else 0.0
+    return (float(sum(cast)), float(max(cast)) if cast else 0.0, float(tag_genre), float(genre))
+
+
+def response_map(tags: Sequence[str] | None, values: Sequence[float] | None,
+                 n: Sequence[float] | None) -> dict[str, tuple[float, float]]:
+    """Tag -> (lift, impressions) for entries with impressions > 0 (the last of a repeated tag wins)."""
+    if tags is None or values is None or n is None:
+        return {}
+    as_list = lambda x: x.tolist() if isinstance(x, np.ndarray) else list(x)  # noqa: E731
+    return {str(t): (float(v), float(k)) for t, v, k in zip(as_list(tags), as_list(values), as_list(n), strict=True) if k > 0}
+
+
+def response_row(responses: Mapping[str, tuple[float, float]], art_tags: Sequence[str]) -> tuple[float, float, float]:
+    """Member x artwork response for one row: (lift sum, lift max, impressions) over the
+    artwork's tags (cast tags included, in tag order) the member has a response on; zeros if
+    none. :func:`feature_matrix` takes log1p of the impressions (``resp_log_n``)."""
+    hits = [responses[t] for t in art_tags if t in responses]
+    if not hits:
+        return (0.0, 0.0, 0.0)
+    return (float(sum(h[0] for h in hits)), float(max(h[0] for h in hits)), float(sum(h[1] for h in hits)))
 
 
 def prior_inputs(all_alpha, all_beta, all_n, seg_alpha, seg_beta, title_ids) -> dict[str, np.ndarray]:
@@ -217,36 +388,45 @@ def affinity_map(tags: Sequence[str] | None, values: Sequence[float] | None) -> 
     return dict(zip(map(str, tags), map(float, values), strict=True))
 
 
-def feature_matrix(inputs: Mapping[str, Any]) -> np.ndarray:
+def feature_matrix(inputs: Mapping[str, Any], vocabulary: Vocabulary | None = None) -> np.ndarray:
     """The float32 feature matrix [n, N_FEATURES] for columnar feature inputs.
 
     ``inputs`` maps every name in :data:`INPUT_COLUMNS` to a sequence of length n
-    (a pandas DataFrame works). Missing prior values (NaN) must be filled by the caller.
+    (a pandas DataFrame works); ``vocabulary`` is the day's (None: empty, every tag hashed).
+    Missing prior values (NaN) must be filled by the caller.
     """
     missing = [c for c in INPUT_COLUMNS if c not in inputs]
     if missing:
         raise KeyError(f"feature inputs lack columns {missing}")
+    vocabulary = vocabulary or Vocabulary()
     n = len(inputs["art_tags"])
-    mem = member_block(inputs["member_known"], inputs["member_is_kids"], inputs["member_log_plays_28d"], inputs["member_days_since_last_play"])
+    aff_tags = list(inputs["affinity_tags"])
+    aff_vals = list(inputs["affinity_values"])
+    affinities = [affinity_map(aff_tags[i], aff_vals[i]) for i in range(n)]
+    genre_aff = np.array([genre_row(a, vocabulary) for a in affinities], dtype=np.float64).reshape(n, N_GENRE_SLOTS)
+    mem = member_block(inputs["member_known"], inputs["member_is_kids"], inputs["member_log_plays_28d"],
+                       inputs["member_days_since_last_play"], genre_aff)
     ctx = context_block(inputs["device"], inputs["local_hour"], inputs["day_of_week"], inputs["page_row"], inputs["position"])
     art_tags = list(inputs["art_tags"])
     is_default = list(inputs["art_is_default"])
     static_of: dict[tuple, np.ndarray] = {}  # a day's rows repeat a few thousand artworks
-    static = np.zeros((n, 2 + len(FLAGS) + len(TONES)), np.float32)
+    static = np.zeros((n, len(ARTWORK_STATIC_FEATURES)), np.float32)
     for i in range(n):
         tags_i = art_tags[i]
         key = (tuple(tags_i.tolist() if isinstance(tags_i, np.ndarray) else tags_i), bool(is_default[i]))
         row = static_of.get(key)
         if row is None:
-            row = static_of[key] = artwork_static(key[0], key[1])
+            row = static_of[key] = artwork_static(key[0], key[1], vocabulary)
         static[i] = row
     pri = prior_block(inputs["art_prior_mean"], inputs["art_prior_n"], inputs["title_prior_mean"])
-    aff_tags = list(inputs["affinity_tags"])
-    aff_vals = list(inputs["affinity_values"])
     genres = list(inputs["title_genres"])
-    match = np.zeros((n, 4), dtype=np.float32)
+    r_tags, r_vals, r_n = list(inputs["response_tags"]), list(inputs["response_values"]), list(inputs["response_n"])
+    match = np.zeros((n, 7), dtype=np.float64)
     for i in range(n):
-        match[i] = match_row(affinity_map(aff_tags[i], aff_vals[i]), art_tags[i], genres[i] if genres[i] is not None else ())
+        tags_i = art_tags[i].tolist() if isinstance(art_tags[i], np.ndarray) else art_tags[i]
+        match[i, :4] = match_row(affinities[i], tags_i, genres[i] if genres[i] is not None else ())
+        match[i, 4:] = response_row(response_map(r_tags[i], r_vals[i], r_n[i]), tags_i)
+    match[:, 6] = np.log1p(match[:, 6])
     seg = np.asarray(inputs["art_prior_mean_seg"], dtype=np.float32).reshape(n, 1)
     out = np.hstack([mem, ctx, static, pri, match, seg]).astype(np.float32)
     assert out.shape[1] == N_FEATURES

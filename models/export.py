@@ -216,6 +216,17 @@ def bundle_priors(priors: pd.DataFrame, artworks: pd.DataFrame) -> tuple[pd.Data
     return pd.concat([priors, added], ignore_index=True), len(rows)
 
 
+def day_vocabulary(lake: Lake, ds: str) -> feature_spec.Vocabulary:
+    """The features job's vocabulary of ``ds``: the tag and genre columns of rows built with the
+    member snapshot of ``ds``, so serving builds them alike. A lake whose features job wrote
+    none (a hand-made lake) gets the empty vocabulary, every tag hashed, with a warning."""
+    try:
+        return feature_spec.read_vocabulary(lake.root, ds)
+    except FileNotFoundError:
+        print(f"warning: no feature vocabulary for {ds}; the bundle carries the empty one", file=sys.stderr)
+        return feature_spec.Vocabulary()
+
+
 def write_tables(lake: Lake, ds: str, out: Path) -> dict[str, int]:
     """priors.parquet, members.parquet and artworks.parquet of day ``ds`` into ``out``: what
     a bundle serving from ``ds`` on needs (a new model's and a table refresh's alike)."""
@@ -273,7 +284,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
     staging.mkdir(parents=True)
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
-        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(day_vocabulary(lake, ds)), indent=2))
         counts = write_tables(lake, ds, staging)
         evaluation = run_dir / "evaluation.json"
         metrics = {"train": train_info.get("metrics", {})}
@@ -325,7 +336,7 @@ def refresh_bundle(lake: Lake, ds: str, model_bundle: Path, out: Path, policy: P
     staging.mkdir()
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
-        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+        (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(day_vocabulary(lake, ds)), indent=2))
         counts = write_tables(lake, ds, staging)
         parity = {**(source.get("parity") or {}), **check, "model_sha256_unchanged": True}
         bundle.write_manifest(

@@ -17,14 +17,16 @@ from keyart.serving.tables import ArtworkTable, Member
 
 N_MEMBER = len(feature_spec.MEMBER_FEATURES)
 N_CONTEXT = len(feature_spec.CONTEXT_FEATURES)
-N_STATIC = 2 + len(feature_spec.FLAGS) + len(feature_spec.TONES)
+N_STATIC = len(feature_spec.ARTWORK_STATIC_FEATURES)
 C_MEMBER = 0
 C_CONTEXT = C_MEMBER + N_MEMBER
 C_STATIC = C_CONTEXT + N_CONTEXT
 C_PRIOR = C_STATIC + N_STATIC
 C_MATCH = C_PRIOR + 3
-C_SEG = C_MATCH + 4
+C_RESP = C_MATCH + 4
+C_SEG = C_RESP + 3
 assert C_SEG + 1 == feature_spec.N_FEATURES
+assert feature_spec.FEATURE_NAMES[C_RESP] == "resp_lift_sum" and feature_spec.FEATURE_NAMES[C_SEG] == "art_prior_mean_seg"
 
 
 def _sequential_sum(values: np.ndarray) -> np.ndarray:
@@ -77,9 +79,19 @@ def page_matrix(table: ArtworkTable, member: Member, device: str, local_hour: in
     width = np.arange(cast.shape[1])
     real = width[None, :] < table.cast_count[rows][:, None]
     x[:, C_MATCH + 1] = np.where(has_cast, np.where(real, cast, -np.inf).max(axis=1), 0.0)
-    x[:, C_MATCH + 2] = _sequential_sum(aff[table.tone_idx[rows]])
+    x[:, C_MATCH + 2] = _sequential_sum(aff[table.tag_genre_idx[rows]])
     n_genres = table.genre_count[rows]
     genre_sum = _sequential_sum(aff[table.genre_idx[rows]])
     x[:, C_MATCH + 3] = np.where(n_genres > 0, genre_sum / np.maximum(n_genres, 1), 0.0)
+    # responses: the member's lift and impressions per response column (padding column 0, absent)
+    lift = np.zeros(table.n_resp + 1, dtype=np.float64)
+    imps = np.zeros(table.n_resp + 1, dtype=np.float64)
+    lift[member.resp_cols] = member.resp_vals
+    imps[member.resp_cols] = member.resp_n
+    idx = table.resp_idx[rows]
+    x[:, C_RESP] = _sequential_sum(lift[idx])
+    hit = (np.arange(idx.shape[1])[None, :] < table.resp_count[rows][:, None]) & (imps[idx] > 0)
+    x[:, C_RESP + 1] = np.where(hit.any(axis=1), np.where(hit, lift[idx], -np.inf).max(axis=1), 0.0)
+    x[:, C_RESP + 2] = np.log1p(_sequential_sum(imps[idx]))
     x[:, C_SEG] = table.prior_mean_seg[member.segment][rows]
     return x

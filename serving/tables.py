@@ -1,7 +1,8 @@
 """In-memory tables serving keeps per bundle: artworks (with cached feature blocks) and members.
 
 Everything that does not depend on the request is computed once at bundle load: the
-tag-derived artwork block (:func:`keyart.feature_spec.artwork_static`), the prior inputs
+tag-derived artwork block (:func:`keyart.feature_spec.artwork_static` with the bundle's
+vocabulary), the prior inputs
 (:func:`keyart.feature_spec.prior_inputs` over the catalog), the member block of every member
 and index arrays that turn member x artwork matching into numpy gathers. The page
 assembly in :mod:`keyart.serving.page` reproduces :func:`keyart.feature_spec.feature_matrix`
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,16 @@ class ArtworkTable:
     artwork_ids, index : ids and id -> row
     title_ids, title_index, title_rows : titles, id -> title index, rows of each title
     default_row : [n_titles] row of each title's default artwork (its first if none)
-    static : [N, 15] float32 artwork_static blocks
+    static : [N, len(ARTWORK_STATIC_FEATURES)] float32 artwork_static blocks
     prior_mean, prior_log_n : [N] float64 segment-'all' prior inputs
     prior_mean_seg : segment -> [N] float64 ``art_prior_mean_seg``
     policy_alpha, policy_beta, policy_n : [N] the segment-'all' Beta posterior for the policy
     vocab : tag -> column of the member affinity vector (column V is a constant 0)
-    cast_idx, tone_idx, genre_idx : [N, *] padded vocabulary columns for match_row
+    cast_idx, tag_genre_idx, genre_idx : [N, *] padded vocabulary columns for match_row
     cast_count, genre_count : [N] number of real entries in cast_idx / genre_idx
+    vocabulary : the bundle's feature vocabulary (tag and genre columns)
+    resp_vocab : artwork tag -> column of the member response vectors (column W is padding)
+    resp_idx, resp_count : [N, *] each artwork's tags as response columns, in tag order; [N] how many
     """
 
     artwork_ids: list[str]
@@ -84,9 +88,13 @@ class ArtworkTable:
     vocab: dict[str, int]
     cast_idx: np.ndarray
     cast_count: np.ndarray
-    tone_idx: np.ndarray
+    tag_genre_idx: np.ndarray
     genre_idx: np.ndarray
     genre_count: np.ndarray
+    vocabulary: feature_spec.Vocabulary
+    resp_vocab: dict[str, int]
+    resp_idx: np.ndarray
+    resp_count: np.ndarray
     # [N] first and last day (date ordinals, keyart.catalog) each artwork may be shown. A bundle
     # carries the artworks that start within its export horizon and a server runs for days, so
     # activity is resolved per request.
@@ -110,9 +118,16 @@ class ArtworkTable:
     def n_vocab(self) -> int:
         return len(self.vocab)
 
+    @property
+    def n_resp(self) -> int:
+        return len(self.resp_vocab)
+
     @classmethod
-    def build(cls, artworks: Iterable[Mapping[str, Any]], priors: Iterable[Mapping[str, Any]] = ()) -> ArtworkTable:
-        """From artwork rows (artwork_id, title_id, tags, is_default[, title_genres]) and PRIORS rows."""
+    def build(cls, artworks: Iterable[Mapping[str, Any]], priors: Iterable[Mapping[str, Any]] = (),
+              vocabulary: feature_spec.Vocabulary | None = None) -> ArtworkTable:
+        """From artwork rows (artwork_id, title_id, tags, is_default[, title_genres]), PRIORS rows
+        and the bundle's vocabulary (None: empty, every tag hashed)."""
+        vocabulary = vocabulary or feature_spec.Vocabulary()
         arts = sorted(artworks, key=lambda r: (str(r["title_id"]), str(r["artwork_id"])))
         ids = [str(a["artwork_id"]) for a in arts]
         if len(set(ids)) != len(ids):
@@ -133,8 +148,9 @@ class ArtworkTable:
         ], dtype=np.int64)
         tags = [list(a.get("tags") or ()) for a in arts]
         genres = [list(a.get("title_genres") or ()) for a in arts]
-        static = (np.vstack([feature_spec.artwork_static(t, bool(a.get("is_default"))) for t, a in zip(tags, arts, strict=True)])
-                  if arts else np.zeros((0, 2 + len(feature_spec.FLAGS) + len(feature_spec.TONES)), np.float32))
+        static = (np.vstack([feature_spec.artwork_static(t, bool(a.get("is_default")), vocabulary)
+                             for t, a in zip(tags, arts, strict=True)])
+                  if arts else np.zeros((0, len(feature_spec.ARTWORK_STATIC_FEATURES)), np.float32))
 
         # priors: NaN where missing, exactly as the features job hands them to prior_inputs
         post: dict[tuple[str, str], tuple[float, float, float]] = {
@@ -160,18 +176,23 @@ class ArtworkTable:
         def col(tag: str) -> int:
             return vocab.setdefault(tag, len(vocab))
 
-        cast = [[col(t) for t in ts if t.startswith("cast:")] for ts in tags]
-        tone = [[col("genre:" + t[5:]) for t in ts if t.startswith("tone:")] for ts in tags]
-        genre = [[col("genre:" + g) for g in gs] for gs in genres]
+        cast = [[col(t) for t in ts if t.startswith(feature_spec.CAST_PREFIX)] for ts in tags]
+        tag_genre = [[col(feature_spec.GENRE_PREFIX + t.split(":", 1)[1]) for t in ts
+                      if ":" in t and not t.startswith(feature_spec.CAST_PREFIX)] for ts in tags]
+        genre = [[col(feature_spec.GENRE_PREFIX + g) for g in gs] for gs in genres]
         pad = len(vocab)
+        resp_vocab: dict[str, int] = {}
+        resp = [[resp_vocab.setdefault(t, len(resp_vocab)) for t in ts] for ts in tags]
         return cls(
             artwork_ids=ids, index=index, title_of=title_of, title_ids=title_ids, title_index=title_index,
             title_rows=title_rows, default_row=default_row, static=static,
             prior_mean=np.asarray(mean, np.float64), prior_log_n=np.log1p(np.asarray(n, np.float64)),
             prior_mean_seg=seg_mean, policy_alpha=alpha, policy_beta=beta, policy_n=np.asarray(n, np.float64),
             vocab=vocab, cast_idx=_padded(cast, pad), cast_count=np.array([len(c) for c in cast], np.int64),
-            tone_idx=_padded(tone, pad), genre_idx=_padded(genre, pad),
+            tag_genre_idx=_padded(tag_genre, pad), genre_idx=_padded(genre, pad),
             genre_count=np.array([len(g) for g in genres], np.int64),
+            vocabulary=vocabulary, resp_vocab=resp_vocab, resp_idx=_padded(resp, len(resp_vocab)),
+            resp_count=np.array([len(r) for r in resp], np.int64),
             active_from_day=catalog.ordinals((a.get("active_from") for a in arts), catalog.ALWAYS),
             active_to_day=catalog.ordinals((a.get("active_to") for a in arts), catalog.OPEN_ENDED),
         )
@@ -189,31 +210,43 @@ def not_expired(row: Mapping[str, Any], day: dt.date) -> bool:
 class Member:
     """One member's request-independent inputs."""
 
-    block: np.ndarray          # [4] float32 member_block row
+    block: np.ndarray          # [len(MEMBER_FEATURES)] float32 member_block row
     segment: str
     aff_cols: np.ndarray       # vocabulary columns of the member's affinities
     aff_vals: np.ndarray       # their values (float64)
+    resp_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # response columns (n > 0)
+    resp_vals: np.ndarray = field(default_factory=lambda: np.zeros(0))           # their lifts (float64)
+    resp_n: np.ndarray = field(default_factory=lambda: np.zeros(0))              # their impressions
 
 
 class MemberTable:
     """The member snapshot shipped with the bundle, keyed by member_id."""
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], vocab: Mapping[str, int]):
+    def __init__(self, rows: Sequence[Mapping[str, Any]], vocab: Mapping[str, int],
+                 vocabulary: feature_spec.Vocabulary | None = None, resp_vocab: Mapping[str, int] | None = None):
+        vocabulary = vocabulary or feature_spec.Vocabulary()
+        resp_vocab = resp_vocab or {}
         self._rows: dict[str, int] = {}
         n = len(rows)
+        # affinity_map / response_map semantics: the last value of a repeated tag wins
+        amaps = [feature_spec.affinity_map(r.get("affinity_tags"), r.get("affinity_values")) for r in rows]
         self._block = feature_spec.member_block(
             np.ones(n), [r.get("member_is_kids") or 0 for r in rows],
             [r.get("member_log_plays_28d") for r in rows],
             [r.get("member_days_since_last_play") for r in rows],
+            np.array([feature_spec.genre_row(a, vocabulary) for a in amaps], np.float64).reshape(n, feature_spec.N_GENRE_SLOTS),
         ) if n else np.zeros((0, len(feature_spec.MEMBER_FEATURES)), np.float32)
         self._kids = [bool(r.get("member_is_kids")) for r in rows]
         self._aff: list[tuple[np.ndarray, np.ndarray]] = []
-        for i, r in enumerate(rows):
+        self._resp: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for i, (r, amap) in enumerate(zip(rows, amaps, strict=True)):
             self._rows[str(r["member_id"])] = i
-            # affinity_map semantics: the last value of a repeated tag wins
-            amap = feature_spec.affinity_map(r.get("affinity_tags"), r.get("affinity_values"))
             known = [(vocab[t], v) for t, v in amap.items() if t in vocab]
             self._aff.append((np.array([c for c, _ in known], np.int64), np.array([v for _, v in known], np.float64)))
+            rmap = feature_spec.response_map(r.get("response_tags"), r.get("response_values"), r.get("response_n"))
+            shown = [(resp_vocab[t], v, k) for t, (v, k) in rmap.items() if t in resp_vocab]
+            self._resp.append((np.array([c for c, _, _ in shown], np.int64), np.array([v for _, v, _ in shown], np.float64),
+                               np.array([k for _, _, k in shown], np.float64)))
         u = feature_spec.UNKNOWN_MEMBER
         self.unknown = Member(
             feature_spec.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
@@ -229,4 +262,4 @@ class MemberTable:
         if i is None:
             return self.unknown
         cols, vals = self._aff[i]
-        return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols, vals)
+        return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols, vals, *self._resp[i])

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keyart.feature_spec import FLAGS
 from keyart.sim.names import (
     ADULT_RATINGS,
+    ART_FLAGS,
+    CAMPAIGN_LABELS,
     FIRST_NAMES,
     GENRE_CATALOG_SHARE,
     GENRES,
@@ -22,8 +23,11 @@ from keyart.sim.names import (
     LAST_NAMES,
     NAMED_ACTORS,
     NAMED_TITLES,
+    TAG_VOCABULARIES,
     TITLE_ADJECTIVES,
     TITLE_NOUNS,
+    UNSEEN_FLAG_TAGS,
+    UNSEEN_TONE_TAGS,
     G,
 )
 
@@ -58,7 +62,7 @@ class Catalog:
         Genre index of the artwork's ``tone:`` tag.
     art_cast : ndarray [N, C]
         Actor indices shown on the artwork, padded with -1.
-    art_flags : ndarray [N, len(FLAGS)]
+    art_flags : ndarray [N, len(ART_FLAGS)]
         The artwork's flags (closeup, text_heavy, group) as 0/1.
     art_clickbait : ndarray [N]
         Latent, untagged: raises P(play), cuts minutes watched.
@@ -279,11 +283,11 @@ def _build_artworks(rng, ids, genres, casts, a_index, launch: dt.date, start: dt
     art_title = np.repeat(np.arange(len(ids)), np.diff(offsets_a))
     tone = np.zeros(n, dtype=np.int16)
     cast_lists = []
-    flags_m = np.zeros((n, len(FLAGS)), dtype=np.int8)
+    flags_m = np.zeros((n, len(ART_FLAGS)), dtype=np.int8)
     for i, (_, tags, *_rest) in enumerate(rows):
         tone[i] = next(G[x[5:]] for x in tags if x.startswith("tone:"))
         cast_lists.append([a_index[x[5:]] for x in tags if x.startswith("cast:")])
-        for f, flag in enumerate(FLAGS):
+        for f, flag in enumerate(ART_FLAGS):
             flags_m[i, f] = flag in tags
     cmax = max(1, max(len(c) for c in cast_lists))
     art_cast = np.full((n, cmax), -1, dtype=np.int32)
@@ -302,3 +306,30 @@ def _build_artworks(rng, ids, genres, casts, a_index, launch: dt.date, start: dt
         art_clickbait=np.array([r[3] for r in rows]),
         art_idio=np.array([r[4] for r in rows]),
     )
+
+
+CAMPAIGN_RATE = 0.3
+
+
+def render_tags(catalog: Catalog, vocabulary: str, rng: np.random.Generator) -> None:
+    """Rewrite ``catalog.art_tags`` in another tag vocabulary (in place); the latent attributes
+    (``art_tone``, ``art_cast``, ``art_flags``) and so the ground truth stay the same.
+
+    ``default`` leaves the tags as built. ``unseen`` writes each tone as its
+    :data:`~keyart.sim.names.UNSEEN_TONE_TAGS` tag, each flag as its
+    :data:`~keyart.sim.names.UNSEEN_FLAG_TAGS` tag, keeps ``cast:<id>`` (the data contract's link
+    to the title's cast) and adds a campaign label to :data:`CAMPAIGN_RATE` of the artworks.
+    """
+    if vocabulary not in TAG_VOCABULARIES:
+        raise ValueError(f"unknown tag vocabulary {vocabulary!r}; one of {TAG_VOCABULARIES}")
+    if vocabulary == "default":
+        return
+    tagged = []
+    for i, tags in enumerate(catalog.art_tags):
+        out = [t for t in tags if t.startswith("cast:")]
+        out.append(UNSEEN_TONE_TAGS[GENRES[int(catalog.art_tone[i])]])
+        out += [UNSEEN_FLAG_TAGS[f] for j, f in enumerate(ART_FLAGS) if catalog.art_flags[i, j]]
+        if rng.random() < CAMPAIGN_RATE:
+            out.append(str(rng.choice(CAMPAIGN_LABELS)))
+        tagged.append(out)
+    catalog.art_tags = tagged

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from keyart.feature_spec import DEVICES
+from keyart.contracts import DEVICES
 from keyart.sim.io import iso_z
 from keyart.sim.visits import Visits
 

@@ -8,11 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keyart.feature_spec import TONES
-
-GENRES: tuple[str, ...] = TONES
-"""The genre vocabulary is the tone vocabulary of keyart.feature_spec."""
+GENRES: tuple[str, ...] = (
+    "action", "comedy", "drama", "romance", "thriller",
+    "horror", "family", "animation", "documentary", "scifi",
+)
+"""The world's genres: the titles' ``genres`` and the tone an artwork conveys."""
 G = {g: i for i, g in enumerate(GENRES)}
+
+ART_FLAGS: tuple[str, ...] = ("closeup", "text_heavy", "group")
+"""Latent composition attributes of an artwork (shot, text, people), in ``Catalog.art_flags`` order."""
+
+TAG_VOCABULARIES = ("default", "unseen")
+"""How a world writes its artworks' tags. ``default``: ``tone:<genre>`` and the flags by name.
+``unseen``: the same latent attributes under other keys, values and flags (:data:`UNSEEN_TONE_TAGS`,
+:data:`UNSEEN_FLAG_TAGS`) plus uninformative campaign labels, so a benchmark on it shows what keyart
+learns from a catalog's tags rather than lists. ``cast:<id>`` is the data contract's link to the
+title's cast and is the same in both."""
+UNSEEN_TONE_TAGS = {
+    "action": "mood:kinetic", "comedy": "mood:playful", "drama": "mood:somber", "romance": "mood:tender",
+    "thriller": "mood:tense", "horror": "mood:eerie", "family": "palette:warm", "animation": "style:cartoon",
+    "documentary": "style:photographic", "scifi": "palette:neon",
+}
+UNSEEN_FLAG_TAGS = {"closeup": "shot:close", "text_heavy": "typography", "group": "ensemble"}
+CAMPAIGN_LABELS = tuple(f"campaign:{season}{year}_{k}" for season in ("spring", "summer", "fall", "winter")
+                        for year in (25, 26) for k in range(6))
+"""Designer campaign labels the unseen vocabulary sprinkles on artworks (no effect on members)."""
 
 KIDS_GENRES = ("family", "animation")
 KIDS_RATINGS = ("G", "PG", "TV-Y", "TV-PG")

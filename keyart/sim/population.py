@@ -31,7 +31,7 @@ class Members:
     activity : ndarray [M]
         Mean plays per day; also the member's share of visits.
     device : ndarray [M]
-        Index (into ``keyart.feature_spec.DEVICES``) of the primary device.
+        Index (into ``keyart.contracts.DEVICES``) of the primary device.
     utc_offset_min : ndarray [M]
         Minutes from UTC to local time (from the country).
     """

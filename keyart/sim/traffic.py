@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from keyart.config import settings
-from keyart.feature_spec import DEVICES
+from keyart.contracts import DEVICES
 from keyart.lake import Lake, fmt_ds, mark_plays_delivered, parse_ds, read_plays_marker, shift_ds
 from keyart.sim import io
 from keyart.sim.choosers import Chooser, ChooserError, Decisions

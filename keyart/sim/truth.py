@@ -30,12 +30,12 @@ from functools import cached_property
 
 import numpy as np
 
-from keyart.feature_spec import DEVICES, FLAGS
+from keyart.contracts import DEVICES
 from keyart.sim.catalog import Catalog
-from keyart.sim.names import KIDS_GENRES, G
+from keyart.sim.names import ART_FLAGS, KIDS_GENRES, G
 from keyart.sim.population import Members
 
-_TEXT_HEAVY = FLAGS.index("text_heavy")
+_TEXT_HEAVY = ART_FLAGS.index("text_heavy")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def device_index(device) -> np.ndarray:
-    """Device codes (indices into keyart.feature_spec.DEVICES) from names or codes."""
+    """Device codes (indices into keyart.contracts.DEVICES) from names or codes."""
     arr = np.asarray(device)
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64)

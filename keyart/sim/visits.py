@@ -34,7 +34,7 @@ class Visits:
         The UTC day of every ``ts``.
     member_idx : ndarray [V]
     device : ndarray [V]
-        Index into ``keyart.feature_spec.DEVICES``.
+        Index into ``keyart.contracts.DEVICES``.
     local_hour, day_of_week : ndarray [V]
         Member-local hour (0-23) and weekday (0 = Monday).
     ts : ndarray [V] datetime64[ms]

@@ -24,19 +24,19 @@ from typing import Any
 import numpy as np
 
 from keyart.config import settings
-from keyart.contracts import ARTWORKS, MEMBERS, TITLES
-from keyart.feature_spec import DEVICES
+from keyart.contracts import ARTWORKS, DEVICES, MEMBERS, TITLES
 from keyart.lake import Lake, fmt_ds, parse_ds
 from keyart.sim import io
-from keyart.sim.catalog import Catalog, build_catalog
+from keyart.sim.catalog import Catalog, build_catalog, render_tags
 from keyart.sim.history import sample_history
+from keyart.sim.names import TAG_VOCABULARIES
 from keyart.sim.population import Members, build_members
 from keyart.sim.truth import GroundTruth, TruthParams
 from keyart.sim.visits import PAGE_ROWS, ROW_LENGTH, Visits, generate_visits
 
 _EPOCH = dt.date(1970, 1, 1)
 FORMAT_VERSION = 1
-STREAM_CATALOG, STREAM_MEMBERS, STREAM_HISTORY, STREAM_VISITS = 1, 2, 3, 10
+STREAM_CATALOG, STREAM_MEMBERS, STREAM_HISTORY, STREAM_TAGS, STREAM_VISITS = 1, 2, 3, 4, 10
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class WorldConfig:
     history_days: int = 90
     start: str = "2026-11-01"
     quality_minutes: float = 15.0
+    # how the artworks' tags are written (keyart.sim.names.TAG_VOCABULARIES); the same seed
+    # gives the same members, titles, artworks and ground truth under either
+    tag_vocabulary: str = "default"
 
 
 def _day(n: int) -> dt.date:
@@ -86,12 +89,14 @@ class World:
         start: str | dt.date = "2026-11-01",
         quality_minutes: float = 15.0,
         params: TruthParams | None = None,
+        tag_vocabulary: str = "default",
     ) -> World:
         """Generate a world; the same arguments always give the same world."""
         day = parse_ds(start)
-        config = WorldConfig(seed, n_titles, n_members, history_days, fmt_ds(day), quality_minutes)
+        config = WorldConfig(seed, n_titles, n_members, history_days, fmt_ds(day), quality_minutes, tag_vocabulary)
         launch = day - dt.timedelta(days=history_days + 180)
         catalog = build_catalog(np.random.default_rng([seed, STREAM_CATALOG]), n_titles, launch, day)
+        render_tags(catalog, tag_vocabulary, np.random.default_rng([seed, STREAM_TAGS]))
         members = build_members(np.random.default_rng([seed, STREAM_MEMBERS]), n_members, catalog.actor_home, day, history_days)
         world = cls(catalog, members, config, params)
         world.history = sample_history(world.truth, np.random.default_rng([seed, STREAM_HISTORY]), day, history_days)
@@ -288,6 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history-days", type=int, default=s.history_days,
                         help="days of viewing history before --start (default: the member features' window, %(default)s)")
     parser.add_argument("--start", default="2026-11-01", help="first day of simulated traffic (default %(default)s)")
+    parser.add_argument("--tag-vocabulary", choices=TAG_VOCABULARIES, default="default",
+                        help="how artwork tags are written: default, or unseen (other keys, values and flags; "
+                             "same ground truth)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
     world = World.build(
         seed=args.seed, n_titles=args.titles, n_members=args.members,
         history_days=args.history_days, start=args.start, quality_minutes=s.quality_play_minutes,
+        tag_vocabulary=args.tag_vocabulary,
     )
     info = world.save(out)
     print(

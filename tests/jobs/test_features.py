@@ -58,7 +58,9 @@ def training_inputs(spark):
     e2 = impression("e2", "2026-03-01 23:00", member="m9", title="t2", artwork="t2-a0", candidates=["t2-a0"], propensity=1.0)
     rewards = frame(spark, "rewards", [reward_row(e1, 1, 30.0), reward_row(e2, 0)])
     snap = pd.DataFrame([{"member_id": "m1", "member_is_kids": 0, "member_log_plays_28d": 1.5, "member_days_since_last_play": 2.0,
-                          "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5]}])
+                          "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5],
+                          "response_tags": ["cast:a", "closeup", "tone:comedy"], "response_values": [0.04, -0.01, 0.03],
+                          "response_n": [3.0, 2.0, 4.0]}])
     snapshots = spark.createDataFrame(snap, features.SNAPSHOT_SCHEMA).withColumn("snapshot_ds", F.lit("2026-03-01").cast("date"))
     priors = frame(spark, "priors", [prior("t1", "t1-a0", 2, 8, 10), prior("t1", "t1-a1", 5, 5, 10),
                                      prior("t1", "t1-a1", 6, 4, 10, "profile=adult")])
@@ -67,11 +69,17 @@ def training_inputs(spark):
     return rewards, snapshots, priors, artworks, titles
 
 
+# the vocabulary of the day before the impressions: one tag column, the rest hashed
+VOCABULARIES = {"2026-03-01": feature_spec.Vocabulary(tags=("tone:drama",), genres=("comedy", "drama"))}
+
+
 def expected_features() -> dict[tuple[str, str], np.ndarray]:
     """The same rows assembled by hand and passed to keyart.feature_spec directly."""
     ctx = {"device": "tv", "local_hour": 20, "day_of_week": 2, "page_row": 0, "position": 1}
     known = {"member_known": 1, "member_is_kids": 0, "member_log_plays_28d": 1.5, "member_days_since_last_play": 2.0,
-             "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5]}
+             "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5],
+             "response_tags": ["cast:a", "closeup", "tone:comedy"], "response_values": [0.04, -0.01, 0.03],
+             "response_n": [3.0, 2.0, 4.0]}
     rows = [
         {**known, **ctx, "art_tags": ["cast:a", "tone:drama", "closeup"], "art_is_default": 1, "title_genres": ["drama"]},
         {**known, **ctx, "art_tags": ["tone:comedy"], "art_is_default": 0, "title_genres": ["drama"]},
@@ -82,12 +90,12 @@ def expected_features() -> dict[tuple[str, str], np.ndarray]:
     inputs = pd.DataFrame(rows)
     for k, v in pri.items():
         inputs[k] = v
-    matrix = feature_spec.feature_matrix(inputs)
+    matrix = feature_spec.feature_matrix(inputs, VOCABULARIES["2026-03-01"])
     return {("e1", "t1-a0"): matrix[0], ("e1", "t1-a1"): matrix[1], ("e2", "t2-a0"): matrix[2]}
 
 
 def test_training_rows_and_feature_parity(spark):
-    got = features.transform(*training_inputs(spark)).collect()
+    got = features.transform(*training_inputs(spark), VOCABULARIES).collect()
     by_key = {(r["event_id"], r["artwork_id"]): r for r in got}
     expected = expected_features()
     assert set(by_key) == set(expected)
@@ -99,15 +107,21 @@ def test_training_rows_and_feature_parity(spark):
     assert (a1["prior_alpha"], a1["prior_beta"], a1["prior_n"], a1["segment"]) == (5.0, 5.0, 10.0, "profile=adult")
     assert (other["prior_alpha"], other["prior_beta"], other["prior_n"]) == (*feature_spec.DEFAULT_PRIOR, 0.0)
     assert (a1["reward"], a1["minutes"], a1["played"], a1["logged_artwork_id"]) == (1, 30.0, 1, "t1-a1")
+    col = {n: i for i, n in enumerate(feature_spec.FEATURE_NAMES)}
+    f0 = a0["features"]
+    assert f0[col["art_tag_0"]] == 1.0 and f0[col["member_genre_1"]] == np.float32(0.5)
+    assert f0[col[f"art_tag_bucket_{feature_spec.tag_bucket('closeup') - feature_spec.N_TAG_SLOTS}"]] == 1.0
+    assert f0[col["resp_lift_sum"]] == np.float32(0.04 + -0.01) and f0[col["resp_lift_max"]] == np.float32(0.04)
+    assert f0[col["resp_log_n"]] == np.float32(math.log1p(5.0))
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
 
 def test_impressions_split_across_arrow_batches_keep_their_title_mean(spark):
     inputs = training_inputs(spark)
-    whole = features.transform(*inputs)
+    whole = features.transform(*inputs, VOCABULARIES)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1")
     try:
-        split = features.transform(*inputs).collect()
+        split = features.transform(*inputs, VOCABULARIES).collect()
     finally:
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     assertDataFrameEqual(split, whole.collect())
@@ -122,6 +136,8 @@ def test_run_writes_snapshot_and_training_and_rerun_is_identical(spark, lake, se
     write_day(rewards, lake.rewards(DS))
     write_day(priors.drop("prior_ds"), lake.priors("2026-03-01"))
     features.run(spark, lake, args(DS, lake.root), settings)
+    vocabulary = feature_spec.read_vocabulary(lake.root, DS)
+    assert vocabulary.genres == ("comedy", "drama") and vocabulary.tags == ()  # no tag on 5 artworks
     snapshot = spark.read.parquet(str(lake.member_features(DS)))
     training = spark.read.parquet(str(lake.training(DS)))
     assert snapshot.count() == 2 and training.count() == 3
@@ -131,3 +147,55 @@ def test_run_writes_snapshot_and_training_and_rerun_is_identical(spark, lake, se
     features.run(spark, lake, args(DS, lake.root), settings)
     assertDataFrameEqual(spark.read.parquet(str(lake.member_features(DS))), first_snap)
     assertDataFrameEqual(spark.read.parquet(str(lake.training(DS))), first_train)
+    assert feature_spec.read_vocabulary(lake.root, DS) == vocabulary
+
+
+def test_member_responses_are_the_spec_formula_on_data_before_the_day(spark):
+    titles, artworks = catalog(spark)
+
+    def labelled_on(day, rows):
+        return frame(spark, "rewards", rows).withColumn("labelled_ds", F.lit(day).cast("date"))
+
+    def shown(event, member_id, art, when="2026-03-01 10:00"):
+        return impression(event, when, member=member_id, artwork=art, candidates=["t1-a0", "t1-a1"])
+
+    # m1 saw t1-a0 (cast:a, tone:drama, closeup) 3 times with 2 quality plays and t1-a1 (tone:comedy)
+    # once without; m2 saw t1-a1 with a quality play and t1-a0 without, relabelled a quality play
+    # the next day (a late play); an impression after the snapshot day and a label written after
+    # it do not count
+    day1 = labelled_on("2026-03-01", [
+        reward_row(shown("e0", "m1", "t1-a0"), 1), reward_row(shown("e1", "m1", "t1-a0"), 1),
+        reward_row(shown("e2", "m1", "t1-a0"), 0), reward_row(shown("e3", "m1", "t1-a1"), 0),
+        reward_row(shown("f1", "m2", "t1-a1"), 1), reward_row(shown("f2", "m2", "t1-a0"), 0)])
+    day2 = labelled_on("2026-03-02", [reward_row(shown("f2", "m2", "t1-a0"), 1)])
+    later = labelled_on("2026-03-03", [reward_row(shown("late", "m1", "t1-a1", "2026-03-03 09:00"), 1),
+                                       reward_row(shown("e2", "m1", "t1-a0"), 1)])
+    labelled = day1.unionByName(day2).unionByName(later)
+    members = frame(spark, "members", [member("m1"), member("m2"), member("m3")])
+    snap = {r["member_id"]: r for r in features.member_snapshot(
+        frame(spark, "plays", []), titles, members, PARAMS, labelled, artworks).collect()}
+    lift = feature_spec.response_lift
+    # population over the window: the t1-a0 tags 3 of 4, tone:comedy 1 of 2
+    m1, m2 = snap["m1"], snap["m2"]
+    assert m1["response_tags"] == ["cast:a", "closeup", "tone:comedy", "tone:drama"]
+    np.testing.assert_array_equal(m1["response_values"], [lift(2.0, 3.0, 0.75), lift(2.0, 3.0, 0.75),
+                                                          lift(0.0, 1.0, 0.5), lift(2.0, 3.0, 0.75)])
+    assert m1["response_n"] == [3.0, 3.0, 1.0, 3.0]
+    np.testing.assert_array_equal(m2["response_values"], [lift(1.0, 1.0, 0.75), lift(1.0, 1.0, 0.75),
+                                                          lift(1.0, 1.0, 0.5), lift(1.0, 1.0, 0.75)])
+    assert m2["response_n"] == [1.0] * 4
+    assert snap["m3"]["response_tags"] == [] and snap["m3"]["response_n"] == []
+
+
+def test_vocabulary_is_learned_sticky_and_written(spark, lake, settings, tmp_path):
+    _, artworks = catalog(spark)
+    titles, _ = catalog(spark)
+    counts = features.catalog_counts(artworks, titles)
+    assert counts == ({"cast:a": 1, "tone:drama": 1, "closeup": 1, "tone:comedy": 1}, {"drama": 1, "comedy": 1})
+    first = features.vocabulary_for(lake, "2026-03-01", ({"mood:dark": 9, "text": 6, "rare": 1, "cast:x": 50}, {"drama": 3}))
+    assert first.tags == ("mood:dark", "text") and first.genres == ("drama",)
+    features.write_vocabulary(first, lake, "2026-03-01")
+    # the next day's catalog: 'text' is now rarer than a new tag, but keeps its column
+    later = features.vocabulary_for(lake, "2026-03-02", ({"mood:dark": 9, "text": 5, "shot:wide": 7}, {"comedy": 4, "drama": 3}))
+    assert later.tags == ("mood:dark", "text", "shot:wide") and later.genres == ("drama", "comedy")
+    assert features.vocabulary_for(lake, "2026-03-01", ({}, {})) == first

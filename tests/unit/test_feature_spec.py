@@ -14,6 +14,9 @@ def _inputs(n=2):
         "member_days_since_last_play": [2.0, float("nan")][:n],
         "affinity_tags": [["genre:comedy", "cast:robin_williams", "genre:drama"], []][:n],
         "affinity_values": [[0.6, 0.3, 0.2], []][:n],
+        "response_tags": [["cast:robin_williams", "closeup", "mood:dark"], []][:n],
+        "response_values": [[0.02, -0.01, 0.5], []][:n],
+        "response_n": [[4.0, 3.0, 0.0], []][:n],
         "device": ["tv", "mobile"][:n],
         "local_hour": [18, 6][:n],
         "day_of_week": [5, 1][:n],
@@ -29,14 +32,24 @@ def _inputs(n=2):
     }
 
 
+VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy"))
+
+
 def test_matrix_shape_order_and_values():
-    x = F.feature_matrix(_inputs())
+    x = F.feature_matrix(_inputs(), VOCAB)
     assert x.dtype == np.float32 and x.shape == (2, F.N_FEATURES)
     col = {name: i for i, name in enumerate(F.FEATURE_NAMES)}
     assert x[0, col["match_cast_sum"]] == pytest.approx(0.3)
-    assert x[0, col["match_tone"]] == pytest.approx(0.6)
+    assert x[0, col["match_tag_genre"]] == pytest.approx(0.6)
     assert x[0, col["match_title_genre"]] == pytest.approx((0.2 + 0.6) / 2)
-    assert x[0, col["art_tone_comedy"]] == 1 and x[0, col["art_flag_closeup"]] == 1
+    assert x[0, col["art_tag_0"]] == 1 and x[0, col["art_tag_1"]] == 0 and x[0, col["art_tag_2"]] == 1
+    assert x[0, col["member_genre_0"]] == pytest.approx(0.2) and x[0, col["member_genre_1"]] == pytest.approx(0.6)
+    assert x[0, col["member_genre_2"]] == 0
+    # a response with no impressions does not count
+    assert x[0, col["resp_lift_sum"]] == pytest.approx(0.01) and x[0, col["resp_lift_max"]] == pytest.approx(0.02)
+    assert x[0, col["resp_log_n"]] == pytest.approx(math.log1p(7.0))
+    family = col[f"art_tag_bucket_{F.tag_bucket('tone:family') - F.N_TAG_SLOTS}"]
+    assert x[1, family] == 1 and x[1, col["resp_log_n"]] == 0 and x[1, col["resp_lift_max"]] == 0
     assert x[0, col["ctx_device_tv"]] == 1 and x[0, col["ctx_is_weekend"]] == 1
     assert x[0, col["art_prior_lift"]] == pytest.approx(0.05)
     assert x[1, col["member_days_since_last_play"]] == F.DAYS_SINCE_CAP
@@ -46,6 +59,49 @@ def test_matrix_shape_order_and_values():
 def test_names_unique_and_spec_dict_matches():
     assert len(set(F.FEATURE_NAMES)) == F.N_FEATURES
     assert F.spec_dict()["features"] == list(F.FEATURE_NAMES)
+    assert F.Vocabulary.from_dict(F.spec_dict(VOCAB)["vocabulary"]) == VOCAB
+    assert F.Vocabulary.from_dict(F.spec_dict()["vocabulary"]) == F.Vocabulary() == F.Vocabulary.from_dict(None)
+
+
+def test_unseen_tags_change_values_not_the_specification():
+    """A catalog with other tags gets other columns filled, through the same arithmetic."""
+    inputs = _inputs(1)
+    inputs["art_tags"] = [["style:cartoon", "shot:wide", "typography", "cast:robin_williams"]]
+    learned = F.learn_vocabulary({"style:cartoon": 40, "shot:wide": 12, "typography": 3}, {"comedy": 5})
+    assert learned.tags == ("style:cartoon", "shot:wide")
+    x = F.feature_matrix(inputs, learned)[0]
+    col = {name: i for i, name in enumerate(F.FEATURE_NAMES)}
+    assert x[col["art_tag_0"]] == 1 and x[col["art_tag_1"]] == 1 and x[col["art_n_cast"]] == 1
+    assert x[col[f"art_tag_bucket_{F.tag_bucket('typography') - F.N_TAG_SLOTS}"]] == 1
+    hashed = F.feature_matrix(inputs)[0]  # empty vocabulary: all three in buckets
+    assert hashed[col["art_tag_0"]] == 0 and hashed[col["art_tag_bucket_0"]:col["art_tag_bucket_0"] + F.N_TAG_BUCKETS].sum() == 3
+
+
+def test_learn_vocabulary_keeps_slots_and_ranks_newcomers():
+    first = F.learn_vocabulary({"a": 10, "b": 20, "c": 10, "cast:x": 99, "rare": F.TAG_MIN_ARTWORKS - 1}, {"g1": 1, "g2": 2})
+    assert first.tags == ("b", "a", "c") and first.genres == ("g2", "g1")
+    nxt = F.learn_vocabulary({"a": 1, "d": 50, "e": 50}, {"g3": 9}, previous=first)
+    assert nxt.tags == ("b", "a", "c", "d", "e") and nxt.genres == ("g2", "g1", "g3")
+    many = F.learn_vocabulary({f"t{i:02d}": 100 - i for i in range(40)}, {})
+    assert len(many.tags) == F.N_TAG_SLOTS and many.tags[0] == "t00"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"tags": ["a", "a"]}, "twice"),
+    ({"tags": ["cast:x"]}, "cast"),
+    ({"tags": [f"t{i}" for i in range(F.N_TAG_SLOTS + 1)]}, "at most"),
+    ({"tags": "abc"}, "lists"),
+])
+def test_bad_vocabulary_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        F.Vocabulary.from_dict(bad)
+
+
+def test_response_lift_shrinks_towards_the_population():
+    assert F.response_lift(0.0, 0.0, 0.3) == 0.0
+    assert F.response_lift(5.0, 10.0, 0.1) == pytest.approx((5 - 1) / (10 + F.RESPONSE_PRIOR_N))
+    big = F.response_lift(500.0, 1000.0, 0.1)
+    assert big == pytest.approx(0.5 - 0.1, rel=0.02)
 
 
 def test_missing_input_column_is_named():

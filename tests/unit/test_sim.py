@@ -326,3 +326,44 @@ def test_rewards_reach_the_endpoint_during_the_day(world):
                 assert play_ts < nxt[0]  # posted before the next hour's pages are decided
                 later_batches += 1
     assert later_batches > 0.5 * len(sent)  # most rewards arrive while the day is still being served
+
+
+def test_simulator_does_not_import_the_feature_specification():
+    import ast
+
+    import keyart.sim
+
+    for path in Path(keyart.sim.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any("feature_spec" in n for n in names), f"{path.name} imports the feature specification"
+
+
+def test_unseen_tag_vocabulary_keeps_the_world_and_renames_its_tags():
+    from keyart.sim.names import ART_FLAGS, GENRES
+
+    default = World.build(seed=3, n_titles=30, n_members=200, history_days=7)
+    unseen = World.build(seed=3, n_titles=30, n_members=200, history_days=7, tag_vocabulary="unseen")
+    assert unseen.config.tag_vocabulary == "unseen"
+    for name in ("art_tone", "art_cast", "art_flags", "art_idio", "art_clickbait"):
+        np.testing.assert_array_equal(getattr(default.catalog, name), getattr(unseen.catalog, name))
+    np.testing.assert_array_equal(default.members.theta, unseen.members.theta)
+    visits = default.visits(DS, 50)
+    np.testing.assert_array_equal(default.candidate_values(visits), unseen.candidate_values(visits))
+    old_words = {f"tone:{g}" for g in GENRES} | set(ART_FLAGS)
+    tags = {t for ts in unseen.catalog.art_tags for t in ts}
+    assert not tags & old_words
+    assert {t.split(":")[0] for t in tags if ":" in t} >= {"cast", "mood", "style", "palette", "shot", "campaign"}
+    for d, u in zip(default.catalog.art_tags, unseen.catalog.art_tags, strict=True):
+        assert [t for t in d if t.startswith("cast:")] == [t for t in u if t.startswith("cast:")]
+    with pytest.raises(ValueError, match="unknown tag vocabulary"):
+        World.build(seed=3, n_titles=30, n_members=200, history_days=7, tag_vocabulary="klingon")
+
+
+def test_unseen_vocabulary_world_roundtrips(tmp_path):
+    assert main(["world", "--out", str(tmp_path), *WORLD_ARGS, "--tag-vocabulary", "unseen"]) == 0
+    world = World.load(tmp_path)
+    assert world.config.tag_vocabulary == "unseen"
+    saved = pq.read_table(Lake(tmp_path).artworks).column("tags").to_pylist()
+    assert saved == world.catalog.art_tags
