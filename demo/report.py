@@ -1,7 +1,9 @@
-"""The demo's report: per-day policy values from ground truth, OPE beside truth, artwork shares.
+"""The demo's report: a headline (served vs the default artwork and the oracle), the gate's
+decisions per day by registry version, per-day policy values from ground truth, OPE beside
+truth, artwork shares.
 
 Everything valued here uses the simulator's ground truth (``keyart.sim``), which the
-pipeline itself never reads.
+pipeline itself never reads; the gate's story comes from the MLflow registry.
 """
 
 from __future__ import annotations
@@ -52,6 +54,45 @@ class DayResult:
     def lift_capture(self) -> float:
         gap = self.oracle - self.random
         return (self.served - self.random) / gap if gap > 0 else float("nan")
+
+
+def gate_story(settings) -> list[dict[str, Any]]:
+    """Per daily run (trained version), what the gate decided, from the registry: the day,
+    the trained version, the decision and its reason, the champion after the gate (and
+    whether it is a table refresh). Empty without a registry."""
+    try:
+        from keyart import registry
+
+        if not registry.registry_exists(settings):
+            return []
+        versions = registry.versions(settings)
+    except Exception:  # the report must not fail on an unreachable registry
+        return []
+    kinds = {str(v.version): registry.version_kind(v.tags) for v in versions}
+    out = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if registry.version_kind(v.tags) != registry.KIND_TRAINED or "keyart.gate.decision" not in v.tags:
+            continue
+        after = v.tags.get("keyart.gate.champion_after", "none")
+        out.append({"ds": v.tags.get(registry.TAG_DS), "version": str(v.version),
+                    "decision": v.tags["keyart.gate.decision"], "reason": v.tags.get("keyart.gate.reason", ""),
+                    "champion_after": after, "champion_kind": kinds.get(after, ""),
+                    "model_from": next((w.tags.get(registry.TAG_MODEL_FROM) for w in versions
+                                        if str(w.version) == after), None) or after})
+    return out
+
+
+def version_names(settings) -> dict[str, str]:
+    """Bundle version -> ``v<registry version>`` (what serving reports -> what the registry shows)."""
+    try:
+        from keyart import registry
+
+        if not registry.registry_exists(settings):
+            return {}
+        return {v.tags[registry.TAG_BUNDLE_VERSION]: f"v{v.version}" for v in registry.versions(settings)
+                if v.tags.get(registry.TAG_BUNDLE_VERSION)}
+    except Exception:  # the report must not fail on an unreachable registry
+        return {}
 
 
 def noncontextual_value(world, visits, priors_dir: Path, settings) -> float | None:
@@ -143,7 +184,7 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], window_hours: float = 4.0) -> dict[str, Any]:
     """Exact values of the logging and candidate policies on run ``ds``'s held-out impressions.
 
     The run valued its policies on the impressions of its held-out labelled day (on a cold
@@ -156,13 +197,16 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any]) -> di
     ``candidate``  sum over candidates of P(candidate policy shows it) x its exact expected
                    quality play, with the probabilities recomputed from the run's model and
                    policy settings (``evaluation``, the run's evaluation.json) as
-                   ``keyart.models.evaluate`` computed them.
+                   ``keyart.models.evaluate`` computed them: with the same seed and the
+                   Beta priors of serving's online rule over the held-out day
+                   (:func:`keyart.models.evaluate.online_priors`, evaluation.json's
+                   ``online_priors.window_hours``, else ``window_hours``).
     """
     import lightgbm as lgb
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from keyart.models.evaluate import load_heldout, policy_targets
+    from keyart.models.evaluate import load_heldout, online_priors, policy_targets
 
     run_dir = lake.run_dir(ds)
     held = load_heldout(lake, ds, run_dir)
@@ -185,7 +229,14 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any]) -> di
                                     ctx["day_of_week"][pos], ctx["page_row"][pos], ctx["position"][pos])
     booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
     cfg = P.PolicyConfig(**evaluation["policy"])
-    probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False)["candidate"]
+    # the Beta priors evaluation valued the candidate with: serving's online rule over the day
+    # (on the first day the day-start priors are all the default with no impressions behind
+    # them, so without the day's evidence the model would get no weight and the policy
+    # would be uniform: a different policy from the one evaluated)
+    window = float((evaluation.get("online_priors") or {}).get("window_hours", window_hours))
+    priors = online_priors(pages, rows, window)
+    probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False,
+                           priors=priors)["candidate"]
     return {"heldout_ds": held.day, "heldout_part": held.part,
             "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
             "candidate": float((probs * q).sum() / pages.n_impressions)}
@@ -207,7 +258,8 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
         if not path.exists():
             continue
         ev = json.loads(path.read_text())
-        truths = heldout_truths(world, lake, r.ds, ev)
+        truths = heldout_truths(world, lake, r.ds, ev, window_hours)
+        same = bool((ev.get("candidate_vs_logging") or {}).get("same_policy"))
         for who in ("logging", "candidate"):
             truth = truths[who] * seen
             est = ev.get("policies", {}).get(who, {})
@@ -217,49 +269,68 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
                     out.append({"run": r.ds, "heldout_ds": truths["heldout_ds"], "heldout_part": truths["heldout_part"],
                                 "impressions": truths["impressions"], "policy": who, "estimator": estimator,
                                 "estimate": e.get("estimate"), "lo": e.get("lo"), "hi": e.get("hi"), "true": truth,
-                                "covered": bool(e.get("lo", np.inf) <= truth <= e.get("hi", -np.inf))})
+                                "covered": bool(e.get("lo", np.inf) <= truth <= e.get("hi", -np.inf)),
+                                "candidate_is_logging": same})
     return out
 
 
-def _plots(out: Path, results: list[DayResult], ope: list[dict[str, Any]], shares) -> list[str]:
+def _plots(out: Path, results: list[DayResult], ope: list[dict[str, Any]], shares,
+           names: dict[str, str] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    names_out = []
+    names = names or {}
     x = np.arange(len(results))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(results) + 3), 4.5))
     for label, key, style in (("served (keyart)", "served", "o-"), ("oracle", "oracle", "k--"),
                               ("non-contextual", "noncontextual", "s-"), ("default artwork", "default", "^-"),
                               ("random", "random", "x-")):
         ys = [getattr(r, key) if getattr(r, key) is not None else np.nan for r in results]
         ax.plot(x, ys, style, label=label)
-    ax.set_xticks(x, [f"{r.ds}\n{r.model_version}" for r in results], fontsize=7)
+    ax.set_xticks(x, [f"{r.ds[5:]}\n{_served_by(r, names)}" for r in results], fontsize=8)
+    ax.set_xlabel("day (MM-DD) and what served it")
     ax.set_ylabel("expected take rate (quality plays / impression)")
     ax.set_title("Take rate per day, from ground truth")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(out / "take_rate.png", dpi=110)
     plt.close(fig)
-    names.append("take_rate.png")
+    names_out.append("take_rate.png")
 
     if ope:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for j, row in enumerate(ope):
-            lo, hi, est = row["lo"], row["hi"], row["estimate"]
-            ax.errorbar(j, est, yerr=[[est - lo], [hi - est]], fmt="o", color="C0" if row["policy"] == "candidate" else "C1")
-            ax.plot(j, row["true"], "k_", markersize=14)
-        ax.set_xticks(range(len(ope)), [f"{r['run'][5:]} {r['policy'][:4]} {r['estimator']}" for r in ope], rotation=90, fontsize=6)
-        ax.set_ylabel("take rate")
-        ax.set_title("OPE estimates (95% CI) and true values (black)")
+        runs = sorted({r["run"] for r in ope})
+        policies = [p for p in ("logging", "candidate") if any(r["policy"] == p for r in ope)]
+        fig, axes = plt.subplots(1, len(policies), figsize=(max(5.0, 1.4 * len(runs) + 2) * len(policies), 4.5),
+                                 squeeze=False, sharey=True)
+        width = 0.7 / len(ESTIMATORS)
+        for ax, policy in zip(axes[0], policies, strict=True):
+            for j, est in enumerate(ESTIMATORS):
+                rows = [r for r in ope if r["policy"] == policy and r["estimator"] == est]
+                xs = np.array([runs.index(r["run"]) for r in rows]) + (j - (len(ESTIMATORS) - 1) / 2) * width
+                ests = np.array([r["estimate"] for r in rows], dtype=float)
+                err = np.array([[r["estimate"] - r["lo"] for r in rows], [r["hi"] - r["estimate"] for r in rows]],
+                               dtype=float).clip(min=0)
+                ax.errorbar(xs, ests, yerr=err, fmt="o", capsize=3, color=f"C{j}", label=est)
+            truths = {r["run"]: r["true"] for r in ope if r["policy"] == policy}
+            ax.hlines([truths[d] for d in runs], np.arange(len(runs)) - 0.42, np.arange(len(runs)) + 0.42,
+                      colors="black", linewidth=2, label="true value")
+            ax.set_xticks(range(len(runs)), [d[5:] for d in runs])
+            ax.set_xlabel("daily run (MM-DD)")
+            ax.set_title(f"{policy} policy on the run's held-out impressions", fontsize=9)
+        axes[0][0].set_ylabel("take rate")
+        axes[0][-1].legend(fontsize=8, title="estimate (95% interval)", title_fontsize=8,
+                           loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.suptitle("OPE estimates and true values")
         fig.tight_layout()
         fig.savefig(out / "ope.png", dpi=110)
         plt.close(fig)
-        names.append("ope.png")
+        names_out.append("ope.png")
 
     if shares:
-        fig, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 4.8), squeeze=False)
         for ax, (title, groups) in zip(axes[0], shares.items(), strict=False):
             arts = sorted({a for g in groups.values() for a in g["served"]})
             width = 0.8 / max(len(groups), 1)
@@ -267,7 +338,8 @@ def _plots(out: Path, results: list[DayResult], ope: list[dict[str, Any]], share
                 x = np.arange(len(arts)) + j * width
                 ax.bar(x, [g["served"].get(a, 0) for a in arts], width, label=f"{grp} (n={g['impressions']})")
                 ax.scatter(x, [g["oracle"].get(a, 0) for a in arts], marker="_", s=200, linewidths=2, color="black", zorder=3)
-            ax.set_xticks(np.arange(len(arts)) + 0.4 - width / 2, [a.replace(title + "-", "") for a in arts], rotation=30, fontsize=8)
+            ax.set_xticks(np.arange(len(arts)) + 0.4 - width / 2, [a.replace(title + "-", "") for a in arts],
+                          rotation=45, ha="right", fontsize=8)
             ax.set_title(f"{title}: served (bars), oracle (dashes)", fontsize=9)
             ax.set_ylabel("share of impressions")
             ax.set_ylim(0, 1)
@@ -275,8 +347,36 @@ def _plots(out: Path, results: list[DayResult], ope: list[dict[str, Any]], share
         fig.tight_layout()
         fig.savefig(out / "artwork_share.png", dpi=110)
         plt.close(fig)
-        names.append("artwork_share.png")
-    return names
+        names_out.append("artwork_share.png")
+    return names_out
+
+
+def _served_by(r: DayResult, names: dict[str, str]) -> str:
+    """What served a day: the registry version when the registry knows the bundle."""
+    return names.get(r.model_version, r.model_version if len(r.model_version) <= 12 else r.model_version[:12] + "…")
+
+
+def headline(results: list[DayResult], names: dict[str, str]) -> list[str]:
+    """The report's first lines: what keyart served against the default artwork (what a
+    catalog shows without keyart) and against the oracle, over the days a model served."""
+    served = [r for r in results if r.model_version not in ("random", "default")] or results
+    imp = np.array([r.impressions for r in served], dtype=float)
+
+    def mean(key: str) -> float:
+        return float(np.average([getattr(r, key) for r in served], weights=imp))
+
+    s, d, o = mean("served"), mean("default"), mean("oracle")
+    gap = o - d
+    days = f"{served[0].ds} to {served[-1].ds}" if len(served) > 1 else served[0].ds
+    lines = [f"**keyart served a take rate of {s:.4f} against {d:.4f} for the default artwork "
+             f"({(s / d - 1) * 100:+.1f}%) and {o:.4f} for the oracle** (expected quality plays per "
+             f"impression from ground truth, {int(imp.sum())} impressions of {len(served)} day(s) served by a "
+             f"registered model, {days})."]
+    if gap > 0:
+        lines.append(f"It closed {(s - d) / gap:.0%} of the gap between the default artwork and the oracle; "
+                     f"on the last day {results[-1].served:.4f} vs {results[-1].default:.4f} (default) and "
+                     f"{results[-1].oracle:.4f} (oracle), served by {_served_by(results[-1], names)}.")
+    return lines
 
 
 def _fmt(v: float | None) -> str:
@@ -288,8 +388,10 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
     out.mkdir(parents=True, exist_ok=True)
     shares = artwork_shares(world, lake, days[-1])
     ope = ope_rows(world, lake, results, settings.attribution_window_hours)
-    plots = _plots(out, results, ope, shares)
-    lines = ["# keyart demo report", "",
+    names = version_names(settings)
+    story = gate_story(settings)
+    plots = _plots(out, results, ope, shares, names)
+    lines = ["# keyart demo report", "", *headline(results, names), "",
              f"World: {world.catalog.n_titles} titles, {world.catalog.n_artworks} artworks, "
              f"{len(world.members.member_ids)} members, seed {world.config.seed}. Quality play: "
              f">= {settings.quality_play_minutes:g} min within {settings.attribution_window_hours:g} h. Policy: {settings.policy}.",
@@ -297,26 +399,70 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
              "| day | served by | impressions | served | random | non-contextual | default art | oracle | lift capture | observed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.ds} | {r.model_version} | {r.impressions} | {_fmt(r.served)} | {_fmt(r.random)} | "
+        lines.append(f"| {r.ds} | {_served_by(r, names)} | {r.impressions} | {_fmt(r.served)} | {_fmt(r.random)} | "
                      f"{_fmt(r.noncontextual)} | {_fmt(r.default)} | {_fmt(r.oracle)} | {_fmt(r.lift_capture)} | {_fmt(r.observed_take_rate)} |")
-    lines += ["", "Lift capture = (served − random) / (oracle − random).", ""]
+    lines += ["", "Columns: **day** the day traffic was served; **served by** what decided on that day "
+              "(`random`: day 0's uniform exploration before any model; `vN`: version N of the registered model "
+              "`keyart-artwork`, the `@champion` the endpoint loaded); **impressions** decisions that day; "
+              "**served** the exact expected take rate of what the endpoint showed; **random** uniform over the "
+              "candidates; **non-contextual** per-title Thompson sampling on the previous day's Beta priors (no "
+              "model); **default art** always the title's default artwork (a catalog without keyart); **oracle** "
+              "the ground truth's best artwork for each impression's member and context; **lift capture** "
+              "(served − random) / (oracle − random); **observed** quality plays per impression actually logged "
+              "(one draw of the served value, only plays that start inside the attribution window). All values "
+              "except observed are exact expectations on that day's impressions.", ""]
+    if story:
+        lines += ["## What the gate decided, day by day", "",
+                  "Each daily run trains a challenger on the data up to its day; the gate compares it with the "
+                  "champion on the held-out day (paired SNIPS difference, non-inferiority with δ, docs/mlflow.md) "
+                  "and either promotes it or keeps the champion's model and republishes it with the day's tables "
+                  "(a table refresh). The endpoint serves the champion on the next day.", "",
+                  "| run (ds) | challenger | decision | champion after | serves the model of | reason |",
+                  "|---|---|---|---|---|---|"]
+        for g in story:
+            kind = " (table refresh)" if g["champion_kind"] == "table_refresh" else ""
+            lines.append(f"| {g['ds']} | v{g['version']} | {g['decision']} | v{g['champion_after']}{kind} | "
+                         f"v{g['model_from']} | {g['reason'].replace('|', '/')} |")
+        lines += ["", "Columns: **run** the day the DAG processed; **challenger** the version it trained; "
+                  "**decision** promoted / kept (the champion stays) / already_champion; **champion after** the "
+                  "`@champion` version after the gate (a table refresh is the champion's model with the run's "
+                  "tables); **serves the model of** the trained version whose model.onnx that champion carries; "
+                  "**reason** the gate's recorded reason (`keyart.gate.reason`).", ""]
     if ope:
         lines += ["## Offline evaluation beside the truth", "",
                   "Each daily run values policies on the impressions of its held-out labelled day (on the first "
                   "day, its late part; later days also hold late impressions of the day before, labelled when "
                   "their attribution window closed). The true values are exact on those same impressions: for "
                   "the logging policy, the expected quality play of the artwork each one showed; for the "
-                  "candidate, its probabilities (recomputed from the run's model and policy) times each "
+                  "candidate, its probabilities (recomputed from the run's model and policy, with the Beta priors "
+                  "serving's online rule held at each impression, as evaluation computed them) times each "
                   "candidate's expected quality play. Both are scaled by the exact share of plays that start "
                   f"inside the attribution window ({settings.attribution_window_hours:g} h), since logged rewards "
                   "only see those. The candidate's value when it actually served is in the table above.", "",
                   "| run | held-out impressions | policy | estimator | estimate | 95% interval | true | covered |",
                   "|---|---|---|---|---|---|---|---|"]
+        same = [r["run"] for r in ope if r.get("candidate_is_logging")]
         for row in ope:
             lines.append(f"| {row['run']} | {row['impressions']} ({row['heldout_part']}) | {row['policy']} | "
                          f"{row['estimator']} | {_fmt(row['estimate'])} | "
                          f"[{_fmt(row['lo'])}, {_fmt(row['hi'])}] | {_fmt(row['true'])} | {'yes' if row['covered'] else 'no'} |")
-        lines += ["", f"{sum(r['covered'] for r in ope)} of {len(ope)} intervals hold the true value.", ""]
+        lines += ["", "Columns: **run** the daily run (its ds); **held-out impressions** how many impressions it "
+                  "valued the policies on (`late`: the late part of the first labelled day, `all`: the whole "
+                  "held-out day); **policy** `logging` (what was served then) or `candidate` (the run's own "
+                  "model behind the exploration policy); **estimator** replay, IPS, SNIPS or DR; **estimate** and "
+                  "**95% interval** the estimator's value and its bootstrap interval (clustered by member); **true** "
+                  "the exact value on the same impressions; **covered** whether the interval holds it.", ""]
+        if same:
+            lines += [f"On run(s) {', '.join(sorted(set(same)))} the candidate's distribution is the logged one "
+                      "(evaluation.json `candidate_vs_logging`: no candidate's probability differs), so its estimates "
+                      "are the logging policy's by construction, not by a fault of the estimators: every importance "
+                      "weight is 1, so IPS and SNIPS return the logged mean reward (and DR too when q-hat is flat "
+                      "within an impression). The policy blends the model with each candidate's Beta prior by the "
+                      "prior's impressions, n / (n + prior_blend_n0): where no impression stands behind any "
+                      "candidate's prior (the first day's day-start priors are all the default, n = 0, and only the "
+                      "day's own closed attribution windows add evidence) the model gets no weight and the policy "
+                      "stays on the logged uniform distribution.", ""]
+        lines += [f"{sum(r['covered'] for r in ope)} of {len(ope)} intervals hold the true value.", ""]
     if shares:
         lines += [f"## Which artwork each taste got (endpoint impressions on {days[-1]})", "",
                   "Members grouped by ground-truth taste (their favourite genre; kids or adult profile for The "
@@ -345,5 +491,6 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
     lines += [f"| {label} | {sec:.1f} |" for label, sec in step_times]
     report = out / "demo.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "demo.json").write_text(json.dumps({"days": [asdict(r) for r in results], "ope": ope, "shares": shares}, indent=2))
+    (out / "demo.json").write_text(json.dumps({"days": [asdict(r) for r in results], "ope": ope, "shares": shares,
+                                               "gate": story, "versions": names}, indent=2))
     return report

@@ -23,6 +23,17 @@ the logging policy with paired bootstrap intervals, and
 ``difference.candidate_minus_champion`` is V_candidate - V_champion with a paired bootstrap
 interval (what the promotion gate reads). ``weights`` gives every policy's importance-weight
 diagnostics (Kish's effective sample size and its share of n, the largest weight).
+
+For the reviewer's plots (:func:`review_inputs`, drawn by :mod:`keyart.models.report`):
+``calibration`` (this run's model on the shown artworks of the held-out impressions, per
+decile of its prediction), ``per_title_lift`` (V_candidate - V_logging per title, SNIPS,
+paired bootstrap clustered by member) and ``artwork_share`` (each policy's expected share of
+impressions per artwork). ``candidate_vs_logging`` says how far the candidate's distribution
+is from the logged one: on a uniformly logged day the policy gives back the uniform
+distribution when it gives the model no weight (the blend weight n / (n + prior_blend_n0)
+is 0 where no impression stands behind a candidate's prior, as on a lake's first day with
+day-start priors) or the model's scores do not separate the candidates, and every estimate
+of it then equals the logging policy's.
 """
 
 from __future__ import annotations
@@ -173,6 +184,95 @@ def as_served(pages: LoggedPages, rows: pd.DataFrame, rebuilt: np.ndarray, versi
     return out, float(served.mean())
 
 
+CALIBRATION_BINS = 10
+PER_TITLE_MIN_IMPRESSIONS = 50
+"""Titles with fewer held-out impressions get no per-title lift (its interval would be noise)."""
+
+
+def calibration(pages: LoggedPages, q_hat: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Predicted vs observed quality-play rate of the shown artworks, per quantile bin of the
+    prediction: ``{"predicted", "observed", "count"}`` per bin, and the expected calibration
+    error ``ece`` (count-weighted mean |predicted - observed|)."""
+    pred = np.asarray(q_hat, dtype=np.float64)[pages.logged_row]
+    edges = np.unique(np.quantile(pred, np.linspace(0.0, 1.0, bins + 1)))
+    which = np.clip(np.searchsorted(edges, pred, side="right") - 1, 0, max(len(edges) - 2, 0))
+    count = np.bincount(which, minlength=max(len(edges) - 1, 1))
+    used = count > 0
+    p_sum = np.bincount(which, weights=pred, minlength=len(count))
+    r_sum = np.bincount(which, weights=pages.reward, minlength=len(count))
+    predicted, observed = p_sum[used] / count[used], r_sum[used] / count[used]
+    ece = float((count[used] * np.abs(predicted - observed)).sum() / count.sum())
+    return {"predicted": predicted.tolist(), "observed": observed.tolist(), "count": count[used].tolist(),
+            "ece": ece, "binning": f"{bins} quantile bins of the prediction, shown artworks"}
+
+
+def per_title_lift(pages: LoggedPages, rows: pd.DataFrame, target: np.ndarray, n_boot: int = 200, seed: int = 0,
+                   min_impressions: int = PER_TITLE_MIN_IMPRESSIONS) -> dict[str, dict[str, float]]:
+    """Per title, V_target - V_logging (SNIPS against the on-policy mean reward) with a paired
+    Poisson bootstrap interval clustered by member: ``{title_id: {estimate, lo, hi,
+    impressions}}`` for titles with at least ``min_impressions`` held-out impressions."""
+    w = pages.weights(target)
+    r = pages.reward
+    titles = rows["title_id"].astype(str).to_numpy()[pages.logged_row]
+    groups = pages.groups if pages.groups is not None else np.arange(pages.n_impressions)
+    boot = Bootstrap(n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, float]] = {}
+    for title in np.unique(titles):
+        at = np.flatnonzero(titles == title)
+        if len(at) < min_impressions or w[at].sum() <= 0:
+            continue
+        nums = np.vstack([w[at] * r[at], r[at]])
+        dens = np.vstack([w[at], np.ones(len(at))])
+        reps = boot.replicates(nums, dens, np.unique(groups[at], return_inverse=True)[1])
+        point = float(nums[0].sum() / dens[0].sum() - r[at].mean())
+        iv = boot.interval(point, reps[:, 0] - reps[:, 1])
+        out[str(title)] = {**iv.to_dict(), "impressions": int(len(at))}
+    return out
+
+
+def artwork_share(pages: LoggedPages, rows: pd.DataFrame, targets: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Each policy's expected share of the held-out impressions per artwork (its
+    probabilities summed per artwork over n); ``logging``: the artworks actually shown."""
+    arts = rows["artwork_id"].astype(str).to_numpy()
+    codes, names = pd.factorize(arts)
+    n = pages.n_impressions
+    shown = np.zeros(pages.n_rows)
+    shown[pages.logged_row] = 1.0
+    out: dict[str, dict[str, float]] = {}
+    for policy, probs in {"logging": shown, **targets}.items():
+        share = np.bincount(codes, weights=np.asarray(probs, dtype=np.float64), minlength=len(names)) / n
+        out[policy] = {str(a): round(float(v), 6) for a, v in zip(names, share, strict=True)}
+    return out
+
+
+def distance_to_logging(pages: LoggedPages, target: np.ndarray) -> dict[str, Any]:
+    """How far a target distribution is from the logged one on the impressions that carry
+    their logged probabilities (else from the shown artwork's propensity alone):
+    the largest |difference| of a candidate's probability, and whether they are the same
+    policy (then every estimate of the target is the logging policy's, by construction)."""
+    if pages.logging is not None and pages.logged_known.any():
+        at = np.repeat(pages.logged_known, np.diff(pages.offsets))
+        gap = float(np.abs(np.asarray(target)[at] - pages.logging_target()[at]).max())
+        basis = "logged probabilities"
+    else:
+        gap = float(np.abs(np.asarray(target)[pages.logged_row] - pages.propensity).max())
+        basis = "propensity of the shown artwork"
+    same = gap <= LOGGED_SUM_TOL
+    note = ("the candidate's distribution is the logging policy's (the policy gave the model no weight, "
+            "or its scores do not separate the candidates), so its estimates equal the logging policy's"
+            if same else "")
+    return {"max_abs_diff": gap, "same_policy": bool(same), "basis": basis, "note": note}
+
+
+def review_inputs(pages: LoggedPages, rows: pd.DataFrame, targets: dict[str, np.ndarray], q_hat: np.ndarray,
+                  n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """The optional evaluation.json fields the reviewer's plots read (see the module doc)."""
+    return {"calibration": calibration(pages, q_hat),
+            "per_title_lift": per_title_lift(pages, rows, targets["candidate"], n_boot=n_boot, seed=seed),
+            "artwork_share": artwork_share(pages, rows, targets),
+            "candidate_vs_logging": distance_to_logging(pages, targets["candidate"])}
+
+
 def find_champion(path: str | Path | None) -> tuple[Path | None, str]:
     """The champion bundle to value: the given path, else the registry's, else none (why)."""
     if path:
@@ -268,6 +368,9 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
                                replay_seed=seed,
                                differences=[("candidate", "champion")] if "champion" in targets else [])
     timings["ope_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    review = review_inputs(pages, rows, targets, q_hat, n_boot=n_boot, seed=seed)
+    timings["review_s"] = time.perf_counter() - t0
     out = {"ds": ds, "heldout_ds": day, "heldout_part": held.part, "n_impressions": pages.n_impressions, "n_candidate_rows": pages.n_rows,
            "logging_policies": sorted(rows.loc[rows["is_logged"].astype(bool), "policy"].astype(str).unique().tolist()),
            "policy": asdict(cfg), "estimators": list(ESTIMATORS), "champion": champion_info,
@@ -275,7 +378,7 @@ def evaluate_run(lake: Lake, ds: str, cfg: PolicyConfig, run_dir: Path | None = 
            "logged_probabilities_share": float(pages.logged_known.mean()),
            "online_priors": {"window_hours": window_hours, "evidence": "closed attribution windows"},
            "weights": weight_diagnostics(pages, targets),
-           **to_json(result), "timings": {k: round(v, 3) for k, v in timings.items()}}
+           **to_json(result), **review, "timings": {k: round(v, 3) for k, v in timings.items()}}
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "evaluation.json.tmp"
     tmp.write_text(json.dumps(out, indent=2, sort_keys=True))

@@ -27,7 +27,9 @@ champion's model.onnx byte for byte with today's priors, member snapshot and cat
 :func:`keyart.models.export.refresh_bundle`) and moves ``@champion`` to it, with the reason.
 
 The decision, its reason, the figures and the evidence are written to the run (tags
-``keyart.gate.*``, metrics ``gate.*``) and to the version. Re-running the gate for a ds
+``keyart.gate.*``, metrics ``gate.*``) and to the version; the version's description and
+status (``keyart.status``) and the run's model card say what was decided and why
+(:func:`keyart.models.register.record_decision`). Re-running the gate for a ds
 already decided returns the recorded decision (``--force`` decides again) and publishes
 only what an interrupted run did not, so Airflow retries neither flip aliases nor add versions.
 """
@@ -326,7 +328,7 @@ def refresh_champion(ds: str, settings: Settings, reason: str) -> tuple[str | No
     refresh of the same model for ``ds`` registered by an interrupted run is reused.
     """
     from keyart.models.export import refresh_bundle
-    from keyart.models.register import register_refresh
+    from keyart.models.register import champion_changed, register_refresh
     from keyart.policy import PolicyConfig
 
     champion = registry.get_champion_version(settings)
@@ -347,12 +349,24 @@ def refresh_champion(ds: str, settings: Settings, reason: str) -> tuple[str | No
     reg = register_refresh(ds, out, str(origin.version), champion, reason, settings)
     registry.promote(reg.version, f"table refresh: tables of {ds} for the model of version {origin.version} "
                                   f"(was v{champion}); {reason}", actor="gate", settings=settings)
+    champion_changed(reg.version, champion, settings)
     note = f"table refresh v{reg.version}: the model of v{origin.version} with the tables of {ds} (was v{champion})"
     log.info("ds=%s: %s", ds, note)
     return reg.version, note
 
 
 # --- the gate ---------------------------------------------------------------------------
+
+DESCRIPTION_MARK = "**Gate decision"  # how keyart.models.register.decision_text starts
+
+
+def _decision_record(tags: Mapping[str, str], decision: GateDecision) -> dict[str, Any]:
+    """What :func:`keyart.models.register.record_decision` shows, from the gate's tags."""
+    return {"decision": decision.decision, "reason": decision.reason, "at": tags.get("keyart.gate.at"),
+            "champion_before": tags.get("keyart.gate.champion_before"),
+            "champion_after": tags.get("keyart.gate.champion_after"),
+            "published": tags.get(PUBLISHED_TAG), "publish_note": tags.get(PUBLISH_NOTE_TAG, "")}
+
 
 def _record(mv: Any, tags: dict[str, str], figures: dict[str, float | None], settings: Settings) -> None:
     registry.tag_version(str(mv.version), tags, settings)
@@ -375,6 +389,8 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
     if not found:
         raise registry.RegistryError(f"no version of {settings.registered_model} is registered "
                                      f"for ds={ds}; run `keyart register --ds {ds}` first")
+    from keyart.models.register import airflow_tags, champion_changed, record_decision
+
     mv = found[0]
     version = str(mv.version)
     if not force and "keyart.gate.decision" in mv.tags:
@@ -384,6 +400,8 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
         else:  # the earlier run stopped before the day's tables were published
             published, note = publish(ds, recorded, version, settings)
             registry.tag_version(version, {PUBLISHED_TAG: published or "none", PUBLISH_NOTE_TAG: note}, settings)
+        if not (mv.description or "").startswith(DESCRIPTION_MARK):  # an earlier run stopped before
+            record_decision(version, _decision_record(registry.get_version(version, settings).tags, recorded), settings)
         log.info("ds=%s version %s was already gated: %s", ds, version, recorded.decision)
         return GateResult(ds, version, recorded.decision, recorded.reason, registry.get_champion_version(settings),
                           recorded_earlier=True, published=None if published == "none" else published,
@@ -392,8 +410,10 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
     decision = decide(inputs)
     if decision.promote:
         registry.promote(version, decision.reason, actor="gate", settings=settings)
+        champion_changed(version, inputs.champion_version, settings)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     tags = {"keyart.gate.decision": decision.decision, "keyart.gate.reason": decision.reason,
+            **airflow_tags("keyart.gate.airflow."),
             "keyart.gate.estimator": estimator, "keyart.gate.at": now,
             "keyart.gate.champion_before": inputs.champion_version or "none",
             "keyart.gate.champion_after": registry.get_champion_version(settings) or "none"}
@@ -410,6 +430,9 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
     champion = registry.get_champion_version(settings)
     _record(mv, {PUBLISHED_TAG: published or "none", PUBLISH_NOTE_TAG: note,
                  "keyart.gate.champion_after": champion or "none"}, {}, settings)
+    record_decision(version, {**_decision_record({**tags, PUBLISHED_TAG: published or "none", PUBLISH_NOTE_TAG: note,
+                                                  "keyart.gate.champion_after": champion or "none"}, decision),
+                              "figures": decision.figures}, settings)
     log.info("gate ds=%s version %s: %s (%s); champion %s; %s", ds, version,
              decision.decision, decision.reason, champion, note)
     return GateResult(ds, version, decision.decision, decision.reason, champion, published=published,

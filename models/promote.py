@@ -4,6 +4,8 @@ The override bypasses the OPE comparison of the gate but not the parity check: a
 whose ONNX parity failed is refused unless ``--force``. Who and why are written to the
 version's tags (``keyart.promoted_by``, ``keyart.promotion_reason``) and to its run
 (``keyart.override.*``); the previous champion stays in the history for ``keyart rollback``.
+The statuses follow (``keyart.status``: ``champion`` here, ``former_champion`` on the one
+replaced) and the override is added to the version's description.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def record_on_run(version: str, tags: dict[str, str], settings: Settings) -> Non
             c.set_tag(mv.run_id, key, value)
 
 
+def note_on_version(version: str, line: str, settings: Settings) -> None:
+    """Add a line to the version's description (overrides are read where the gate's decision is)."""
+    from keyart.models.register import describe_version
+
+    current = registry.get_version(version, settings).description or ""
+    describe_version(version, f"{current}\n\n{line}".strip(), settings)
+
+
 def promote_version(version: str, reason: str, by: str | None = None,
                     settings: Settings | None = None, force: bool = False) -> str | None:
     """Make ``version`` the champion as a reviewer override; return the previous champion."""
@@ -51,6 +61,11 @@ def promote_version(version: str, reason: str, by: str | None = None,
                                      "use --force to promote it anyway")
     actor = reviewer(by)
     previous = registry.promote(str(mv.version), f"override: {reason}", actor=actor, settings=settings)
+    from keyart.models.register import champion_changed
+
+    champion_changed(str(mv.version), previous, settings)
+    note_on_version(str(mv.version), f"**Promoted to champion by {actor}** (reviewer override, was "
+                                     f"v{previous or 'none'}): {reason}", settings)
     record_on_run(str(mv.version), {"keyart.override.promoted_by": actor,
                                "keyart.override.promotion_reason": reason}, settings)
     return previous

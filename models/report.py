@@ -12,6 +12,11 @@ Optional inputs read (besides the documented OPE and lift fields):
   ``{title_id: lift}`` or ``{title_id: {"estimate", "lo", "hi"}}``;
 * ``evaluation.json["artwork_share"]``: ``{policy: {artwork_id: share of impressions}}``;
 * ``train.json["feature_importance"]``: ``{feature: gain}`` (else read from ``model.txt``).
+
+The paired difference V_challenger - V_champion (``evaluation.json["difference"]``) is what
+the promotion gate decides on: :func:`difference_plot` draws it per estimator against 0 and
+-delta, :func:`comparison_rows` tabulates challenger, champion and difference, and
+:func:`model_card` opens with the gate's decision once it is known (``decision``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from keyart.ope import ESTIMATORS  # noqa: E402
 log = logging.getLogger(__name__)
 
 POLICIES = ("candidate", "champion", "logging", "random", "noncontextual")
+SHARE_POLICIES = ("candidate", "champion", "logging")
 TOP_N = 25
+DIFFERENCE_KEY = "candidate_minus_champion"
+GATE_ESTIMATOR = "snips"
 
 
 @dataclass
@@ -97,7 +105,8 @@ def calibration_plot(evaluation: Mapping[str, Any], train: Mapping[str, Any], ou
     ax.plot(pred, obs)
     ax.set_xlabel("predicted P(quality play)")
     ax.set_ylabel("observed rate")
-    ax.set_title("Calibration")
+    ece = cal.get("ece")
+    ax.set_title("Calibration" + (f" (ECE {float(ece):.4f})" if isinstance(ece, int | float) else ""))
     return _save(fig, out)
 
 
@@ -110,7 +119,8 @@ def _per_title(evaluation: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def per_title_lift_plot(evaluation: Mapping[str, Any], out: Path) -> Path | str:
-    """Lift of the candidate over logging per title (largest |lift| first)."""
+    """Candidate minus logging take rate per title, with intervals: the titles with the most
+    held-out impressions when their counts are known, else the largest |lift|."""
     per_title = _per_title(evaluation)
     if per_title is None:
         return "per-title lift: no 'per_title_lift' (or lift.per_title) in evaluation.json"
@@ -119,20 +129,25 @@ def per_title_lift_plot(evaluation: Mapping[str, Any], out: Path) -> Path | str:
         if isinstance(v, Mapping):
             y = v.get("estimate", v.get("lift"))
             lo, hi = v.get("lo", y), v.get("hi", y)
+            n = v.get("impressions")
         else:
             y = lo = hi = v
+            n = None
         if y is not None:
-            rows.append((str(title), float(y), float(lo), float(hi)))
-    rows = sorted(rows, key=lambda r: -abs(r[1]))[:TOP_N][::-1]
+            rows.append((str(title), float(y), float(lo), float(hi), n))
+    if not rows:
+        return "per-title lift: no title has an estimate"
+    by_size = all(r[4] is not None for r in rows)
+    rows = sorted(rows, key=(lambda r: -r[4]) if by_size else (lambda r: -abs(r[1])))[:TOP_N][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
     ys = np.arange(len(rows))
     vals = np.array([r[1] for r in rows])
     err = np.array([[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]).clip(min=0)
     ax.barh(ys, vals, xerr=err, color=["tab:green" if v >= 0 else "tab:red" for v in vals], capsize=2)
-    ax.set_yticks(ys, [r[0] for r in rows])
+    ax.set_yticks(ys, [f"{r[0]} (n={r[4]})" if r[4] is not None else r[0] for r in rows], fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("lift of candidate over logging policy")
-    ax.set_title(f"Per-title lift (top {len(rows)} by size)")
+    ax.set_xlabel("candidate − logging take rate (SNIPS, 95% paired interval)")
+    ax.set_title(f"Per-title lift, {len(rows)} titles " + ("with the most impressions" if by_size else "largest first"))
     return _save(fig, out)
 
 
@@ -142,6 +157,8 @@ def artwork_share_plot(evaluation: Mapping[str, Any], out: Path) -> Path | str:
     if not isinstance(share, Mapping) or not share:
         return "share of impressions per artwork: no 'artwork_share' in evaluation.json"
     policies = [p for p in share if isinstance(share[p], Mapping) and share[p]]
+    if any(p in SHARE_POLICIES for p in policies):  # the baselines would only crowd the bars
+        policies = [p for p in SHARE_POLICIES if p in policies]
     if not policies:
         return "share of impressions per artwork: 'artwork_share' is empty"
     total: dict[str, float] = {}
@@ -157,6 +174,72 @@ def artwork_share_plot(evaluation: Mapping[str, Any], out: Path) -> Path | str:
     ax.set_ylabel("share of impressions")
     ax.set_title(f"Share of impressions per artwork (top {len(arts)})")
     ax.legend()
+    return _save(fig, out)
+
+
+def _cell(evaluation: Mapping[str, Any], section: str, name: str, est: str) -> Mapping[str, Any] | None:
+    cell = ((evaluation.get(section) or {}).get(name) or {}).get(est)
+    return cell if isinstance(cell, Mapping) and cell.get("estimate") is not None else None
+
+
+def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float) -> list[dict[str, Any]]:
+    """Challenger (the run's candidate) beside the champion, per estimator: both values and
+    the paired difference with their 95% intervals, and -delta (delta = margin x the
+    champion's value), the bound the gate holds the difference's lower end against.
+    Empty when no champion was valued."""
+    rows = []
+    for est in ESTIMATORS:
+        cand = _cell(evaluation, "policies", "candidate", est)
+        champ = _cell(evaluation, "policies", "champion", est)
+        diff = _cell(evaluation, "difference", DIFFERENCE_KEY, est)
+        if cand is None or champ is None:
+            continue
+        v = float(champ["estimate"])
+        delta = noninferiority_margin * v if v > 0 else 0.0
+        row: dict[str, Any] = {"estimator": est, "gate_reads": est == GATE_ESTIMATOR}
+        for label, c in (("challenger", cand), ("champion", champ), ("difference", diff)):
+            for k in ("estimate", "lo", "hi"):
+                row[f"{label}_{k}"] = float(c[k]) if c is not None and c.get(k) is not None else None
+        row["minus_delta"] = -delta
+        rows.append(row)
+    return rows
+
+
+def difference_plot(evaluation: Mapping[str, Any], out: Path, noninferiority_margin: float,
+                    decision: Mapping[str, Any] | None = None) -> Path | str:
+    """The paired difference challenger − champion per estimator with its interval, against
+    0 (hard block when the whole interval is below it) and −delta (the non-inferiority
+    bound); the gate's pooled interval too, once the gate has run."""
+    rows = [r for r in comparison_rows(evaluation, noninferiority_margin) if r["difference_estimate"] is not None]
+    if not rows:
+        return ("challenger vs champion: no paired difference in evaluation.json "
+                "(no champion was valued: the first model is promoted on parity alone)")
+    labels = [r["estimator"] + (" (gate)" if r["gate_reads"] else "") for r in rows]
+    ests = np.array([r["difference_estimate"] for r in rows])
+    los = np.array([r["difference_lo"] for r in rows])
+    his = np.array([r["difference_hi"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(rows) + 2.2))
+    ys = np.arange(len(rows))[::-1].astype(float)
+    ax.errorbar(ests, ys, xerr=[(ests - los).clip(min=0), (his - ests).clip(min=0)], fmt="o", capsize=4,
+                color="tab:blue", label="today's paired difference, 95%")
+    figures = (decision or {}).get("figures") or {}
+    if all(k in figures for k in ("pooled", "pooled_lo", "pooled_hi")) and figures.get("pooled_days", 1) > 1:
+        y = ys[[r["gate_reads"] for r in rows].index(True)] - 0.25 if any(r["gate_reads"] for r in rows) else ys[0] - 0.25
+        p, plo, phi = (float(figures[k]) for k in ("pooled", "pooled_lo", "pooled_hi"))
+        ax.errorbar([p], [y], xerr=[[p - plo], [phi - p]], fmt="s", capsize=4, color="tab:purple",
+                    label=f"pooled over {int(figures['pooled_days'])} held-out days")
+    ax.axvline(0, color="black", lw=0.8)
+    minus_delta = [r["minus_delta"] for r in rows]
+    for y, md in zip(ys, minus_delta, strict=True):
+        ax.plot([md, md], [y - 0.35, y + 0.35], color="tab:red", lw=2)
+    ax.plot([], [], color="tab:red", lw=2, label=f"−δ = −{noninferiority_margin:g} × V_champion")
+    ax.set_yticks(ys, labels)
+    ax.set_xlabel("V_challenger − V_champion (take rate)")
+    title = f"Challenger vs champion on held-out day {evaluation.get('heldout_ds', '?')}"
+    if decision and decision.get("decision"):
+        title += f": {decision['decision']}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, out)
 
 
@@ -189,10 +272,12 @@ def feature_importance_plot(train: Mapping[str, Any], model_txt: Path, out: Path
 
 
 def make_plots(run_dir: Path, train: Mapping[str, Any], evaluation: Mapping[str, Any],
-               out_dir: Path) -> Report:
+               out_dir: Path, noninferiority_margin: float = 0.05,
+               decision: Mapping[str, Any] | None = None) -> Report:
     """Draw every plot into ``out_dir``; a plot that cannot be drawn becomes a note."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[str, Callable[[Path], Path | str]]] = [
+        ("challenger_vs_champion.png", lambda p: difference_plot(evaluation, p, noninferiority_margin, decision)),
         ("take_rate_by_policy.png", lambda p: take_rate_plot(evaluation, p)),
         ("calibration.png", lambda p: calibration_plot(evaluation, train, p)),
         ("per_title_lift.png", lambda p: per_title_lift_plot(evaluation, p)),
@@ -219,16 +304,67 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, int | float) else "–"
 
 
+def _iv(c: Mapping[str, Any], prefix: str, signed: bool = False) -> str:
+    e, lo, hi = (c.get(f"{prefix}_{k}") for k in ("estimate", "lo", "hi"))
+    if e is None:
+        return "–"
+    f = "{:+.5f}" if signed else "{:.5f}"
+    return f"{f.format(e)} [{f.format(lo)}, {f.format(hi)}]" if lo is not None and hi is not None else f.format(e)
+
+
+def decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
+    """The card's opening section: the gate's decision and reason, or that it is pending."""
+    lines = ["## Decision", ""]
+    if not decision or not decision.get("decision"):
+        return lines + ["Pending: registered as `@challenger`; `keyart gate` has not decided yet. "
+                        "Its decision and reason will replace this paragraph.", ""]
+    lines.append(f"**{decision['decision']}** (version {decision.get('version', '?')}, "
+                 f"decided by the gate at {decision.get('at', '?')})")
+    lines += ["", f"> {decision.get('reason', '')}", ""]
+    extra = [(k.replace("_", " "), decision.get(k)) for k in ("champion_before", "champion_after", "published")]
+    lines += [f"- {k}: `{v}`" for k, v in extra if v]
+    if decision.get("publish_note"):
+        lines.append(f"- tables: {decision['publish_note']}")
+    lines.append("")
+    return lines
+
+
+def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float) -> list[str]:
+    """The challenger-vs-champion table of the card."""
+    lines = ["## Challenger vs champion", ""]
+    if not rows:
+        return lines + ["No champion was valued on the held-out day (none was registered), so there is no "
+                        "paired difference: the first model is promoted on parity alone.", ""]
+    lines += ["| estimator | challenger | champion | difference (paired) | −δ |", "|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['estimator']}** (gate)" if r["gate_reads"] else r["estimator"]
+        lines.append(f"| {name} | {_iv(r, 'challenger')} | {_iv(r, 'champion')} | "
+                     f"{_iv(r, 'difference', signed=True)} | {r['minus_delta']:+.5f} |")
+    lines += ["", f"Values are take rates with 95% bootstrap intervals; the difference is paired (both "
+              f"policies on the same resampled impressions). The gate reads {GATE_ESTIMATOR}: a fresher "
+              f"challenger is promoted unless the difference's lower bound (or that of the difference pooled "
+              f"over recent held-out days) is at or below −δ, δ = {noninferiority_margin:g} × V_champion; "
+              "an upper bound below 0 always blocks. See `plots/challenger_vs_champion.png`.", ""]
+    return lines
+
+
 def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any],
                evaluation: Mapping[str, Any], lineage: Mapping[str, Any],
-               notes: list[str]) -> str:
-    """A short Markdown model card for the run and its registered version."""
+               notes: list[str], decision: Mapping[str, Any] | None = None,
+               noninferiority_margin: float = 0.05) -> str:
+    """A short Markdown model card for the run and its registered version: the gate's
+    decision first (pending until the gate runs), then challenger vs champion, identity,
+    training, the offline evaluation of every policy and ONNX parity."""
     policy = manifest.get("policy")
     policy_name = policy.get("name", "configured") if isinstance(policy, Mapping) else (policy or "configured")
     lines = [
         f"# keyart-artwork — daily model for ds={ds}", "",
         "LightGBM reward model P(quality play | member, context, title, artwork) behind the "
         f"`{policy_name}` exploration policy; exported to ONNX and shipped as a bundle.", "",
+    ]
+    lines += decision_lines(decision)
+    lines += comparison_lines(comparison_rows(evaluation, noninferiority_margin), noninferiority_margin)
+    lines += [
         "## Identity", "",
         f"- bundle version: `{manifest.get('bundle_version')}`",
         f"- feature spec version: `{manifest.get('feature_spec_version')}`",
@@ -243,6 +379,9 @@ def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any]
     for split, vals in metrics.items() if isinstance(metrics, Mapping) else []:
         if isinstance(vals, Mapping):
             lines.append(f"- {split}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()))
+    cal = evaluation.get("calibration")
+    if isinstance(cal, Mapping) and isinstance(cal.get("ece"), int | float):
+        lines.append(f"- calibration on the held-out day: expected calibration error {cal['ece']:.4f}")
     lines += ["", f"## Offline evaluation (held-out day {evaluation.get('heldout_ds', '?')}, "
               f"{evaluation.get('n_impressions', '?')} impressions)", "",
               "| policy | " + " | ".join(ESTIMATORS) + " |", "|---" * (len(ESTIMATORS) + 1) + "|"]
@@ -258,6 +397,12 @@ def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any]
             row.append(f"{_fmt(c.get('estimate'))} [{_fmt(c.get('lo'))}, {_fmt(c.get('hi'))}]"
                        if isinstance(c, Mapping) else "–")
         lines.append(f"| {pol} | " + " | ".join(row) + " |")
+    lines += ["", "candidate: this run's model (the challenger); champion: the serving model on the same "
+              "impressions; logging: what was served (its on-policy mean); random: uniform over the "
+              "candidates; noncontextual: per-title Thompson sampling on the Beta priors."]
+    same = evaluation.get("candidate_vs_logging")
+    if isinstance(same, Mapping) and same.get("same_policy"):
+        lines += ["", f"Note: {same.get('note')}."]
     lift = evaluation.get("lift")
     if isinstance(lift, Mapping):
         flat = {k: v for k, v in lift.items() if isinstance(v, int | float)}
@@ -269,9 +414,6 @@ def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any]
         lines.append(", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in parity.items()))
     else:
         lines.append("no parity figures in the manifest")
-    lines += ["", "## Promotion", "",
-              "Registered with alias `challenger`; `keyart gate` decides on `champion` and writes "
-              "its decision and reason to this run's tags (`keyart.gate.*`)."]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -2,7 +2,9 @@
 
 The champion history (registered-model tag ``keyart.champion_history``) is walked back to
 the newest earlier champion that still exists; the alias moves there and both versions get
-tags saying who rolled back, when and why. Repeated rollbacks walk further back.
+tags saying who rolled back, when and why. Repeated rollbacks walk further back. Statuses
+follow (``rolled_back`` on the version rolled back, ``champion`` on the one restored) and both
+descriptions say so.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from keyart import registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
-from keyart.models.promote import record_on_run, reviewer
+from keyart.models.promote import note_on_version, record_on_run, reviewer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,11 @@ def rollback_champion(reason: str, by: str | None = None,
         raise registry.RegistryError("a rollback needs a --reason")
     actor = reviewer(by)
     current, restored = registry.rollback(reason, actor=actor, settings=settings)
+    from keyart.models.register import STATUS_ROLLED_BACK, champion_changed
+
+    champion_changed(restored, current, settings, previous_status=STATUS_ROLLED_BACK)
+    note_on_version(current, f"**Rolled back by {actor}** (v{restored} restored): {reason}", settings)
+    note_on_version(restored, f"**Restored as champion by {actor}** (rollback of v{current}): {reason}", settings)
     record_on_run(current, {"keyart.override.rolled_back_by": actor,
                             "keyart.override.rollback_reason": reason}, settings)
     return current, restored

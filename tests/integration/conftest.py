@@ -86,7 +86,7 @@ def mlflow_server(postgres_db: str, tmp_path: Path) -> Iterator[str]:
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=tmp_path,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

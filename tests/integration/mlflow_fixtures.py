@@ -18,6 +18,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType
 
 from keyart import bundle, contracts, feature_spec
 from keyart.lake import Lake, shift_ds
+from keyart.net import free_port
 from keyart.scoring import OnnxScorer
 
 K = 4  # candidates per impression
@@ -250,6 +258,19 @@ def _tables(bundle_dir: Path, ds: str) -> None:
                    bundle_dir / "artworks.parquet")
 
 
+def write_training_partitions(lake_root: Path, days: list[str], rows: int = 64) -> None:
+    """Small real ``training/ds=D`` Parquet partitions (the lineage register logs as MLflow
+    datasets reads their files and footers, not their values)."""
+    lake = Lake(lake_root)
+    for i, day in enumerate(days):
+        part = lake.training(day)
+        part.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)
+        pq.write_table(pa.table({"event_id": [f"e-{day}-{j}" for j in range(rows)],
+                                 "artwork_id": [f"t0000-a{j % K}" for j in range(rows)],
+                                 "reward": rng.integers(0, 2, rows)}), part / "part-0.parquet")
+
+
 def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
                   champion: Champion | None = None, parity_passed: bool = True,
                   held: HeldOut | None = None, rich: bool = False,
@@ -265,6 +286,7 @@ def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
     booster.save_model(str(run_dir / "model.txt"))
     heldout_ds = shift_ds(ds, -1)
     days = [shift_ds(heldout_ds, -i) for i in range(3, 0, -1)]
+    write_training_partitions(lake_root, [*days, heldout_ds])
     imp = booster.feature_importance("gain")
     train = {
         "params": {**PARAMS, "num_boost_round": 30},
@@ -300,3 +322,72 @@ def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
                 "passed": parity_passed},
     )
     return run_dir, Champion(booster, manifest.version)
+
+
+# --- an mlflow server that serves the artifacts (mlflow-artifacts:/ locations) ------------
+
+@dataclass
+class ArtifactServer:
+    """``mlflow server --serve-artifacts`` on a local port: runs get ``mlflow-artifacts:/``
+    locations, resolved by the server against its ``--artifacts-destination``."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def start_artifact_server(backend_uri: str, destination: Path, log_path: Path, timeout_s: float = 90.0) -> ArtifactServer:
+    """Start the server and wait until ``/health`` answers (fails the test with its log if not)."""
+    import pytest
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--serve-artifacts", "--artifacts-destination", destination.as_uri(),
+           "--default-artifact-root", "mlflow-artifacts:/",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=log_path.parent)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}", pytrace=False)
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return ArtifactServer(url, proc, log_path)
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail(f"mlflow server not healthy after {timeout_s:.0f}s:\n{log_path.read_text()[-4000:]}", pytrace=False)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (the process group it leads, started above)."""
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def chromium_dom(url: str, screenshot: Path | None = None, budget_ms: int = 10000, timeout_s: float = 90.0) -> str:
+    """The DOM of ``url`` after headless Chromium ran its scripts for ``budget_ms`` of
+    virtual time (single-page apps render by then); also a screenshot when asked."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        raise RuntimeError("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--hide-scrollbars", f"--virtual-time-budget={budget_ms}", "--window-size=1400,1100"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=timeout_s, check=False)
+    done = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=timeout_s, check=True)
+    return done.stdout

@@ -1,0 +1,44 @@
+"""The demo report's headline and plots (keyart.demo.report), on hand-made day results."""
+
+from __future__ import annotations
+
+import pytest
+
+from keyart.demo.report import DayResult, _plots, _served_by, headline
+from keyart.ope import ESTIMATORS
+
+
+def _days() -> list[DayResult]:
+    return [DayResult("2026-11-01", "random", 1000, 0.050, 0.050, 0.045, 0.080, None, 0.049),
+            DayResult("2026-11-02", "2026-11-01.abcdef0123456789", 3000, 0.060, 0.050, 0.045, 0.080, 0.052, 0.061),
+            DayResult("2026-11-03", "2026-11-01.abcdef0123456789+tables.2026-11-02", 1000, 0.064, 0.050, 0.045, 0.080,
+                      0.053, 0.066)]
+
+
+def test_headline_puts_served_beside_default_and_oracle_over_the_model_days():
+    names = {"2026-11-01.abcdef0123456789": "v1", "2026-11-01.abcdef0123456789+tables.2026-11-02": "v3"}
+    first, second = headline(_days(), names)
+    served = (0.060 * 3000 + 0.064 * 1000) / 4000  # impression-weighted, day 0 (random) left out
+    assert first.startswith(f"**keyart served a take rate of {served:.4f} against 0.0450 for the default artwork")
+    assert "and 0.0800 for the oracle**" in first and "4000 impressions of 2 day(s)" in first
+    assert f"{(served - 0.045) / 0.035:.0%} of the gap" in second and "served by v3" in second
+    assert _served_by(_days()[2], {}) == "2026-11-01.a…"  # unknown to the registry: shortened
+
+
+def test_plots_are_written_with_one_tick_per_run(tmp_path):
+    ope = [{"run": run, "policy": policy, "estimator": est, "estimate": 0.05, "lo": 0.04, "hi": 0.06,
+            "true": 0.051, "covered": True, "impressions": 100, "heldout_part": "all", "heldout_ds": run}
+           for run in ("2026-11-01", "2026-11-02") for policy in ("logging", "candidate") for est in ESTIMATORS]
+    names = _plots(tmp_path, _days(), ope, {}, {})
+    assert names == ["take_rate.png", "ope.png"]
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # every figure closed
+
+
+@pytest.mark.parametrize("n_days", [1, 12])
+def test_take_rate_plot_scales_with_the_days(tmp_path, n_days):
+    days = [DayResult(f"2026-11-{i + 1:02d}", "v", 10, 0.05, 0.05, 0.04, 0.08, None, 0.05) for i in range(n_days)]
+    assert _plots(tmp_path, days, [], {}, {}) == ["take_rate.png"]
