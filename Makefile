@@ -59,7 +59,8 @@ AIRFLOW_PORT ?= 8090
 ## MLflow UI on the local tracking store (experiment keyart, registered model keyart-artwork).
 mlflow-ui: install
 	@mkdir -p "$(KEYART_HOME)/mlflow/artifacts"
-	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(KEYART_HOME)/mlflow/mlflow.db" \
+	@# run from the store's folder: the server creates an empty ./mlruns in its working directory
+	cd "$(KEYART_HOME)/mlflow" && $(abspath $(BIN))/mlflow ui --backend-store-uri "sqlite:///$(KEYART_HOME)/mlflow/mlflow.db" \
 		--default-artifact-root "$(KEYART_HOME)/mlflow/artifacts" \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 

@@ -4,30 +4,27 @@
 The whole batch side of keyart for one partition date `ds` (YYYY-MM-DD, UTC):
 
 ```
-partition_date → ingest → check_data_quality → rewards → features → priors → training_window
-  → train → evaluate → export (ONNX + parity) → register (MLflow, @challenger) → promote (gate, @champion)
+ingest → check_data_quality → rewards ─┬─ features → training_window ─┬─ train → promote
+                                       └─ priors ─────────────────────┘
 ```
 
-* **promote** runs the gate: the challenger becomes `@champion`, or the champion is kept and
-  its model is republished with the day's priors, member snapshot and catalog (a table
-  refresh), so serving gets the day's tables whatever the gate decides.
-
-* **Spark jobs** (`ingest`, `rewards`, `features`, `priors`) run through `spark-submit
-  --master <spark_master>` on the job files of the installed `keyart.jobs` package, so the same
-  DAG runs on `local[*]` or a cluster (`KEYART_SPARK_MASTER`); with `KEYART_SPARK_REMOTE`
-  (`sc://host:port`) the job files run as Spark Connect clients of that long-lived server.
-* **Model steps** are thin calls of the `keyart` command line (`keyart train --ds D`, ...).
+* **ingest, rewards, features, priors** (Spark): with `KEYART_SPARK_REMOTE` (`sc://host:port`,
+  `make demo` starts one) a task runs its job as a Spark Connect client of that long-lived
+  server, in the task's own process; else as `spark-submit --master <spark_master>` of the job
+  file of the installed `keyart.jobs` package (`local[*]` or a cluster: `KEYART_SPARK_MASTER`).
+* **check_data_quality** stops the run (no retries) when the day's impressions are missing,
+  too much was quarantined, or a complete play log is out of band.
+* **training_window** skips `train` and `promote` while no impression is labelled yet.
+* **train**: `keyart train`, `evaluate`, `export` (ONNX + parity) in one process.
+* **promote**: `keyart register` (MLflow version, `@challenger`), then `keyart gate`: the
+  challenger becomes `@champion`, or the champion is kept and republished with the day's
+  priors, member snapshot and catalog, so serving gets the day's tables whatever the gate decides.
 * **ds** is the `ds` param when given (trigger form), else the run's logical date (the start of
-  its daily data interval), else the last complete UTC day before the run was triggered.
-  Every task receives it explicitly; every task reads and overwrites only its `ds=` partitions,
+  its daily data interval), else the last complete UTC day before the run was triggered; each
+  task resolves it from its run. Every task reads and overwrites only its `ds=` partitions,
   so re-running or backfilling a day is safe.
-* **check_data_quality** stops the run (no retries) when the day's impressions are missing or
-  the quarantined share passes `max_quarantine_rate`.
-* **training_window** skips the model steps while no impression is labelled yet: the run
-  succeeds with them *skipped*. On the first labelled day the model trains on the early
-  part of that day and is evaluated on the late part (keyart.models.data).
-* XCom holds only the partition date, output paths, the ingest counts, the training days,
-  and the registered version / gate decision.
+* XCom holds only output paths, the ingest counts, the training days, and the registered
+  version / gate decision.
 * The steps, their order, retries and commands are the table `keyart.pipeline.STEPS`; this
   file holds the schedule, the params and the wiring.
 
@@ -40,7 +37,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, chain, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from keyart import pipeline
 
@@ -53,17 +50,32 @@ DEFAULT_ARGS = {
     "execution_timeout": dt.timedelta(hours=3),
 }
 
-# Bash tasks must fail, never skip, whatever their exit code (BashOperator skips on 99).
-BASH_ARGS = {"skip_on_exit_code": None}
-
 
 def _step_args(step: pipeline.Step) -> dict:
-    args: dict = {"task_id": step.task_id}
+    args: dict = {"task_id": step.task_id, "doc_md": step.doc}
     if step.retries is not None:
         args["retries"] = step.retries
     if step.depends_on_past:
         args["depends_on_past"] = True
     return args
+
+
+def _ds() -> str:
+    """The partition date of the running task's DAG run (the same for every task of a run)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    context = get_current_context()
+    dag_run = context["dag_run"]
+    try:
+        day = pipeline.resolve_ds(
+            context["params"].get("ds"),
+            getattr(dag_run, "logical_date", None),
+            getattr(dag_run, "run_after", None),
+        )
+    except ValueError as exc:
+        raise AirflowFailException(str(exc)) from None  # a retry cannot fix the date
+    print(f"partition date ds={day}", flush=True)
+    return day
 
 
 @dag(
@@ -88,63 +100,54 @@ def _step_args(step: pipeline.Step) -> dict:
     doc_md=__doc__,
 )
 def keyart_daily():
-    def partition_date(step):
+    def quality(step):
         @task(**_step_args(step))
-        def run() -> str:
-            context = get_current_context()
-            dag_run = context["dag_run"]
-            return pipeline.resolve_ds(
-                context["params"].get("ds"),
-                getattr(dag_run, "logical_date", None),
-                getattr(dag_run, "run_after", None),
-            )
-
-        return run()
-
-    def quality(step, day):
-        @task(**_step_args(step))
-        def run(day: str) -> dict:
+        def run() -> dict:
             """Fail the run when the day's logs are missing or too much was quarantined."""
             from airflow.sdk.exceptions import AirflowFailException
 
+            day = _ds()
             try:
                 return pipeline.data_quality(day)
             except ValueError as exc:
                 # Retrying cannot fix the data; fail now with the reason.
                 raise AirflowFailException(str(exc)) from None
 
-        return run(day)
+        return run()
 
-    def window(step, day):
+    def window(step):
         @task.short_circuit(**_step_args(step))
-        def run(day: str) -> list[str]:
+        def run() -> list[str]:
             """The labelled days to train on; none (nothing labelled yet) skips the model steps."""
+            day = _ds()
             days = pipeline.training_window(day)
             if not days:
                 print(f"nothing to train on for ds={day}: the model steps skip")
             return days
 
-        return run(day)
+        return run()
 
-    def spark(step, day):
-        @task.bash(**_step_args(step), **BASH_ARGS)
-        def run(day: str) -> str:
-            return pipeline.spark_job_command(step.command, day)
+    def spark(step):
+        @task(**_step_args(step))
+        def run() -> str:
+            (job,) = step.commands
+            return pipeline.run_spark_job(job, _ds())
 
-        return run(day)
+        return run()
 
-    def model(step, day):
-        @task.bash(**_step_args(step), output_processor=pipeline.last_line_value, **BASH_ARGS)
-        def run(day: str) -> str:
-            return pipeline.keyart_command(step.command, day)
+    def model(step):
+        @task(**_step_args(step))
+        def run() -> dict:
+            return pipeline.run_model_steps(step.commands, _ds())
 
-        return run(day)
+        return run()
 
-    # Task arguments are not called "ds": that name is reserved for the context's ds.
-    first, *rest = pipeline.STEPS
-    day = partition_date(first)
     builders = {"spark": spark, "quality": quality, "window": window, "model": model}
-    chain(*[builders[step.kind](step, day) for step in rest])
+    tasks: dict = {}
+    for step in pipeline.STEPS:
+        tasks[step.task_id] = builders[step.kind](step)
+        for upstream in step.upstream:
+            tasks[upstream] >> tasks[step.task_id]
 
 
 keyart_daily()

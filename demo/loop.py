@@ -1,12 +1,15 @@
 """``keyart demo``: the closed loop on embedded defaults, ending in a report.
 
 1. a Spark Connect server is started for the Spark jobs to share (``--spark submit``: every
-   job is its own spark-submit application instead), a simulated world (catalog, members,
-   90 days of viewing history, the member features' window) is written to the lake and the
-   history is ingested;
+   job is its own spark-submit application instead) and Airflow (API server, scheduler, DAG
+   processor on ``<KEYART_HOME>/airflow``) starts beside it; a simulated world (catalog,
+   members, 90 days of viewing history, the member features' window) is written to the lake
+   and the history is ingested;
 2. day 0 is served by uniform-random exploration (logged, as a production cold start);
-3. for each following day the real Airflow DAG (``airflow dags test keyart_daily``) runs
-   for the previous day, the running endpoint (``keyart serve``) picks up the new
+3. for each following day the real Airflow DAG ``keyart_daily`` runs for the previous day,
+   triggered through Airflow's REST API as the schedule would run it (logical date = that
+   day) and run by the scheduler, so its task logs are in the Airflow UI
+   (``make airflow-ui`` afterwards); the running endpoint (``keyart serve``) picks up the new
    ``@champion``, and ``keyart traffic`` sends the day's visits to it over HTTP, so the
    impressions are the endpoint's own log and the plays land in the play log;
 4. a report (Markdown + PNG) under ``reports/`` compares, per day, the served policy with
@@ -146,6 +149,37 @@ class Endpoint:
         self.log.close()
 
 
+def _dag_run(api, ds: str, day: int, services) -> dict[str, Any]:
+    """Trigger keyart_daily for ``ds`` and wait; the run's task durations. Raises with the failed
+    tasks' log tails (the full logs are in the Airflow UI)."""
+    from keyart.demo import airflow_env
+
+    run = airflow_env.trigger_and_wait(api, ds, run_id=f"demo__{ds}", note=f"keyart demo day {day}: ds={ds}")
+    tasks = airflow_env.run_tasks(api, run["dag_run_id"])
+    failed = {t: ti["state"] for t, ti in tasks.items() if ti["state"] not in ("success", "skipped")}
+    if run["state"] != "success" or failed:
+        tails = []
+        for task_id, state in failed.items():
+            if state == "failed":
+                text = airflow_env.task_log(api, run["dag_run_id"], task_id, tasks[task_id].get("try_number") or 1)
+                tails.append(f"--- {task_id} ---\n" + "\n".join(text.splitlines()[-30:]))
+        raise RuntimeError(f"DAG run for {ds} ended {run['state']}: {failed}; task logs in the Airflow UI "
+                           f"({services.url}, make airflow-ui) and {services.home / 'logs'}\n" + "\n".join(tails))
+    return {"ds": ds, "run_id": run["dag_run_id"], "state": run["state"], "logical_date": run.get("logical_date"),
+            "run_after": run.get("run_after"),
+            "seconds": _seconds(run.get("start_date"), run.get("end_date")),
+            "tasks": {t: {"state": ti["state"], "seconds": _seconds(ti.get("start_date"), ti.get("end_date"))}
+                      for t, ti in tasks.items()}}
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    import datetime as dt
+
+    if not start or not end:
+        return None
+    return round((dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds(), 1)
+
+
 def _champion_source(settings) -> str | None:
     from keyart import registry
 
@@ -192,22 +226,31 @@ def run(args: argparse.Namespace) -> int:
     if args.spark == "submit":
         env.pop("KEYART_SPARK_REMOTE", None)
     own_server = args.spark == "connect" and not settings.spark_remote  # else: the jobs' own KEYART_SPARK_REMOTE
-    # world, history ingest, day 0, endpoint, report; three per served day; the Connect server
-    progress = Progress(total=5 + 3 * args.days + own_server)
+    # world, history ingest, day 0, endpoint, report, Airflow; three per served day; the Connect server
+    progress = Progress(total=6 + 3 * args.days + own_server)
     results: list[DayResult] = []
     endpoint: Endpoint | None = None
     spark_server = None
+    services: airflow_env.AirflowServices | None = None
+    api = None
+    dag_runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     try:
         if own_server:  # its JVM starts while the world is built
             spark_server = ConnectServer(settings, log_path=logs / "spark-connect.log", env=env, cwd=logs).launch()
+            env["KEYART_SPARK_REMOTE"] = spark_server.url  # the DAG's Spark tasks are its clients
+        # Airflow starts beside the world too: a port of its own (a running `make airflow-ui` on
+        # the same home is not disturbed), and only the runs the demo triggers (no schedule).
+        airflow = airflow_env.prepared_environ(home / "airflow", base={
+            **{k: v for k, v in env.items() if k != "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"},
+            "AIRFLOW__API__PORT": str(free_port()), "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
+        services = airflow_env.AirflowServices(airflow, home / "airflow" / "logs" / "services").launch()
         with progress.step("world: catalog, members, viewing history"):
             world = World.build(seed=seed, n_titles=titles, n_members=members, start=args.start)
             world.save(settings.lake)
         if spark_server is not None:
             with progress.step(f"Spark Connect server for the jobs ({spark_server.url})"):
                 spark_server.wait_ready()
-                env["KEYART_SPARK_REMOTE"] = spark_server.url
         with progress.step(f"ingest the {world.config.history_days}-day viewing history (Spark)"):
             _run([keyart_bin, "job", "ingest", "--ds", shift_ds(args.start, -world.config.history_days),
                   "--through", shift_ds(args.start, -1)], env, "history ingest", logs / "ingest-history.log")
@@ -216,19 +259,16 @@ def run(args: argparse.Namespace) -> int:
             summary = simulate_day(world, days[0], RandomChooser(), visits=visits, seed=seed, lake_root=settings.lake,
                                    attribution_window_hours=settings.attribution_window_hours)
             results.append(DayResult.from_summary(summary, model_version="random", noncontextual=None))
-        airflow = airflow_env.prepared_environ(home / "airflow", base=env)
+        with progress.step(f"Airflow: API server, scheduler, DAG processor ({services.url})"):
+            services.wait_ready()
+            api = services.client()
         with progress.step("start the endpoint"):
             endpoint = Endpoint(env, port, logs / "serve.log")
             endpoint.wait_ready()
         for k in range(1, args.days + 1):
             ds_prev, ds = days[k - 1], days[k]
-            with progress.step(f"day {k} {ds}: airflow dags test keyart_daily {ds_prev}"):
-                proc = airflow_env.dags_test(ds_prev, airflow, capture=True)
-                (logs / f"dag-{ds_prev}.log").write_text((proc.stdout or "") + (proc.stderr or ""))
-                states = airflow_env.task_states(ds_prev, airflow)
-                failed = {t: s for t, s in states.items() if s != "success"}
-                if proc.returncode != 0 or failed or not states:
-                    raise RuntimeError(f"DAG run for {ds_prev} failed: {failed or proc.returncode}; log {logs / f'dag-{ds_prev}.log'}")
+            with progress.step(f"day {k} {ds}: keyart_daily for {ds_prev} (Airflow scheduler)"):
+                dag_runs.append(_dag_run(api, ds_prev, k, services))
             with progress.step(f"day {k} {ds}: endpoint picks up @champion"):
                 health = endpoint.wait_version(_champion_source(settings))
             with progress.step(f"day {k} {ds}: traffic through the endpoint"):
@@ -241,8 +281,17 @@ def run(args: argparse.Namespace) -> int:
         with progress.step("report"):
             report = write_report(Path(args.reports), world, lake, results, days, endpoint_url=endpoint.url,
                                   settings=settings, step_times=progress.log)
+            (Path(args.reports) / "dag-runs.json").write_text(json.dumps(dag_runs, indent=1))
     finally:
         progress.close()
+        if api is not None:
+            try:  # nothing is scheduled later for days without data (make airflow-ui on this home)
+                airflow_env.pause(api)
+            except Exception:  # noqa: BLE001 - cleanup must go on
+                pass
+            api.close()
+        if services is not None:
+            services.stop()
         if endpoint is not None:
             endpoint.stop()
         if spark_server is not None:

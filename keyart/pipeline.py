@@ -12,10 +12,12 @@ scheduler parses it, and parsing must stay cheap.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,47 +26,70 @@ DAG_ID = "keyart_daily"
 SPARK_JOBS = ("ingest", "rewards", "features", "priors")
 MODEL_STEPS = ("train", "evaluate", "export", "register", "gate")
 
-StepKind = Literal["partition", "spark", "quality", "window", "model"]
+StepKind = Literal["spark", "quality", "window", "model"]
 
 
 @dataclass(frozen=True)
 class Step:
     """One task of the daily DAG.
 
-    ``command`` is the ``keyart`` command (model steps) or the Spark job name; ``retries``
+    ``commands`` are the Spark job (spark tasks) or the ``keyart`` commands (model tasks) the
+    task runs, in order, in one process; ``upstream`` the tasks it waits for; ``retries``
     None means the DAG's default (steps whose failure a retry cannot fix have 0);
     ``depends_on_past`` marks steps that chain through yesterday's state (priors start from
     yesterday's, the registry and the champion carry over), so days must run in order.
+    ``doc`` is what the task's details in the UI say.
     """
 
     task_id: str
     kind: StepKind
-    command: str | None = None
+    commands: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
     retries: int | None = None
     depends_on_past: bool = False
+    doc: str = ""
 
 
+# features and priors both read the day's rewards and not each other, so they are two
+# branches; train needs both (the bundle carries the day's priors). Steps that a separate
+# task would only make slower share one: train + evaluate + export produce one bundle (a
+# retry redoes them together anyway), register + gate publish it.
 STEPS: tuple[Step, ...] = (
-    Step("partition_date", "partition", retries=0),
-    Step("ingest", "spark", "ingest"),
-    Step("check_data_quality", "quality", retries=0),
-    Step("rewards", "spark", "rewards"),
-    Step("features", "spark", "features"),
-    Step("priors", "spark", "priors", depends_on_past=True),
-    Step("training_window", "window", retries=0),
-    Step("train", "model", "train"),
-    Step("evaluate", "model", "evaluate"),
-    Step("export", "model", "export"),
-    Step("register", "model", "register", depends_on_past=True),
-    Step("promote", "model", "gate", depends_on_past=True),
+    Step("ingest", "spark", ("ingest",),
+         doc="Spark: validate the day's raw impression and play logs into clean/ and quarantine/."),
+    Step("check_data_quality", "quality", upstream=("ingest",), retries=0,
+         doc="Fail the run (no retries) when impressions are missing, too much was quarantined, "
+             "or a complete play log is out of band."),
+    Step("rewards", "spark", ("rewards",), upstream=("check_data_quality",),
+         doc="Spark: attribute plays to impressions inside the attribution window (closed windows only)."),
+    Step("features", "spark", ("features",), upstream=("rewards",),
+         doc="Spark: the member snapshot and the training rows of the day."),
+    Step("priors", "spark", ("priors",), upstream=("rewards",), depends_on_past=True,
+         doc="Spark: warm-start the Beta priors from yesterday's with the day's rewards."),
+    Step("training_window", "window", upstream=("features",), retries=0,
+         doc="The labelled days to train on; none yet skips train and promote."),
+    Step("train", "model", ("train", "evaluate", "export"), upstream=("training_window", "priors"),
+         doc="keyart train, evaluate (replay/IPS/SNIPS/DR), export (ONNX bundle with a parity check)."),
+    Step("promote", "model", ("register", "gate"), upstream=("train",), depends_on_past=True,
+         doc="keyart register (MLflow version, @challenger), then keyart gate (@champion: "
+             "promoted, or the champion kept and republished with the day's tables)."),
 )
 
-# What each model step leaves in XCom: a path of its output under runs/ds=D, or (register,
+# What each model command leaves in XCom: a path of its output under runs/ds=D, or (register,
 # gate) the one-line JSON the command prints (version, run id; decision, and the champion
 # version that serves the day's tables).
 MODEL_STEP_OUTPUT: dict[str, str | None] = {
     "train": "model.txt", "evaluate": "evaluation.json", "export": "bundle", "register": None, "gate": None,
 }
+
+# What the tasks import when they run: a long-lived process that forks the task processes
+# (the LocalExecutor under the scheduler) may import them once beforehand
+# (keyart.demo.airflow_env), so no task pays for them.
+TASK_MODULES: tuple[str, ...] = (
+    "keyart.jobs.common", *(f"keyart.jobs.{job}" for job in SPARK_JOBS),
+    "keyart.models.train", "keyart.models.evaluate", "keyart.models.export", "keyart.models.register",
+    "keyart.models.gate",
+)
 
 
 def resolve_ds(
@@ -118,67 +143,126 @@ def spark_output(job: str, ds: str, lake) -> Path:
     }[job]
 
 
-def spark_job_command(job: str, ds: str) -> str:
-    """The shell command of a Spark task, then the output path.
-
-    ``spark-submit --master <spark_master> <keyart.jobs>/<job>.py --ds <ds>``; with
-    ``spark_remote`` set, ``python <keyart.jobs>/<job>.py --ds <ds>`` instead: the job is a
-    Spark Connect client of that server (no JVM of its own). Resolved when the task runs
-    (worker side): the job file comes from the installed ``keyart.jobs`` package, the master,
-    remote and driver memory from keyart's settings."""
+def job_file(job: str) -> Path:
+    """The job file of the installed ``keyart.jobs`` package (what spark-submit runs)."""
     import importlib.util
-
-    from keyart.config import Settings
-    from keyart.lake import Lake
 
     if job not in SPARK_JOBS:
         raise ValueError(f"unknown Spark job {job!r}; choose from {SPARK_JOBS}")
     spec = importlib.util.find_spec("keyart.jobs")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("keyart.jobs is not installed where this task runs")
-    job_file = Path(list(spec.submodule_search_locations)[0]) / f"{job}.py"
-    if not job_file.exists():
-        raise FileNotFoundError(f"Spark job {job_file} does not exist")
-    s = Settings()
-    output = spark_output(job, ds, Lake(s.lake))
-    if s.spark_remote:
-        client = [sys.executable, str(job_file), "--ds", ds]
-        return f"{shlex.join(client)} && echo {shlex.quote(str(output))}"
-    python = shlex.quote(sys.executable)
-    # Driver and executors use the task's interpreter unless the cluster says otherwise.
-    submit = [
+    path = Path(list(spec.submodule_search_locations)[0]) / f"{job}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"Spark job {path} does not exist")
+    return path
+
+
+def spark_submit_argv(job: str, ds: str, settings=None) -> list[str]:
+    """``spark-submit --master <spark_master> <keyart.jobs>/<job>.py --ds <ds>``."""
+    from keyart.config import Settings
+
+    s = settings or Settings()
+    return [
         venv_bin("spark-submit"),
         "--master", s.spark_master,
         "--name", f"keyart-{job}-{ds}",
         "--driver-memory", s.spark_driver_memory,
-        str(job_file),
+        str(job_file(job)),
         "--ds", ds,
     ]  # fmt: skip
-    return (
-        f'export PYSPARK_PYTHON="${{PYSPARK_PYTHON:-{python}}}" '
-        f'PYSPARK_DRIVER_PYTHON="${{PYSPARK_DRIVER_PYTHON:-{python}}}" && '
-        f"{shlex.join(submit)} && echo {shlex.quote(str(output))}"
-    )
 
 
-def keyart_command(step: str, ds: str) -> str:
-    """``keyart <step> --ds <ds>`` with the task's interpreter.
+def run_spark_job(job: str, ds: str) -> str:
+    """Run Spark job ``job`` for ``ds`` where the task runs; return its output path (XCom).
 
-    The command's stdout is echoed after it ends (its logs go to stderr as they come), so the
-    last line, which Airflow pushes to XCom, is the command's last printed line or the output path.
-    """
+    With ``spark_remote`` set the job runs in this process as a Spark Connect client of that
+    server (a warm driver: no JVM, no SparkContext of its own); else it is a ``spark-submit``
+    application on ``spark_master`` (:func:`spark_submit_argv`), its output in the task log.
+    Raises ``RuntimeError`` when the job fails."""
+    import os
+    import subprocess
+
+    from keyart.config import Settings
+    from keyart.lake import Lake
+
+    s = Settings()
+    output = spark_output(job, ds, Lake(s.lake))
+    started = time.perf_counter()
+    if s.spark_remote:
+        # `keyart job <job> --ds <ds>` in this process (the task's interpreter, its imports
+        # preloaded): a Connect client, so no JVM or SparkContext of its own.
+        from keyart.cli import main
+
+        print(f"Spark job {job} for ds={ds} as a Spark Connect client of {s.spark_remote}", flush=True)
+        code = main(["job", job, "--ds", ds])
+        if code != 0:
+            raise RuntimeError(f"keyart job {job} --ds {ds} exited with {code}")
+    else:
+        argv = spark_submit_argv(job, ds, s)
+        print(f"$ {shlex.join(argv)}", flush=True)
+        # Driver and executors use the task's interpreter unless the environment says otherwise.
+        env = dict(os.environ)
+        env.setdefault("PYSPARK_PYTHON", sys.executable)
+        env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = subprocess.run(argv, env=env, check=False).returncode
+        if code != 0:
+            raise RuntimeError(f"spark-submit of {job} for ds={ds} exited with {code}")
+    print(f"Spark job {job} for ds={ds}: {time.perf_counter() - started:.1f} s", flush=True)
+    print(output, flush=True)
+    return str(output)
+
+
+class _Tee(io.TextIOBase):
+    """Write to the task's stdout (its log) and keep a copy."""
+
+    def __init__(self, out):
+        self.out, self.copy = out, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        self.copy.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def run_model_step(step: str, ds: str) -> Any:
+    """``keyart <step> --ds <ds>`` in this process; its XCom value.
+
+    The value is the path of the step's output under ``runs/ds=D`` (train, evaluate, export)
+    or the JSON line it printed last (register, gate). Raises ``RuntimeError`` when the
+    command exits non-zero (its reason is in the log above)."""
+    import contextlib
+
+    from keyart.cli import main
     from keyart.config import Settings
     from keyart.lake import Lake
 
     if step not in MODEL_STEPS:
         raise ValueError(f"unknown model step {step!r}; choose from {MODEL_STEPS}")
-    argv = [sys.executable, "-m", "keyart.cli", step, "--ds", ds]
-    command = f"out=$({shlex.join(argv)}) || exit $?; printf '%s\\n' \"$out\""
+    print(f"$ keyart {step} --ds {ds}", flush=True)
+    started = time.perf_counter()
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        code = main([step, "--ds", ds])
+    if code != 0:
+        raise RuntimeError(f"keyart {step} --ds {ds} exited with {code}")
+    print(f"keyart {step} --ds {ds}: {time.perf_counter() - started:.1f} s", flush=True)
     output = MODEL_STEP_OUTPUT[step]
     if output is not None:
-        path = Lake(Settings().lake).run_dir(ds) / output
-        command += f"; echo {shlex.quote(str(path))}"
-    return command
+        return str(Lake(Settings().lake).run_dir(ds) / output)
+    lines = tee.copy.getvalue().strip().splitlines()
+    return last_line_value(lines[-1] if lines else "")
+
+
+def run_model_steps(steps: tuple[str, ...], ds: str) -> dict[str, Any]:
+    """Run model commands in order in this process (one interpreter, one MLflow import);
+    step -> XCom value of each."""
+    return {step: run_model_step(step, ds) for step in steps}
 
 
 def last_line_value(line: str) -> Any:

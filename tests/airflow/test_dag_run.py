@@ -1,29 +1,34 @@
-"""Real runs of keyart_daily: ``airflow dags test`` on SQLite over a small simulated world.
+"""Real runs of keyart_daily over a small simulated world.
 
-Day D1 is the lake's first day of traffic: every task runs (``airflow dags test``), the model
-training on the early part of D1 and evaluated on the late part (a cold start). Day D2 runs
-the way production runs it: an API server, a scheduler and a DAG processor run as separate
-processes, the day is triggered through the REST API with a login, the LocalExecutor's
-workers report to the Execution API, and the task logs are read back through the REST API.
-Then D1..D2 run again, as a backfill with ``--reprocess-behavior completed`` would: the
-registry must end as it was.
+Day D1 is the lake's first day of traffic: ``airflow dags test`` runs every task in-process,
+the Spark tasks as ``spark-submit`` applications, the model training on the early part of D1
+and evaluated on the late part (a cold start). Day D2 runs the way production and the demo
+run it: an API server, a scheduler and a DAG processor as separate processes, the day
+triggered through the REST API with a login, the LocalExecutor's workers reporting to the
+Execution API, the Spark tasks as clients of one Spark Connect server; the task logs are
+read back through the REST API. Then D1..D2 run again as a real backfill
+(``--reprocess-behavior completed``, run by the scheduler): the registry must end as it was.
 
     pytest tests/airflow/test_dag_run.py      # a few minutes on two cores
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from airflow_helpers import run_python
 
 from keyart import pipeline
+from keyart.config import Settings
 from keyart.demo import airflow_env
+from keyart.jobs.connect_server import ConnectServer
 from keyart.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.mark.timeout(1800)]
@@ -31,9 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.mlflow, pytest.ma
 HISTORY_START, D1, D2 = "2026-09-25", "2026-10-01", "2026-10-02"  # in the past: Airflow refuses to backfill future dates
 HISTORY_END = "2026-09-30"
 VISITS = 150
-SPARK_TASKS = ("ingest", "rewards", "features", "priors")
-MODEL_TASKS = ("train", "evaluate", "export", "register", "promote")
-ALL_TASKS = ("partition_date", "check_data_quality", "training_window", *SPARK_TASKS, *MODEL_TASKS)
+ALL_TASKS = tuple(step.task_id for step in pipeline.STEPS)
 
 
 def keyart(env: dict[str, str], *args: str, timeout: float = 600) -> str:
@@ -87,7 +90,8 @@ def registry_state(env: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    """A small world with a week of history and two days of random-policy traffic."""
+    """A small world with a week of history and two days of random-policy traffic, and a Spark
+    Connect server (started while the world is built) for the scheduler-run days."""
     home = tmp_path_factory.mktemp("keyart-dag")
     lake = home / "lake"
     env = {
@@ -100,40 +104,57 @@ def world(tmp_path_factory) -> dict:
         # a port of its own, so a running `make airflow-ui` or another test is never reached
         "AIRFLOW__API__PORT": str(free_port()),
     }
-    env.pop("KEYART_CONFIG", None)
-    env.pop("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", None)
-    keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
-           "--history-days", "6", "--start", D1)  # fmt: skip
-    keyart(env, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
-    for ds in (D1, D2):
-        keyart(env, "traffic", "--lake", str(lake), "--ds", ds, "--policy", "random",
-               "--visits", str(VISITS))  # fmt: skip
-    af_env = airflow_env.prepared_environ(home / "airflow", base=env)
-    return {"home": home, "lake": lake, "env": af_env, "logs": home}
+    for name in ("KEYART_CONFIG", "KEYART_SPARK_REMOTE", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"):
+        env.pop(name, None)
+    server = ConnectServer(Settings(spark_master="local[2]", spark_driver_memory="1g", spark_shuffle_partitions=2),
+                           log_path=home / "spark-connect.log", env=env, cwd=home).launch()
+    try:
+        keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
+               "--history-days", "6", "--start", D1)  # fmt: skip
+        server.wait_ready()
+        remote = {**env, "KEYART_SPARK_REMOTE": server.url}
+        keyart(remote, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
+        for ds in (D1, D2):
+            keyart(env, "traffic", "--lake", str(lake), "--ds", ds, "--policy", "random",
+                   "--visits", str(VISITS))  # fmt: skip
+        af_env = airflow_env.prepared_environ(home / "airflow", base=env)
+        yield {"home": home, "lake": lake, "env": af_env, "logs": home, "spark_remote": server.url}
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def day1(world) -> dict[str, str]:
+    """D1 by ``airflow dags test``, its Spark tasks as spark-submit applications."""
     return dags_test(D1, world["env"], world["logs"])
 
 
 @pytest.fixture(scope="module")
-def day2(world, day1) -> dict:
+def services(world, day1):
+    """The Airflow an operator runs, its Spark tasks clients of the module's Connect server."""
+    # Only triggered runs: unpausing must not also schedule today's interval, a day with no data.
+    env = {**world["env"], "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False", "KEYART_SPARK_REMOTE": world["spark_remote"]}
+    with airflow_env.AirflowServices(env, world["logs"] / "airflow-services") as running, running.client() as api:
+        yield running, api
+
+
+def _scheduler_tail(world) -> str:
+    return (world["logs"] / "airflow-services" / "airflow-scheduler.log").read_text()[-6000:]
+
+
+@pytest.fixture(scope="module")
+def day2(world, services) -> dict:
     """D2 triggered through the REST API of running Airflow services (scheduler + executor)."""
-    # Only the triggered run: unpausing must not also schedule today's interval, a day with no data.
-    env = {**world["env"], "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
-    services = airflow_env.AirflowServices(env, world["logs"] / "airflow-services")
-    with services, services.client() as api:
-        run = airflow_env.trigger_and_wait(api, D2, timeout=1500)
-        base = f"/dags/{pipeline.DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances"
-        tis = api.get(base).json()["task_instances"]
-        states = {t["task_id"]: t["state"] for t in tis}
-        logs = {task: api.get(f"{base}/{task}/logs/1", headers={"Accept": "application/json"})
-                for task in ("ingest", "train", "promote")}
+    running, api = services
+    run = airflow_env.trigger_and_wait(api, D2, timeout=1500)
+    tasks = airflow_env.run_tasks(api, run["dag_run_id"])
+    states = {t: ti["state"] for t, ti in tasks.items()}
+    base = f"/dags/{pipeline.DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances"
+    logs = {task: api.get(f"{base}/{task}/logs/1", headers={"Accept": "application/json"})
+            for task in ("ingest", "train", "promote")}
     if run["state"] != "success":
-        scheduler = (world["logs"] / "airflow-services" / "airflow-scheduler.log").read_text()[-6000:]
-        pytest.fail(f"triggered run of {D2} ended {run['state']}: {states}\nscheduler log tail:\n{scheduler}")
-    return {"states": states, "run": run,
+        pytest.fail(f"triggered run of {D2} ended {run['state']}: {states}\nscheduler log tail:\n{_scheduler_tail(world)}")
+    return {"states": states, "run": run, "tasks": tasks,
             "logs": {task: (r.status_code, json.dumps(r.json())) for task, r in logs.items()}}
 
 
@@ -181,10 +202,39 @@ def test_task_logs_of_a_scheduled_run_are_readable_through_the_rest_api(day2):
     assert "champion" in day2["logs"]["promote"][1]
 
 
-def test_backfill_rerun_leaves_the_registry_as_it_was(world, day2):
+def test_a_triggered_run_shows_its_day(day2):
+    """Logical date, data interval and run-after are those of the scheduled run of D2, and its
+    duration is the run's own (not the time since the logical date)."""
+    run = day2["run"]
+    assert run["logical_date"].startswith(D2) and run["data_interval_start"].startswith(D2)
+    assert run["run_after"].startswith("2026-10-03") and run["data_interval_end"].startswith("2026-10-03")
+    seconds = (dt.datetime.fromisoformat(run["end_date"]) - dt.datetime.fromisoformat(run["start_date"])).total_seconds()
+    assert 0 < seconds < 1500, run
+    tasks = day2["tasks"]
+    for branch in ("features", "priors"):  # both branches start once rewards has ended
+        assert tasks[branch]["start_date"] >= tasks["rewards"]["end_date"], tasks
+
+
+def test_backfill_rerun_leaves_the_registry_as_it_was(world, services, day2):
+    """A real backfill of D1..D2 (``--reprocess-behavior completed``), run by the scheduler."""
+    running, api = services
     before = registry_state(world["env"])
-    for ds in (D1, D2):  # what `airflow backfill create ... --reprocess-behavior completed` runs
-        dags_test(ds, world["env"], world["logs"])
+    resp = api.post("/backfills", json={"dag_id": pipeline.DAG_ID, "from_date": f"{D1}T00:00:00Z",
+                                        "to_date": f"{D2}T00:00:00Z", "reprocess_behavior": "completed",
+                                        "max_active_runs": 1})
+    assert resp.status_code == 200, resp.text
+    backfill = resp.json()
+    deadline = time.monotonic() + 1500
+    while backfill.get("completed_at") is None:
+        assert time.monotonic() < deadline, f"backfill not done: {backfill}\n{_scheduler_tail(world)}"
+        time.sleep(2)
+        backfill = api.get(f"/backfills/{backfill['id']}").json()
+    runs = api.get(f"/dags/{pipeline.DAG_ID}/dagRuns", params={"order_by": "logical_date"}).json()["dag_runs"]
+    assert [(r["logical_date"][:10], r["state"]) for r in runs] == [(D1, "success"), (D2, "success")], runs
+    for r in runs:  # every task ran again, by the backfill
+        tasks = airflow_env.run_tasks(api, r["dag_run_id"])
+        assert {t: ti["state"] for t, ti in tasks.items()} == {t: "success" for t in ALL_TASKS}, r["dag_run_id"]
+        assert all(ti["try_number"] >= 2 for ti in tasks.values()), tasks
     assert registry_state(world["env"]) == before
 
 

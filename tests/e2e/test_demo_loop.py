@@ -62,6 +62,18 @@ def test_demo_runs_two_days_through_the_real_dag_and_endpoint(tmp_path):
             assert sum(g["oracle"].values()) == pytest.approx(1.0, abs=0.01)
             assert 0 < g["served_value"] <= g["oracle_value"] + 1e-12, (title, grp, g)
     assert "Which artwork each taste got" in report
+    # the DAG ran through the Airflow scheduler for both served days' previous days, each run
+    # showing the day it processed, its task logs where the Airflow UI reads them
+    runs = json.loads((reports / "dag-runs.json").read_text())
+    assert [r["ds"] for r in runs] == ["2026-11-01", "2026-11-02"]
+    for r in runs:
+        assert r["state"] == "success" and r["logical_date"].startswith(r["ds"]), r
+        assert set(r["tasks"]) == {"ingest", "check_data_quality", "rewards", "features", "priors", "training_window",
+                                   "train", "promote"}, r
+        assert all(t["state"] == "success" for t in r["tasks"].values()), r
+        assert 0 < r["seconds"] < 1200, r  # the run's own duration, not the time since its logical date
+        train_logs = list((home / "airflow" / "logs").rglob(f"run_id={r['run_id']}/task_id=train/attempt=*.log"))
+        assert train_logs and "trained on" in train_logs[0].read_text(), r
     # the DAG ran for both served days' previous days and a champion exists
     assert (lake / "runs" / "ds=2026-11-01" / "bundle" / "manifest.json").exists()
     assert (lake / "runs" / "ds=2026-11-02" / "bundle" / "manifest.json").exists()

@@ -80,3 +80,71 @@ def jsonl(rows: Iterable[dict[str, Any]]) -> str:
 
 def args(ds: str, lake, through: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(ds=ds, through=through, lake=str(lake), master=None, shuffle_partitions=1)
+
+
+# ----------------------------------------------------------------------------------------
+# The two-day job chain shared by the standalone-master and Spark Connect tests
+# ----------------------------------------------------------------------------------------
+
+CHAIN_D1, CHAIN_D2 = "2026-03-01", "2026-03-02"
+
+
+def build_lake(spark, lake) -> None:
+    """Two days of raw logs (with a broken line each) over a three-artwork catalog."""
+    from keyart.lake import mark_plays_delivered
+
+    frame(spark, "titles", [title("t1", ["drama"], ["a"]), title("t2", ["comedy"])]).write.parquet(str(lake.titles))
+    frame(spark, "artworks", [artwork("t1-a0", "t1", ["cast:a", "tone:drama"], True), artwork("t1-a1", "t1", ["tone:comedy"]),
+                              artwork("t2-a0", "t2", ["closeup"], True)]).write.parquet(str(lake.artworks))
+    frame(spark, "members", [member(f"m{i}", "kids" if i % 3 == 0 else "adult") for i in range(6)]).write.parquet(str(lake.members))
+    for ds in (CHAIN_D1, CHAIN_D2):
+        imps, plays = [], []
+        for i in range(30):
+            m, t = f"m{i % 6}", ("t1" if i % 2 else "t2")
+            cands = ["t1-a0", "t1-a1"] if t == "t1" else ["t2-a0"]
+            when = f"{ds} {(i * 47) % 24:02d}:{i % 60:02d}"
+            imps.append(impression(f"{ds}-e{i}", when, member=m, title=t, artwork=cands[i % len(cands)], candidates=cands,
+                                   propensity=1.0 / len(cands)))
+            if i % 3:
+                plays.append(play(m, t, f"{ds} {(i * 47) % 24:02d}:{min(59, i % 60 + 20):02d}", float(i)))
+        for log, rows in (("impressions", imps), ("plays", plays)):
+            folder = lake.raw(log, ds)
+            folder.mkdir(parents=True)
+            (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
+        mark_plays_delivered(lake, ds)  # the play log of the day is complete: its windows may close
+
+
+def run_local(spark, lake, settings) -> None:
+    """ingest D1..D2, then rewards, features, priors of D2, in the given session."""
+    from keyart.jobs import features, ingest, priors, rewards
+
+    ingest.run(spark, lake, args(CHAIN_D1, lake.root, through=CHAIN_D2), settings)
+    for job in (rewards, features, priors):
+        job.run(spark, lake, args(CHAIN_D2, lake.root), settings)
+
+
+def copy_inputs(reference, root):
+    """A fresh copy of the chain reference's inputs (tests/jobs/conftest.py) under ``root``."""
+    import shutil
+
+    from keyart.lake import Lake
+
+    shutil.copytree(reference["inputs"].root, root)
+    return Lake(root)
+
+
+def assert_same_outputs(spark, local, remote) -> None:
+    """Every output of the chain in ``remote`` equals the one in ``local``, row for row."""
+    from pyspark.testing import assertDataFrameEqual
+
+    def read(lake, path):
+        df = spark.read.parquet(str(path(lake)))
+        return df.drop("source_file")   # holds the lake root, which differs
+
+    d1, d2 = CHAIN_D1, CHAIN_D2
+    for path in (lambda lk: lk.clean("impressions", d2), lambda lk: lk.quarantine("plays", d1), lambda lk: lk.rewards(d2),
+                 lambda lk: lk.member_features(d2), lambda lk: lk.training(d2), lambda lk: lk.priors(d2)):
+        expected = read(local, path)
+        assert expected.count() > 0
+        assertDataFrameEqual(read(remote, path), expected)
+    assert json.loads(remote.metrics("ingest", d2).read_text()) == json.loads(local.metrics("ingest", d2).read_text())

@@ -1,15 +1,17 @@
-"""The job chain as Spark Connect clients of one long-lived server = local mode."""
+"""The job chain as Spark Connect clients of one long-lived server = local mode (the session's
+``chain_reference``, shared with test_standalone.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_standalone import D1, D2, assert_same_outputs, build_lake, run_local
+from jobs_fixtures import CHAIN_D1 as D1
+from jobs_fixtures import CHAIN_D2 as D2
+from jobs_fixtures import assert_same_outputs, copy_inputs
 
 from keyart.config import Settings
 from keyart.jobs import connect_server
@@ -57,13 +59,8 @@ def test_a_dead_server_is_reported_not_waited_for(tmp_path):
     assert not server.alive()
 
 
-def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, settings):
-    from keyart.lake import Lake
-
-    local, remote = Lake(tmp_path / "local"), Lake(tmp_path / "remote")
-    build_lake(spark, local)
-    shutil.copytree(local.root, remote.root)
-    run_local(spark, local, settings)
+def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, chain_reference):
+    remote = copy_inputs(chain_reference, tmp_path / "remote")
 
     server = connect_server.ConnectServer(Settings(spark_master="local[2]"), log_path=tmp_path / "server.log", cwd=tmp_path)
     with server:
@@ -83,4 +80,4 @@ def test_chain_as_connect_clients_matches_local_mode(spark, tmp_path, settings):
         assert server.alive()
     assert not server.alive()
 
-    assert_same_outputs(spark, local, remote)
+    assert_same_outputs(spark, chain_reference["local"], remote)

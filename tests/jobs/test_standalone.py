@@ -1,10 +1,10 @@
-"""The job chain on a Spark standalone master (started here from the pyspark install) = local mode."""
+"""The job chain on a Spark standalone master (started here from the pyspark install) = local mode
+(the local-mode run is the session's ``chain_reference``, shared with test_connect.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,38 +13,13 @@ from pathlib import Path
 
 import pyspark
 import pytest
-from jobs_fixtures import args, artwork, frame, impression, jsonl, member, play, title
-from pyspark.testing import assertDataFrameEqual
+from jobs_fixtures import CHAIN_D1, CHAIN_D2, assert_same_outputs, copy_inputs
 
-from keyart.jobs import features, ingest, priors, rewards
-from keyart.lake import mark_plays_delivered
 from keyart.net import free_port
 
 pytestmark = pytest.mark.slow
-D1, D2 = "2026-03-01", "2026-03-02"
+D1, D2 = CHAIN_D1, CHAIN_D2
 REPO = Path(__file__).resolve().parents[2]
-
-
-def build_lake(spark, lake) -> None:
-    frame(spark, "titles", [title("t1", ["drama"], ["a"]), title("t2", ["comedy"])]).write.parquet(str(lake.titles))
-    frame(spark, "artworks", [artwork("t1-a0", "t1", ["cast:a", "tone:drama"], True), artwork("t1-a1", "t1", ["tone:comedy"]),
-                              artwork("t2-a0", "t2", ["closeup"], True)]).write.parquet(str(lake.artworks))
-    frame(spark, "members", [member(f"m{i}", "kids" if i % 3 == 0 else "adult") for i in range(6)]).write.parquet(str(lake.members))
-    for ds in (D1, D2):
-        imps, plays = [], []
-        for i in range(30):
-            m, t = f"m{i % 6}", ("t1" if i % 2 else "t2")
-            cands = ["t1-a0", "t1-a1"] if t == "t1" else ["t2-a0"]
-            when = f"{ds} {(i * 47) % 24:02d}:{i % 60:02d}"
-            imps.append(impression(f"{ds}-e{i}", when, member=m, title=t, artwork=cands[i % len(cands)], candidates=cands,
-                                   propensity=1.0 / len(cands)))
-            if i % 3:
-                plays.append(play(m, t, f"{ds} {(i * 47) % 24:02d}:{min(59, i % 60 + 20):02d}", float(i)))
-        for log, rows in (("impressions", imps), ("plays", plays)):
-            folder = lake.raw(log, ds)
-            folder.mkdir(parents=True)
-            (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
-        mark_plays_delivered(lake, ds)  # the play log of the day is complete: its windows may close
 
 
 @pytest.fixture
@@ -84,20 +59,9 @@ def standalone(tmp_path):
                 p.kill()
 
 
-def run_local(spark, lake, settings) -> None:
-    ingest.run(spark, lake, args(D1, lake.root, through=D2), settings)
-    for job in (rewards, features, priors):
-        job.run(spark, lake, args(D2, lake.root), settings)
-
-
-def test_chain_on_standalone_master_matches_local_mode(spark, tmp_path, settings, standalone):
-    from keyart.lake import Lake
-
+def test_chain_on_standalone_master_matches_local_mode(spark, tmp_path, chain_reference, standalone):
     url, env, ui = standalone
-    local, remote = Lake(tmp_path / "local"), Lake(tmp_path / "remote")
-    build_lake(spark, local)
-    shutil.copytree(local.root, remote.root)
-    run_local(spark, local, settings)
+    remote = copy_inputs(chain_reference, tmp_path / "remote")
 
     submit = str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
     common = ["--lake", str(remote.root), "--shuffle-partitions", "2"]
@@ -109,19 +73,4 @@ def test_chain_on_standalone_master_matches_local_mode(spark, tmp_path, settings
     state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5))
     assert len(state["completedapps"]) == 2, "both applications ran on the standalone master"
 
-    assert_same_outputs(spark, local, remote)
-
-
-def assert_same_outputs(spark, local, remote) -> None:
-    """Every output of the chain in ``remote`` equals the one in ``local``, row for row."""
-
-    def read(lake, path):
-        df = spark.read.parquet(str(path(lake)))
-        return df.drop("source_file")   # holds the lake root, which differs
-
-    for path in (lambda lk: lk.clean("impressions", D2), lambda lk: lk.quarantine("plays", D1), lambda lk: lk.rewards(D2),
-                 lambda lk: lk.member_features(D2), lambda lk: lk.training(D2), lambda lk: lk.priors(D2)):
-        expected = read(local, path)
-        assert expected.count() > 0
-        assertDataFrameEqual(read(remote, path), expected)
-    assert json.loads(remote.metrics("ingest", D2).read_text()) == json.loads(local.metrics("ingest", D2).read_text())
+    assert_same_outputs(spark, chain_reference["local"], remote)

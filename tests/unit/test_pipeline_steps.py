@@ -12,9 +12,16 @@ from keyart import pipeline
 
 def test_step_table_is_the_documented_chain():
     assert pipeline.DAG_ID == "keyart_daily"
-    assert [s.command for s in pipeline.STEPS if s.kind == "spark"] == list(pipeline.SPARK_JOBS)
-    assert [s.command for s in pipeline.STEPS if s.kind == "model"] == list(pipeline.MODEL_STEPS)
+    spark = [c for s in pipeline.STEPS if s.kind == "spark" for c in s.commands]
+    model = [c for s in pipeline.STEPS if s.kind == "model" for c in s.commands]
+    assert spark == list(pipeline.SPARK_JOBS)
+    assert model == list(pipeline.MODEL_STEPS)
     assert len({s.task_id for s in pipeline.STEPS}) == len(pipeline.STEPS)
+    seen: set[str] = set()
+    for step in pipeline.STEPS:  # listed in an order the DAG can run them
+        assert set(step.upstream) <= seen, step.task_id
+        assert step.doc, step.task_id
+        seen.add(step.task_id)
 
 
 UTC = dt.UTC
@@ -84,36 +91,45 @@ def test_quality_gate_fails_with_a_clear_message(metrics, match):
         pipeline.check_ingest_metrics(metrics, "2026-03-01", 0.05)
 
 
-def test_spark_command_uses_the_installed_jobs_and_configured_master(monkeypatch):
+def test_spark_submit_uses_the_installed_jobs_and_configured_master(monkeypatch):
+    from pathlib import Path
+
     import keyart.jobs
 
     monkeypatch.setenv("KEYART_SPARK_MASTER", "spark://cluster:7077")
-    monkeypatch.delenv("KEYART_SPARK_REMOTE", raising=False)
-    command = pipeline.spark_job_command("rewards", "2026-03-01")
-    jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
-    assert "spark-submit --master spark://cluster:7077 " in command
-    assert f"{jobs_dir}/rewards.py --ds 2026-03-01" in command
-    assert command.rstrip().endswith("rewards/ds=2026-03-01")  # XCom: the output path
+    argv = pipeline.spark_submit_argv("rewards", "2026-03-01")
+    assert Path(argv[0]).name == "spark-submit"
+    assert argv[argv.index("--master") + 1] == "spark://cluster:7077"
+    assert argv[-3:] == [str(Path(keyart.jobs.__file__).parent / "rewards.py"), "--ds", "2026-03-01"]
+    with pytest.raises(ValueError, match="unknown Spark job"):
+        pipeline.spark_submit_argv("nope", "2026-03-01")
 
 
-def test_spark_command_with_a_connect_server_runs_the_job_file_as_its_client(monkeypatch):
-    import sys
-
-    import keyart.jobs
-
-    monkeypatch.setenv("KEYART_SPARK_REMOTE", "sc://spark-connect:15002")
-    command = pipeline.spark_job_command("features", "2026-03-01")
-    jobs_dir = str(__import__("pathlib").Path(keyart.jobs.__file__).parent)
-    assert "spark-submit" not in command  # no JVM of its own: the server runs the plans
-    assert command.startswith(f"{sys.executable} {jobs_dir}/features.py --ds 2026-03-01 && echo ")
-    assert command.rstrip().endswith("training/ds=2026-03-01")
+def test_a_failing_spark_submit_fails_the_step(monkeypatch, capfd):
+    # a master nobody understands: spark-submit itself refuses it (a real JVM start)
+    monkeypatch.setenv("KEYART_SPARK_MASTER", "not-a-master://x")
+    with pytest.raises(RuntimeError, match="spark-submit of ingest for ds=2026-03-01 exited with"):
+        pipeline.run_spark_job("ingest", "2026-03-01")
+    assert "spark-submit --master not-a-master://x" in capfd.readouterr().out
 
 
-def test_model_command_passes_ds_and_echoes_output():
-    command = pipeline.keyart_command("train", "2026-03-01")
-    assert "-m keyart.cli train --ds 2026-03-01" in command
-    assert command.endswith("runs/ds=2026-03-01/model.txt")
-    register = pipeline.keyart_command("register", "2026-03-01")
-    assert "echo" not in register  # its printed JSON line is the XCom
+def test_a_connect_job_with_no_server_fails_at_once(monkeypatch):
+    from keyart.net import free_port
+
+    monkeypatch.setenv("KEYART_SPARK_REMOTE", f"sc://127.0.0.1:{free_port()}")
+    with pytest.raises(ConnectionError, match="no Spark Connect server listens"):
+        pipeline.run_spark_job("rewards", "2026-03-01")
+
+
+def test_model_step_runs_in_process_and_fails_with_the_exit_code(capsys):
+    with pytest.raises(ValueError, match="unknown model step"):
+        pipeline.run_model_step("fit", "2026-03-01")
+    # nothing registered in this (empty) home: the gate refuses with exit code 1
+    with pytest.raises(RuntimeError, match=r"keyart gate --ds 2026-03-01 exited with 1"):
+        pipeline.run_model_step("gate", "2026-03-01")
+    assert "$ keyart gate --ds 2026-03-01" in capsys.readouterr().out
+
+
+def test_last_line_value():
     assert pipeline.last_line_value('{"version": "3"}') == {"version": "3"}
     assert pipeline.last_line_value("/lake/x") == "/lake/x"
