@@ -15,17 +15,19 @@ column), so a rerun replaces its own day and nothing else; the session also sets
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -44,7 +46,7 @@ def get_spark(
     app: str,
     master: str | None = None,
     shuffle_partitions: int | None = None,
-    ui: bool = True,
+    ui: bool | None = None,
     settings: Settings | None = None,
 ) -> SparkSession:
     """The SparkSession every job uses, configured from :class:`keyart.config.Settings`.
@@ -52,7 +54,9 @@ def get_spark(
     ``master`` None keeps a master already given by spark-submit (``spark.master``) and
     otherwise uses ``settings.spark_master``; with ``settings.spark_remote`` set (and no
     ``master``) it is a Spark Connect session on that server instead (jobs/connect_server.py). Session time zone is UTC (every ts is UTC
-    and ``to_date(ts)`` must give the partition day on any machine).
+    and ``to_date(ts)`` must give the partition day on any machine). ``ui`` None follows
+    ``settings.spark_ui``; the driver's ports bind to ``settings.spark_bind_address``
+    (:func:`driver_conf`).
     """
     s = settings or Settings()
     if master is None and s.spark_remote:
@@ -60,21 +64,18 @@ def get_spark(
     # pyspark.pandas (used by pyspark.testing) refuses Arrow time zones without it.
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     builder = SparkSession.builder.appName(app)
-    if master is not None:
+    submitted = _submitted_master() if master is None else None
+    if submitted is None:
+        master = master or s.spark_master
         builder = builder.master(master)
-    elif not _master_given_by_submit():
-        builder = builder.master(s.spark_master)
     # Python workers run PYSPARK_PYTHON (default "python3", which may lack our packages).
     python = os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Spark's web UI binds to $SPARK_LOCAL_IP (0.0.0.0 without it): read by the JVM launched below.
+    os.environ.setdefault("SPARK_LOCAL_IP", s.spark_bind_address)
     conf = {
-        "spark.sql.session.timeZone": "UTC",
-        "spark.sql.sources.partitionOverwriteMode": "dynamic",
-        "spark.sql.shuffle.partitions": str(shuffle_partitions or s.spark_shuffle_partitions),
+        **session_conf(shuffle_partitions or s.spark_shuffle_partitions),
+        **driver_conf(s, submitted or master, s.spark_ui if ui is None else ui),
         "spark.driver.memory": s.spark_driver_memory,
-        "spark.ui.enabled": "true" if ui else "false",
-        "spark.ui.showConsoleProgress": "false",
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.parquet.compression.codec": "snappy",
         "spark.pyspark.python": python,
         "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
         "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
@@ -97,26 +98,74 @@ def _connect_session(app: str, s: Settings, shuffle_partitions: int | None) -> S
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     builder = SparkSession.builder.remote(s.spark_remote).appName(app)
     spark = builder.create()
-    for key, value in {
-        "spark.sql.session.timeZone": "UTC",
-        "spark.sql.sources.partitionOverwriteMode": "dynamic",
-        "spark.sql.shuffle.partitions": str(shuffle_partitions or s.spark_shuffle_partitions),
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.parquet.compression.codec": "snappy",
-    }.items():
+    for key, value in session_conf(shuffle_partitions or s.spark_shuffle_partitions).items():
         spark.conf.set(key, value)
     log.info("Spark Connect session %s on %s", app, s.spark_remote)
     return spark
 
 
-def _master_given_by_submit() -> bool:
-    """True when spark-submit started this driver with a master (it launched the JVM)."""
+def session_conf(shuffle_partitions: int) -> dict[str, str]:
+    """The SQL settings every job session runs with (a Spark Connect session sets them too).
+
+    ``shuffle_partitions`` is the most a shuffle is split into: adaptive execution coalesces
+    small shuffles to fewer partitions of ``ADVISORY_PARTITION_BYTES`` (a day at demo size
+    runs its shuffles as one task, a large day uses every core), and turns a join whose
+    side turns out small into a broadcast join."""
+    return {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.sql.shuffle.partitions": str(shuffle_partitions),
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.parallelismFirst": "false",
+        "spark.sql.adaptive.advisoryPartitionSizeInBytes": ADVISORY_PARTITION_BYTES,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.parquet.compression.codec": "snappy",
+    }
+
+
+ADVISORY_PARTITION_BYTES = "32m"
+"""Target size of a shuffle partition after adaptive coalescing."""
+LOCAL_MASTERS = ("local",)
+
+
+def driver_conf(s: Settings, master: str | None, ui: bool) -> dict[str, str]:
+    """Where the driver listens and who may talk to it (``docs/jobs.md``, Security).
+
+    * RPC and block manager bind to and advertise ``s.spark_bind_address`` (127.0.0.1 by
+      default: nothing of the driver is reachable from another machine);
+    * the web UI is off unless ``ui``; when on it binds to ``$SPARK_LOCAL_IP``, which
+      :func:`get_spark` sets to the same address before the JVM starts;
+    * ``spark.authenticate``: on local masters always (Spark generates a secret per
+      application); on a standalone master (``spark://``) with ``s.spark_authenticate_secret``
+      (its master and workers must run with the same secret). Elsewhere the cluster's
+      ``spark-defaults.conf`` decides (Kubernetes and YARN generate a secret themselves).
+    """
+    conf = {
+        "spark.driver.bindAddress": s.spark_bind_address,
+        "spark.driver.host": s.spark_bind_address,
+        "spark.ui.enabled": "true" if ui else "false",
+        "spark.ui.showConsoleProgress": "false",
+    }
+    if ui:
+        conf["spark.ui.port"] = "0"  # a free port, never a fixed 4040 another application may hold
+    if master and master.startswith(LOCAL_MASTERS):
+        conf["spark.authenticate"] = "true"
+    elif master and master.startswith("spark://") and s.spark_authenticate_secret:
+        conf["spark.authenticate"] = "true"
+        conf["spark.authenticate.secret"] = s.spark_authenticate_secret
+    return conf
+
+
+def _submitted_master() -> str | None:
+    """The master spark-submit started this driver with (it launched the JVM), else None."""
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
-        return False
+        return None
     from pyspark import SparkConf, SparkContext
 
     SparkContext._ensure_initialized()  # connects to spark-submit's JVM (already running)
-    return SparkConf().contains("spark.master")
+    conf = SparkConf()
+    return conf.get("spark.master") if conf.contains("spark.master") else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,6 +250,73 @@ def write_day(df: DataFrame, path: Path, files: int | None = None) -> None:
     if files:
         df = df.coalesce(files)
     df.write.mode("overwrite").parquet(str(path))
+
+
+# Rerun identity. Spark's Parquet is not byte-identical across reruns (file names carry a
+# per-write UUID, footers may differ), so a partition's identity is its content: the number
+# of rows and an order-independent hash of them, computed while the rows are written.
+_ROW_HASHES = ("h64", "h32")
+
+
+def _row_hashes(columns: Sequence[str]) -> list[Column]:
+    """Two independent hashes of a row (xxHash64 and Murmur3 over every column and whether
+    each is null, so a null cannot trade places with a value unnoticed)."""
+    cols = [F.col(c) for c in columns] + [F.col(c).isNull() for c in columns]
+    return [F.xxhash64(*cols).cast("decimal(38,0)"), F.hash(*cols).cast("decimal(38,0)")]
+
+
+def content_exprs(columns: Sequence[str], where: Column | None = None, suffix: str = "") -> list[Column]:
+    """Aggregates of a partition's identity (rows, h64, h32; with ``suffix`` on their names),
+    over the rows where ``where`` holds (all when None). Order-independent: a decimal sum."""
+    def only(c: Column) -> Column:
+        return c if where is None else F.when(where, c)
+    hashes = _row_hashes(columns)
+    return [F.count(only(F.lit(1))).alias(f"rows{suffix}"),
+            *[F.coalesce(F.sum(only(h)), F.lit(0).cast("decimal(38,0)")).alias(f"{n}{suffix}") for n, h in zip(_ROW_HASHES, hashes, strict=True)]]
+
+
+def content_hash(rows: int, h64: Any, h32: Any) -> str:
+    """The identity string of a partition from its :func:`content_exprs` figures."""
+    digest = hashlib.sha256(f"{int(rows)}:{int(h64 or 0)}:{int(h32 or 0)}".encode()).hexdigest()[:32]
+    return f"{int(rows)}:{digest}"
+
+
+def partition_content(df: DataFrame) -> dict[str, Any]:
+    """``{"rows", "content_hash"}`` of the rows of ``df`` (e.g. a partition read back)."""
+    row = df.agg(*content_exprs(df.columns)).first()
+    return {"rows": int(row["rows"]), "content_hash": content_hash(row["rows"], row["h64"], row["h32"])}
+
+
+def write_day_observed(df: DataFrame, path: Path, files: int | None = None,
+                       extra: Sequence[Column] = ()) -> dict[str, Any]:
+    """:func:`write_day`, returning ``{"rows", "content_hash"}`` of what was written (and the
+    ``extra`` aggregates, by name), computed in the same pass as the write."""
+    observation = Observation(f"write-{path.name}-{uuid.uuid4().hex[:8]}")
+    write_day(df.observe(observation, *content_exprs(df.columns), *extra), path, files)
+    figures = dict(observation.get)
+    rows = int(figures.pop("rows"))
+    return {"rows": rows, "content_hash": content_hash(rows, figures.pop("h64"), figures.pop("h32")), **figures}
+
+
+def write_days_observed(df: DataFrame, base: Path, days: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Write the rows of ``df`` (with a string ``ds`` column) into ``base/ds=D`` for every D of
+    ``days`` (dynamic overwrite; a day without rows gets an empty partition, so a rerun never
+    leaves stale rows) and return each day's ``{"rows", "content_hash"}`` from the same pass."""
+    columns = [c for c in df.columns if c != "ds"]
+    observation = Observation(f"write-{base.name}-{uuid.uuid4().hex[:8]}")
+    exprs = [e for i, d in enumerate(days) for e in content_exprs(columns, F.col("ds") == F.lit(d), f"_{i}")]
+    out = df.where(F.col("ds").isin(list(days)))
+    if len(days) > 1:
+        out = out.repartition("ds")
+    out.observe(observation, *exprs).write.mode("overwrite").partitionBy("ds").parquet(str(base))
+    figures = observation.get
+    result = {}
+    for i, d in enumerate(days):
+        rows = int(figures[f"rows_{i}"])
+        result[d] = {"rows": rows, "content_hash": content_hash(rows, figures[f"h64_{i}"], figures[f"h32_{i}"])}
+        if rows == 0:
+            write_day(df.sparkSession.createDataFrame([], df.drop("ds").schema), base / f"ds={d}", files=1)
+    return result
 
 
 def staging(path: Path) -> Path:

@@ -60,7 +60,7 @@ from keyart.jobs.common import (
     main_for,
     reason_kind,
     text_schema,
-    write_day,
+    write_days_observed,
     write_metrics,
 )
 from keyart.lake import Lake, PlaysMarker, read_plays_marker, write_plays_marker
@@ -254,16 +254,25 @@ def classify(raw: DataFrame, contract: Contract, late_lookback_days: int = 0) ->
     classified = parsed.withColumn("reason", reason).drop("text", "variant")
     key = [F.col(f"row.{k}") for k in contract.key]
     valid = F.col("reason").isNull()
-    if contract.name in UNIQUE_KEY_LOGS:
-        content = F.sha2(F.to_json(F.col("row")), 256)
-        same_key = Window.partitionBy(F.col("ds"), valid, *key)
-        conflict = valid & (F.min(content).over(same_key) != F.max(content).over(same_key))
-        classified = classified.withColumn(
-            "reason", F.when(conflict, F.lit(f"conflicting duplicate {', '.join(contract.key)}")).otherwise(F.col("reason")))
-        valid = F.col("reason").isNull()
+    # one window (one shuffle, one sort) gives both the order of duplicates and, for logs with
+    # a unique key, whether rows sharing it differ: two independent hashes of the parsed row
+    # (every field at full precision) that vary within the key
     first = Window.partitionBy(F.col("ds"), valid, *key).orderBy("source_file", "raw")
-    dup = valid & (F.row_number().over(first) > 1)
-    return classified.withColumn("is_duplicate", dup).withColumn("is_late", valid & F.coalesce(in_lookback, F.lit(False)))
+    rank = F.row_number().over(first).alias("_rank")
+    if contract.name in UNIQUE_KEY_LOGS:
+        same_key = first.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+        differs = F.lit(False)
+        for content in (F.xxhash64(F.col("row")), F.hash(F.col("row"))):
+            differs = differs | (F.min(content).over(same_key) != F.max(content).over(same_key))
+        classified = classified.select("*", rank, (valid & differs).alias("_conflict")).withColumn(
+            "reason", F.when(F.col("_conflict"), F.lit(f"conflicting duplicate {', '.join(contract.key)}")).otherwise(F.col("reason")))
+        classified = classified.drop("_conflict")
+    else:
+        classified = classified.select("*", rank)
+    # a conflicting row is no longer valid, so never a duplicate; the others keep their rank
+    valid = F.col("reason").isNull()
+    return (classified.withColumn("is_duplicate", valid & (F.col("_rank") > 1))
+            .withColumn("is_late", valid & F.coalesce(in_lookback, F.lit(False))).drop("_rank"))
 
 
 def transform(raw: DataFrame, contract: Contract, late_lookback_days: int = 0, quality_minutes: float | None = None) -> Ingested:
@@ -301,10 +310,11 @@ def transform(raw: DataFrame, contract: Contract, late_lookback_days: int = 0, q
 # ----------------------------------------------------------------------------------------
 
 def load(spark: SparkSession, result: Ingested, lake: Lake, log: str, contract: Contract, days: list[str]) -> dict[str, dict[str, Any]]:
-    """Write clean, quarantine (and late) partitions for every day of ``days``; return per-day counts.
+    """Write clean, quarantine (and late) partitions for every day of ``days``; return per-day counts,
+    with ``output``: each written partition's rows and content hash (computed while writing).
 
-    Days present in the rows are written with ``partitionBy("ds")`` (dynamic overwrite);
-    a day with no rows gets an empty partition, so a rerun never leaves stale rows behind.
+    Days are written with ``partitionBy("ds")`` (dynamic overwrite); a day with no rows gets
+    an empty partition, so a rerun never leaves stale rows behind.
     """
     result.classified.persist()
     keys = [c for c in result.counts.columns if c != "ds"]
@@ -313,22 +323,11 @@ def load(spark: SparkSession, result: Ingested, lake: Lake, log: str, contract: 
         reasons: dict[str, dict[str, int]] = {}
         for r in result.reasons.collect():
             reasons.setdefault(r["ds"], {})[r["kind"]] = int(r["count"])
-        outputs = [
-            (result.clean, lake.clean(log), contract.spark_schema(), "clean"),
-            (result.quarantine, lake.quarantine(log, days[0]).parent, quarantine_schema(), "quarantined"),
-        ]
+        outputs = [(result.clean, lake.clean(log), f"clean/{log}"),
+                   (result.quarantine, lake.quarantine(log, days[0]).parent, f"quarantine/{log}")]
         if result.late is not None:
-            outputs.append((result.late, lake.late_plays(), contract.spark_schema(), "late"))
-        for df, base, schema, n in outputs:
-            with_rows = [d for d in days if counts.get(d, {}).get(n, 0) > 0]
-            if with_rows:
-                out = df.where(F.col("ds").isin(with_rows))
-                if len(with_rows) > 1:
-                    out = out.repartition("ds")
-                out.write.mode("overwrite").partitionBy("ds").parquet(str(base))
-            for d in days:
-                if d not in with_rows:
-                    write_day(spark.createDataFrame([], schema), base / f"ds={d}", files=1)
+            outputs.append((result.late, lake.late_plays(), "clean/late_plays"))
+        written = {name: write_days_observed(df, base, days) for df, base, name in outputs}
     finally:
         result.classified.unpersist()
     out: dict[str, dict[str, Any]] = {}
@@ -336,6 +335,7 @@ def load(spark: SparkSession, result: Ingested, lake: Lake, log: str, contract: 
         c = counts.get(d, dict.fromkeys(keys, 0))
         c["balanced"] = c["read"] == c["clean"] + c.get("late", 0) + c["quarantined"] + c["duplicates"]
         c["reasons"] = dict(sorted(reasons.get(d, {}).items(), key=lambda kv: -kv[1])[:20])
+        c["output"] = {name: figures[d] for name, figures in written.items()}
         out[d] = c
     return out
 
@@ -349,7 +349,9 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
         quality = settings.quality_play_minutes if log == "plays" else None
         counts = load(spark, transform(raw, contract, settings.late_play_lookback_days, quality), lake, log, contract, days)
         for d in days:
+            output = counts[d].pop("output")
             per_day[d][log] = {**counts[d], "files": files.get(d, 0)}
+            per_day[d].setdefault("output", {}).update(output)
     for d in days:
         per_day[d]["plays"]["completeness"] = carry_plays_marker(lake, d, per_day[d]["plays"])
         write_metrics(lake, "ingest", d, per_day[d])

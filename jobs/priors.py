@@ -40,12 +40,21 @@ from pyspark.sql import functions as F
 from keyart import catalog, feature_spec
 from keyart.config import Settings
 from keyart.contracts import ARTWORKS, MEMBERS, PRIORS, REWARDS
-from keyart.jobs.common import conform, main_for, read_days, read_table, write_day, write_metrics
+from keyart.jobs.common import (
+    conform,
+    main_for,
+    read_days,
+    read_table,
+    write_day_observed,
+    write_metrics,
+)
 from keyart.lake import Lake, shift_ds
 
 EB_MAX_ESS = 20.0
 """Cap on the strength of an empirical-Bayes prior: a new artwork must be able to move fast."""
 _MEAN_CLIP = (1e-3, 1.0 - 1e-3)
+_EXACT = "decimal(38,18)"
+SEGMENTS = (feature_spec.SEGMENT_ALL, feature_spec.member_segment(False), feature_spec.member_segment(True))
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,14 @@ def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
         (F.lit(1.0) / (F.size("candidates") * F.col("propensity"))).alias("w"),
         F.explode(F.array(F.lit(feature_spec.SEGMENT_ALL), seg)).alias("segment"),
     )
+    # exact decimal sums: the same rows give the same posteriors bit for bit whatever order
+    # the shuffle delivers them in (a double sum depends on it), so a rerun is identical
+    def exact_sum(c: Column) -> Column:
+        return F.sum(c.cast(_EXACT)).cast("double")
+
     agg = rows.groupBy("artwork_id", "segment").agg(
-        F.sum("w").alias("sw"), F.sum(F.col("w") * F.col("w")).alias("sww"), F.sum(F.col("w") * F.col("reward")).alias("swr")
+        exact_sum(F.col("w")).alias("sw"), exact_sum(F.col("w") * F.col("w")).alias("sww"),
+        exact_sum(F.col("w") * F.col("reward")).alias("swr"),
     )
     ess = F.col("sw") * F.col("sw") / F.col("sww")
     agg = agg.withColumn("n", ess)
@@ -179,18 +194,30 @@ def extract(spark: SparkSession, lake: Lake, ds: str) -> tuple[DataFrame, DataFr
     return previous, rewards, read_table(spark, lake.artworks, ARTWORKS), read_table(spark, lake.members, MEMBERS)
 
 
-def load(priors: DataFrame, lake: Lake, ds: str) -> None:
-    write_day(priors, lake.priors(ds))
+def segment_exprs() -> list[Column]:
+    """Per segment: rows, mean posterior mean and mean alpha + beta (computed while writing)."""
+    out = []
+    for i, seg in enumerate(SEGMENTS):
+        here = F.col("segment") == F.lit(seg)
+        out += [F.count(F.when(here, F.lit(1))).alias(f"seg{i}_rows"), F.avg(F.when(here, _mean())).alias(f"seg{i}_mean"),
+                F.avg(F.when(here, F.col("alpha") + F.col("beta"))).alias(f"seg{i}_ess")]
+    return out
+
+
+def load(priors: DataFrame, lake: Lake, ds: str) -> dict[str, Any]:
+    """Write ``priors/ds=D``; returns its rows, content hash and :func:`segment_exprs` figures."""
+    return write_day_observed(priors, lake.priors(ds), extra=segment_exprs())
 
 
 def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     params = PriorParams.from_settings(args.ds, settings)
     previous, rewards, artworks, members = extract(spark, lake, args.ds)
-    load(transform(previous, rewards, artworks, members, params), lake, args.ds)
-    written = spark.read.schema(PRIORS.spark_schema()).parquet(str(lake.priors(args.ds)))
-    by_seg = {r["segment"]: {"rows": int(r["rows"]), "mean": float(r["mean"] or 0.0), "ess": float(r["ess"] or 0.0)}
-              for r in written.groupBy("segment").agg(F.count(F.lit(1)).alias("rows"), F.avg(_mean()).alias("mean"), F.avg(F.col("alpha") + F.col("beta")).alias("ess")).collect()}
-    figures = {"segments": by_seg, "warm_started": has_previous(lake, args.ds), "decay": params.decay, "max_ess": params.max_ess}
+    written = load(transform(previous, rewards, artworks, members, params), lake, args.ds)
+    by_seg = {seg: {"rows": int(written[f"seg{i}_rows"]), "mean": float(written[f"seg{i}_mean"] or 0.0),
+                    "ess": float(written[f"seg{i}_ess"] or 0.0)}
+              for i, seg in enumerate(SEGMENTS) if written[f"seg{i}_rows"]}
+    figures = {"segments": by_seg, "warm_started": has_previous(lake, args.ds), "decay": params.decay, "max_ess": params.max_ess,
+               "output": {"rows": written["rows"], "content_hash": written["content_hash"]}}
     write_metrics(lake, "priors", args.ds, figures)
     return figures
 

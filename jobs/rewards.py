@@ -55,7 +55,7 @@ from keyart.jobs.common import (
     read_days,
     staging,
     swap_in,
-    write_day,
+    write_day_observed,
     write_metrics,
 )
 from keyart.lake import Lake, day_bounds, fmt_ds, parse_ds, read_plays_marker, shift_ds
@@ -269,16 +269,40 @@ def extract(spark: SparkSession, lake: Lake, ds: str, settings: Settings) -> Inp
 # transform
 # ----------------------------------------------------------------------------------------
 
+def attribute(impressions: DataFrame, plays: DataFrame, params: RewardParams) -> DataFrame:
+    """Every impression (its columns) with ``minutes``, the longest play credited to it (null
+    if none), and ``n_plays``, the number of plays credited to it. Pure.
+
+    One shuffle and no join: impressions and plays of a (member, title) are one time line,
+    ordered by ts with an impression before a play at the same instant (tᵢ ≤ p) and impressions
+    of the same instant by event_id. A play belongs to the last impression before it on that
+    line (the latest, ties to the larger event_id), credited if it started inside that
+    impression's window: since every window is W long, when the latest impression's window
+    does not hold the play no earlier one does."""
+    key = ["member_id", "title_id"]
+    imps = impressions.select(*impressions.columns, F.lit(False).alias("_is_play"), F.lit(None).cast("double").alias("_minutes"))
+    play = plays.select(*key, "ts", F.lit(True).alias("_is_play"), F.col("minutes_played").alias("_minutes"))
+    line = imps.unionByName(play, allowMissingColumns=True)
+    before = Window.partitionBy(*key).orderBy("ts", "_is_play", "event_id").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    line = line.select(
+        "*",
+        F.last("event_id", ignorenulls=True).over(before).alias("_imp"),
+        F.last(F.when(~F.col("_is_play"), F.col("ts")), ignorenulls=True).over(before).alias("_imp_ts"),
+    )
+    credited = F.col("_is_play") & F.col("_imp_ts").isNotNull() & (F.col("ts") < window_end(F.col("_imp_ts"), params))
+    same_impression = Window.partitionBy(*key, "_imp")
+    line = line.select(
+        "*",
+        F.max(F.when(credited, F.col("_minutes"))).over(same_impression).alias("minutes"),
+        F.count(F.when(credited, F.lit(1))).over(same_impression).alias("n_plays"),
+    )
+    return line.where(~F.col("_is_play")).select(*impressions.columns, "minutes", "n_plays")
+
+
 def credited_plays(impressions: DataFrame, plays: DataFrame, params: RewardParams) -> DataFrame:
     """Per impression that got credit: ``event_id, minutes, n_plays`` (longest credited play)."""
-    imp = impressions.select(
-        "event_id", "member_id", "title_id", F.col("ts").alias("imp_ts"), window_end(F.col("ts"), params).alias("imp_end")
-    )
-    play = plays.select("member_id", "title_id", F.col("ts").alias("play_ts"), "minutes_played")
-    joined = play.join(imp, on=["member_id", "title_id"]).where((F.col("imp_ts") <= F.col("play_ts")) & (F.col("play_ts") < F.col("imp_end")))
-    latest = Window.partitionBy("member_id", "title_id", "play_ts").orderBy(F.col("imp_ts").desc(), F.col("event_id").desc())
-    credited = joined.withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
-    return credited.groupBy("event_id").agg(F.max("minutes_played").alias("minutes"), F.count(F.lit(1)).alias("n_plays"))
+    return attribute(impressions.select("event_id", "member_id", "title_id", "ts"), plays, params).where(F.col("n_plays") > 0) \
+        .select("event_id", "minutes", "n_plays")
 
 
 def closed_windows(impressions: DataFrame, params: RewardParams, labelled_elsewhere: DataFrame | None = None) -> DataFrame:
@@ -291,14 +315,18 @@ def closed_windows(impressions: DataFrame, params: RewardParams, labelled_elsewh
     return closed.withColumn("window_end", end).withColumn("complete", plays_complete(F.col("ts"), end, params))
 
 
-def label(impressions: DataFrame, credit: DataFrame, params: RewardParams) -> DataFrame:
-    """``impressions`` with their labels from ``credit`` (contracts.REWARDS columns)."""
-    labelled = impressions.join(credit, on="event_id", how="left").select(
+def label(impressions: DataFrame, credit: DataFrame | None, params: RewardParams) -> DataFrame:
+    """``impressions`` with their labels (contracts.REWARDS columns): from ``credit``
+    (:func:`credited_plays`), or, when None, from the ``minutes`` and ``n_plays`` columns
+    :func:`attribute` gave them."""
+    labelled = impressions if credit is None else impressions.join(credit, on="event_id", how="left")
+    minutes = F.coalesce(F.col("minutes"), F.lit(0.0))
+    labelled = labelled.select(
         *[F.col(c) for c in IMPRESSIONS.columns],
         F.to_date("ts").alias("impression_ds"),
-        (F.coalesce(F.col("minutes"), F.lit(0.0)) >= F.lit(params.quality_play_minutes)).cast("int").alias("reward"),
-        F.coalesce(F.col("minutes"), F.lit(0.0)).alias("minutes"),
-        F.col("n_plays").isNotNull().cast("int").alias("played"),
+        (minutes >= F.lit(params.quality_play_minutes)).cast("int").alias("reward"),
+        minutes.alias("minutes"),
+        (F.coalesce(F.col("n_plays"), F.lit(0)) > 0).cast("int").alias("played"),
     )
     return conform(labelled, REWARDS)
 
@@ -307,9 +335,13 @@ def transform(impressions: DataFrame, plays: DataFrame, params: RewardParams,
               labelled_elsewhere: DataFrame | None = None) -> DataFrame:
     """Labelled impressions (contracts.REWARDS columns) of run ``params.ds``: the windows closing
     on ds, and those that closed in the ``pending_days`` before and were not labelled
-    elsewhere, whose plays are complete. Pure."""
-    ready = closed_windows(impressions, params, labelled_elsewhere).where(F.col("complete"))
-    return label(ready.select(*IMPRESSIONS.columns), credited_plays(impressions, plays, params), params)
+    elsewhere, whose plays are complete. Pure.
+
+    Every impression read takes part in the attribution (a later one, even still open, takes
+    the credit of a play from an earlier one); only the ready ones are labelled."""
+    attributed = attribute(impressions.select(*IMPRESSIONS.columns), plays, params)
+    ready = closed_windows(attributed, params, labelled_elsewhere).where(F.col("complete"))
+    return label(ready, None, params)
 
 
 def relabel(previous: DataFrame, impressions: DataFrame, plays: DataFrame, params: RewardParams,
@@ -332,23 +364,16 @@ def relabel(previous: DataFrame, impressions: DataFrame, plays: DataFrame, param
 # metrics and load
 # ----------------------------------------------------------------------------------------
 
-def metrics(rewards: DataFrame, impressions: DataFrame, params: RewardParams,
-            labelled_anywhere: DataFrame | None = None, expiring_day: str | None = None) -> dict[str, Any]:
-    """Counts for the DAG: labelled, rewarded, played, take rate, windows still open, and the
-    closed windows still waiting for complete plays: ``pending`` (a later run may label them)
-    or ``expired`` (their window closed on ``expiring_day``, default ds - pending_days: this
-    run was their last chance). ``labelled_anywhere``: event ids labelled by any run, this one
-    included."""
-    row = rewards.agg(
+def label_exprs(params: RewardParams) -> list[Column]:
+    """Aggregates of a run's labelled rows for its metrics (computed while they are written)."""
+    return [
         F.count(F.lit(1)).alias("labelled"), F.sum("reward").alias("rewarded"), F.sum("played").alias("played"),
         F.sum("minutes").alias("minutes"),
         F.sum(F.when(window_end(F.col("ts"), params) < _ts(params.day_start), 1).otherwise(0)).alias("labelled_late"),
-    ).first()
-    still_open = impressions.where(window_end(F.col("ts"), params) >= _ts(params.day_end)).count()
-    waiting = closed_windows(impressions, params, labelled_anywhere).where(~F.col("complete"))
-    by_day = {fmt_ds(r["day"]): int(r["n"]) for r in
-              waiting.groupBy(F.to_date("window_end").alias("day")).agg(F.count(F.lit(1)).alias("n")).collect()}
-    expired = by_day.pop(expiring_day or fmt_ds(params.first_window_end.date()), 0)
+    ]
+
+
+def label_figures(row: Mapping[str, Any]) -> dict[str, Any]:
     labelled = int(row["labelled"] or 0)
     rewarded = int(row["rewarded"] or 0)
     return {
@@ -358,25 +383,64 @@ def metrics(rewards: DataFrame, impressions: DataFrame, params: RewardParams,
         "played": int(row["played"] or 0),
         "minutes": float(row["minutes"] or 0.0),
         "take_rate": rewarded / labelled if labelled else None,
-        "still_open": still_open,
+    }
+
+
+def window_figures(impressions: DataFrame, params: RewardParams, labelled_anywhere: DataFrame | None = None,
+                   expiring_day: str | None = None) -> dict[str, Any]:
+    """Windows still open at the end of ds, and closed windows still waiting for complete plays
+    (not labelled anywhere): ``pending`` by window-end day, or ``expired`` (closed on
+    ``expiring_day``, default ds - pending_days: this run was their last chance). One pass."""
+    end = window_end(F.col("ts"), params)
+    imps = impressions.select("event_id", "ts")
+    if labelled_anywhere is not None:
+        done = labelled_anywhere.select("event_id").distinct().withColumn("_done", F.lit(True))
+        imps = imps.join(done, "event_id", "left")
+    else:
+        imps = imps.withColumn("_done", F.lit(None).cast("boolean"))
+    closed = (end >= _ts(params.first_window_end)) & (end < _ts(params.day_end))
+    waiting = closed & F.col("_done").isNull() & ~plays_complete(F.col("ts"), end, params)
+    rows = imps.groupBy(F.when(waiting, F.to_date(end)).alias("day")).agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.when(end >= _ts(params.day_end), 1).otherwise(0)).alias("open")).collect()
+    by_day = {fmt_ds(r["day"]): int(r["n"]) for r in rows if r["day"] is not None}
+    expired = by_day.pop(expiring_day or fmt_ds(params.first_window_end.date()), 0)
+    return {
+        "still_open": sum(int(r["open"] or 0) for r in rows),
         "pending": sum(by_day.values()),
         "pending_by_window_end": dict(sorted(by_day.items())),
         "pending_since": min(by_day) if by_day else None,
         "expired": expired,
-        "attribution_window_hours": params.attribution_window_hours,
-        "quality_play_minutes": params.quality_play_minutes,
-        "pending_days": params.pending_days,
     }
 
 
-def load(rewards: DataFrame, lake: Lake, ds: str) -> None:
-    write_day(rewards, lake.rewards(ds))
+def metrics(rewards: DataFrame, impressions: DataFrame, params: RewardParams,
+            labelled_anywhere: DataFrame | None = None, expiring_day: str | None = None) -> dict[str, Any]:
+    """Counts for the DAG: labelled, rewarded, played, take rate (:func:`label_figures`),
+    windows still open and closed windows still waiting (:func:`window_figures`).
+    ``labelled_anywhere``: event ids labelled by any run, this one included."""
+    return {
+        **label_figures(rewards.agg(*label_exprs(params)).first().asDict()),
+        **window_figures(impressions, params, labelled_anywhere, expiring_day),
+        **_parameters(params),
+    }
+
+
+def _parameters(params: RewardParams) -> dict[str, Any]:
+    return {"attribution_window_hours": params.attribution_window_hours,
+            "quality_play_minutes": params.quality_play_minutes, "pending_days": params.pending_days}
+
+
+def load(rewards: DataFrame, lake: Lake, ds: str, params: RewardParams | None = None) -> dict[str, Any]:
+    """Write ``rewards/ds=D``; returns its rows and content hash (and, with ``params``, the
+    :func:`label_exprs` figures), computed while writing."""
+    return write_day_observed(rewards, lake.rewards(ds), extra=label_exprs(params) if params else ())
 
 
 def apply_relabels(spark: SparkSession, lake: Lake, inputs: Inputs, params: RewardParams,
-                   lookback_days: int) -> dict[str, dict[str, int]]:
+                   lookback_days: int) -> dict[str, dict[str, Any]]:
     """Recompute the labels of the partitions late plays can touch and rewrite those that
-    changed; per rewritten day: rows changed and the change in rewarded and played."""
+    changed; per rewritten day: rows changed, the change in rewarded and played, and the
+    rewritten partition's content hash."""
     if inputs.relabel_from is None:
         return {}
     # late plays started on ds - lookback at the earliest: only runs from then on labelled windows they fall in
@@ -404,7 +468,7 @@ def apply_relabels(spark: SparkSession, lake: Lake, inputs: Inputs, params: Rewa
             part = fresh.where(F.col("labelled_ds") == F.lit(day).cast("date"))
             staged[day] = staging(lake.rewards(day))
             shutil.rmtree(staged[day], ignore_errors=True)
-            write_day(conform(part, REWARDS), staged[day])
+            changed[day]["content_hash"] = write_day_observed(conform(part, REWARDS), staged[day])["content_hash"]
         for day, path in staged.items():
             swap_in(path, lake.rewards(day))
             log.info("rewards ds=%s: late plays changed %s labels of rewards/ds=%s", params.ds, changed[day]["rows"], day)
@@ -419,13 +483,17 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     pending_days = (parse_ds(ds) - parse_ds(inputs.first_end_day)).days
     params = RewardParams(ds, settings.attribution_window_hours, settings.quality_play_minutes,
                           complete_from=inputs.complete_from, pending_days=pending_days)
-    rewards = transform(inputs.impressions, inputs.plays, params, inputs.labelled_elsewhere)
-    load(rewards, lake, ds)
+    written = load(transform(inputs.impressions, inputs.plays, params, inputs.labelled_elsewhere), lake, ds, params)
     relabelled = apply_relabels(spark, lake, inputs, params, settings.late_play_lookback_days)
-    written = spark.read.schema(REWARDS.spark_schema()).parquet(str(lake.rewards(ds)))
     expiring = shift_ds(ds, -settings.rewards_pending_days)
-    figures = metrics(written, inputs.impressions, params, inputs.labelled_elsewhere.unionByName(written.select("event_id")),
-                      expiring_day=expiring)
+    # what this run labelled had complete plays: no waiting window is among them, so the
+    # windows still waiting are those not labelled elsewhere (no re-read of what was written)
+    figures = {
+        **label_figures(written),
+        **window_figures(inputs.impressions, params, inputs.labelled_elsewhere, expiring_day=expiring),
+        **_parameters(params),
+        "output": {"rows": written["rows"], "content_hash": written["content_hash"]},
+    }
     k = window_days(settings.attribution_window_hours)
     waiting = list(figures["pending_by_window_end"]) + ([expiring] if figures["expired"] else [])
     # the days whose plays the waiting windows (or, with none, today's windows) need
@@ -438,7 +506,8 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     )
     figures["late_plays"] = inputs.late_today
     figures["late_play_lookback_days"] = settings.late_play_lookback_days
-    figures["relabelled"] = relabelled
+    figures["relabelled"] = {d: {k: v for k, v in c.items() if k != "content_hash"} for d, c in relabelled.items()}
+    figures["relabelled_content"] = {d: c["content_hash"] for d, c in relabelled.items()}
     figures["relabelled_rows"] = sum(v["rows"] for v in relabelled.values())
     if figures["pending"] or figures["expired"]:
         log.warning("rewards ds=%s: %d impressions wait for complete plays, %d expired: %s", ds, figures["pending"],
