@@ -20,7 +20,8 @@ validation path serves both. A row is quarantined, with the first reason that ap
    ``member_id`` 123 is not the id "123"). Numbers, booleans, arrays and objects are
    parsed strictly by the contract's types (``propensity must be a double, got high``).
 4. The contract's checks (:mod:`keyart.contracts`: ids are whole strings, so "m1\n" is
-   not an id; at most ``MAX_CANDIDATES`` candidates), then, for impressions that carry
+   not an id; at most ``MAX_CANDIDATES`` candidates), then, for impressions, the shown
+   ``artwork_id`` must be one of ``candidates`` (:func:`shown_reason`), and for those that carry
    ``candidate_probabilities`` (:func:`probability_reason`): one per candidate, each in
    [0, 1], summing to 1 within ``PROBABILITY_SUM_TOL``, and the shown artwork's equal to
    ``propensity`` exactly; then ``ts`` outside day D.
@@ -193,6 +194,14 @@ def type_reasons(fields: tuple[Field, ...], variant: Column, prefix: str = "", p
     return out
 
 
+def shown_reason(row: Column) -> Column:
+    """Why an impression's shown artwork cannot have been drawn from its candidates: it is
+    not among them (null if it is, or if either field is missing: the contract says that)."""
+    return F.when(row["candidates"].isNotNull() & row["artwork_id"].isNotNull()
+                  & ~F.array_contains(row["candidates"], row["artwork_id"]),
+                  F.lit("artwork_id must be one of candidates"))
+
+
 def probability_reason(row: Column) -> Column:
     """Why an impression's ``candidate_probabilities`` do not describe the distribution it
     was drawn from (null if they do, or if the row has none)."""
@@ -246,6 +255,7 @@ def classify(raw: DataFrame, contract: Contract, late_lookback_days: int = 0) ->
         .otherwise(F.coalesce(
             *type_reasons(contract.fields, variant),
             contract_reason(contract, F.col("row"), F.col("text")),
+            shown_reason(F.col("row")) if contract.name == "impressions" else F.lit(None).cast("string"),
             probability_reason(F.col("row")) if contract.name == "impressions" else F.lit(None).cast("string"),
             off_day,
             F.when(variant.isNull(), F.lit(UNCHECKABLE)),

@@ -50,6 +50,7 @@ def test_impression_violations_are_quarantined_with_a_reason_naming_the_field(sp
         line({**good_impression("e9"), "candidates": ["ok", "no way"]}): "candidates has an item that is not a valid id",
         line({**good_impression("e10"), "ts": "yesterday"}): "ts must be a timestamp",
         line(good_impression("e11", when="2026-03-03 00:00")): "ts is not in day 2026-03-02",
+        line(good_impression("e12", artwork="t1-a7")): "artwork_id must be one of candidates",
     }
     result = ingest.transform(raw_frame(spark, [line(ok), *bad]), IMPRESSIONS)
     got = reasons_of(result)
@@ -58,7 +59,7 @@ def test_impression_violations_are_quarantined_with_a_reason_naming_the_field(sp
         assert got[raw].startswith(expected), (got[raw], expected)
     assert [r["event_id"] for r in result.clean.collect()] == ["e1"]
     counts = result.counts.first().asDict()
-    assert counts == {"ds": DS, "read": 13, "clean": 1, "quarantined": 12, "duplicates": 0, "without_checksum": 13}
+    assert counts == {"ds": DS, "read": 14, "clean": 1, "quarantined": 13, "duplicates": 0, "without_checksum": 14}
 
 
 def test_duplicate_event_ids_are_kept_once_and_counted(spark):
