@@ -85,8 +85,11 @@ def mlflow_server(postgres_db: str, tmp_path: Path) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
     ]
+    # the server creates ./mlruns where it runs: its own folder, not the checkout or the test's
+    cwd = tmp_path / "mlflow-server-cwd"
+    cwd.mkdir()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=tmp_path,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=cwd,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -147,4 +147,13 @@ def assert_same_outputs(spark, local, remote) -> None:
         expected = read(local, path)
         assert expected.count() > 0
         assertDataFrameEqual(read(remote, path), expected)
-    assert json.loads(remote.metrics("ingest", d2).read_text()) == json.loads(local.metrics("ingest", d2).read_text())
+    def ingest_metrics(lake):
+        # quarantined rows carry source_file (the lake root, which differs): so does their
+        # content hash; their rows are compared, as the partitions above are without it
+        m = json.loads(lake.metrics("ingest", d2).read_text())
+        for name, out in m["output"].items():
+            if name.startswith("quarantine/"):
+                out.pop("content_hash")
+        return m
+
+    assert ingest_metrics(remote) == ingest_metrics(local)
