@@ -302,7 +302,9 @@ class AirflowServices:
     REST API (``/api/v2``).
     """
 
-    COMPONENTS = (("api-server",), ("scheduler",), ("dag-processor",))
+    # The scheduler's task-log server would bind every interface (port 8793): the API server
+    # reads the task logs from AIRFLOW_HOME/logs on this machine instead.
+    COMPONENTS = (("api-server",), ("scheduler", "--skip-serve-logs"), ("dag-processor",))
 
     def __init__(self, env: Mapping[str, str], log_dir: str | Path):
         self.env = dict(env)
