@@ -61,7 +61,7 @@ mlflow-ui: install
 	@mkdir -p "$(KEYART_HOME)/mlflow/artifacts"
 	@# run from the store's folder: the server creates an empty ./mlruns in its working directory
 	cd "$(KEYART_HOME)/mlflow" && $(abspath $(BIN))/mlflow ui --backend-store-uri "sqlite:///$(KEYART_HOME)/mlflow/mlflow.db" \
-		--default-artifact-root "$(KEYART_HOME)/mlflow/artifacts" \
+		--default-artifact-root keyart-artifacts:/ \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 ## Airflow on http://127.0.0.1:$(AIRFLOW_PORT): API server, scheduler and DAG processor (LocalExecutor) on

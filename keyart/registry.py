@@ -98,10 +98,14 @@ class RegistryError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 def configure(settings: Settings | None = None) -> Settings:
-    """Point MLflow (tracking and registry) at ``settings.tracking_uri``; return the settings."""
+    """Point MLflow (tracking and registry) at ``settings.tracking_uri``, and its
+    ``keyart-artifacts:`` locations at the settings' artifact root; return the settings."""
     import mlflow
 
+    from keyart import mlflow_store
+
     settings = settings or default_settings()
+    mlflow_store.use_root(mlflow_store.local_root(settings))
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -159,17 +163,23 @@ def client(settings: Settings | None = None) -> MlflowClient:
 
 
 def artifact_location(settings: Settings) -> str:
-    """The experiment's artifact location as a URI (a plain path becomes file://)."""
-    root = settings.artifact_root
-    if urlparse(root).scheme in ("", "file") and not root.startswith("file:"):
-        path = Path(root).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path.as_uri()
-    return root
+    """The artifact location keyart gives an experiment it creates. A local artifact root
+    (a path or ``file:``) becomes ``keyart-artifacts:/``, which MLflow records as it is and
+    :mod:`keyart.mlflow_store` resolves against the artifact root whenever it is read or
+    written, so the store keeps working when the home moves; any other root (``s3://…``,
+    ``mlflow-artifacts:/…``) is used as it is."""
+    from keyart import mlflow_store
+
+    if mlflow_store.is_local(settings):
+        mlflow_store.local_root(settings).mkdir(parents=True, exist_ok=True)
+        return mlflow_store.ROOT_URI
+    return settings.artifact_root
 
 
 def ensure_experiment(settings: Settings | None = None) -> str:
-    """Id of ``settings.mlflow_experiment``, created with ``artifact_root`` when new."""
+    """Id of ``settings.mlflow_experiment``, created with :func:`artifact_location` when new.
+    An existing experiment keeps the location it was created with (an absolute ``file://``
+    one of a store made before locations were relative goes on working where it is)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -7,19 +7,11 @@ skipped registry test would hide a broken deployment path.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from keyart.net import free_port
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 SERVER_START_TIMEOUT_S = 90.0
@@ -56,58 +48,18 @@ def postgres_db() -> Iterator[str]:
         conn.close()
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}",
-                        pytrace=False)
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S:.0f}s:\n"
-                f"{log_path.read_text()[-4000:]}", pytrace=False)
-
-
 @pytest.fixture
 def mlflow_server(postgres_db: str, tmp_path: Path) -> Iterator[str]:
     """``mlflow server`` on a random local port over ``postgres_db``; yields its http URI."""
-    port = free_port()
-    log_path = tmp_path / "mlflow-server.log"
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", postgres_db,
-        "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-    ]
+    from mlflow_fixtures import start_mlflow_server, stop_server  # (LightGBM, ONNX: load when used)
+
     # the server creates ./mlruns where it runs: its own folder, not the checkout or the test's
     cwd = tmp_path / "mlflow-server-cwd"
     cwd.mkdir()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=cwd,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(["--backend-store-uri", postgres_db,
+                                  "--default-artifact-root", (tmp_path / "server-artifacts").as_uri()],
+                                 tmp_path / "mlflow-server.log", cwd=cwd, timeout_s=SERVER_START_TIMEOUT_S)
     try:
-        _wait_healthy(url, proc, log_path)
-        yield url
+        yield server.url
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its uvicorn workers (the session it leads, started above)."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        stop_server(server.proc)

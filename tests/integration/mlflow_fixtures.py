@@ -324,32 +324,13 @@ def build_run_dir(lake_root: Path, ds: str, *, seed: int, quality: str = "good",
     return run_dir, Champion(booster, manifest.version)
 
 
-# --- an mlflow server that serves the artifacts (mlflow-artifacts:/ locations) ------------
+# --- mlflow servers started by the tests ---------------------------------------------------
 
-@dataclass
-class ArtifactServer:
-    """``mlflow server --serve-artifacts`` on a local port: runs get ``mlflow-artifacts:/``
-    locations, resolved by the server against its ``--artifacts-destination``."""
-
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-
-def start_artifact_server(backend_uri: str, destination: Path, log_path: Path, timeout_s: float = 90.0) -> ArtifactServer:
-    """Start the server and wait until ``/health`` answers (fails the test with its log if not)."""
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90.0) -> None:
+    """Wait until ``url/health`` answers; fail the test with the server's log if the server
+    exits or stays unhealthy (it is stopped then)."""
     import pytest
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-           "--serve-artifacts", "--artifacts-destination", destination.as_uri(),
-           "--default-artifact-root", "mlflow-artifacts:/",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=log_path.parent)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -357,7 +338,7 @@ def start_artifact_server(backend_uri: str, destination: Path, log_path: Path, t
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
-                    return ArtifactServer(url, proc, log_path)
+                    return
         except OSError:
             pass
         time.sleep(0.5)
@@ -366,7 +347,8 @@ def start_artifact_server(backend_uri: str, destination: Path, log_path: Path, t
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (the process group it leads, started above)."""
+    """Stop a server started by :func:`start_mlflow_server` and its workers (the process
+    group it leads)."""
     for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -377,6 +359,40 @@ def stop_server(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@dataclass
+class ArtifactServer:
+    """An ``mlflow server`` on a local port, started by :func:`start_mlflow_server`."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def start_mlflow_server(args: list[str], log_path: Path, cwd: Path | None = None,
+                        timeout_s: float = 90.0) -> ArtifactServer:
+    """``mlflow server <args>`` of this environment on a free loopback port, in a process
+    group of its own, run from ``cwd`` (default: the log's folder; the server creates an
+    empty ``./mlruns`` where it runs). Returns once ``/health`` answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", *args,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                start_new_session=True, cwd=cwd or log_path.parent)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, log_path, timeout_s)
+    return ArtifactServer(url, proc, log_path)
+
+
+def start_artifact_server(backend_uri: str, destination: Path, log_path: Path, timeout_s: float = 90.0) -> ArtifactServer:
+    """``mlflow server --serve-artifacts``: runs get ``mlflow-artifacts:/`` locations, resolved
+    by the server against its ``--artifacts-destination``."""
+    return start_mlflow_server(["--backend-store-uri", backend_uri, "--serve-artifacts",
+                                "--artifacts-destination", destination.as_uri(),
+                                "--default-artifact-root", "mlflow-artifacts:/"], log_path, timeout_s=timeout_s)
 
 
 def chromium_dom(url: str, screenshot: Path | None = None, budget_ms: int = 10000, timeout_s: float = 90.0) -> str:

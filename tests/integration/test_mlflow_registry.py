@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow_fixtures import build_run_dir
 
-from keyart import bundle, cli, feature_spec, registry
+from keyart import bundle, cli, feature_spec, mlflow_store, registry
 from keyart.config import Settings
 from keyart.models.gate import KEPT, gate
 from keyart.models.promote import promote_version
@@ -178,11 +178,16 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path, tmp_
     assert mv2.tags["keyart.gate.reason"] in mv2.description and "Champion after the gate: version 3" in mv2.description
     assert [_status(v, settings) for v in ("1", "2", "3")] == [STATUS_FORMER, STATUS_NOT_PROMOTED, STATUS_CHAMPION]
     assert registry.get_version("3", settings).description.startswith(f"**Table refresh for ds={DAY2}**")
-    # artifacts live under the configured root, never under the working directory
+    # artifacts live under the configured root, never under the working directory, and the
+    # recorded locations are relative to that root (keyart/mlflow_store.py)
     exp = client.get_experiment(run2.info.experiment_id)
+    root = registry.artifact_location(settings)
+    assert root == mlflow_store.ROOT_URI
+    assert exp.artifact_location == root and run2.info.artifact_uri.startswith(root)
+    run2_dir = mlflow_store.to_path(run2.info.artifact_uri)
+    assert run2_dir == Path(settings.artifact_root).resolve() / reg2.run_id / "artifacts"
+    assert (run2_dir / "model_card.md").is_file()
     if backend == "sqlite":
-        root = registry.artifact_location(settings)
-        assert exp.artifact_location.startswith(root) and run2.info.artifact_uri.startswith(root)
         default = client.get_experiment("0")
         assert default.artifact_location.startswith(root), default.artifact_location
     assert not (tmp_path / "mlruns").exists()
