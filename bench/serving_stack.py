@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from keyart.bench.serving import _page, _stats, closed_loop, open_loop, quiet_client
+from keyart.bench.serving import _page, _stats, closed_loop, open_loop, quiet_client, run_in_home
 from keyart.demo import stack as stk
 from keyart.net import free_port
 
@@ -237,11 +235,4 @@ def table(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="keyart-bench-stack-") as tmp:
-        os.environ["KEYART_HOME"] = tmp
-        from keyart import config
-
-        config.settings.cache_clear()
-        result = measure(args, Path(tmp))
-    print(json.dumps(result, indent=2) if args.json else table(result))
-    return 0
+    return run_in_home("keyart-bench-stack-", measure, table, args)

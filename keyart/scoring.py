@@ -4,9 +4,11 @@
 check, offline evaluation of the champion and serving all use it, so the parity figures
 describe the very session (options, provider) and the very call serving runs.
 
-The session is single-threaded and sequential on the CPU provider: serving scales with
-processes, not threads, and a thread pool per request would only add hand-off latency to
-a model call of a few dozen microseconds.
+The session is single-threaded and sequential on the CPU provider, without spinning:
+serving scales with processes, not threads, and a thread pool per request would only add
+hand-off latency. The other session options (graph optimisation level, memory arena and
+pattern) were measured on a 40 x 8 page and change the model call by under 3%
+(docs/benchmarks.md, serving), so they stay at onnxruntime's defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def session_options() -> ort.SessionOptions:
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no thread pool to keep warm: a spinning worker would burn the core between requests
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 

@@ -49,7 +49,15 @@ from keyart.contracts import ID_SCHEMA_PATTERN, MAX_CANDIDATES
 from keyart.lake import Lake
 from keyart.serving.bundle_store import BundleStore, LoadedBundle
 from keyart.serving.event_log import JsonlLog
-from keyart.serving.metrics import CLIENT_KEY, Guard, GuardMiddleware, Metrics, MetricsMiddleware
+from keyart.serving.metrics import (
+    CLIENT_KEY,
+    STAGES_KEY,
+    STAGES_KEY_BODY,
+    Guard,
+    GuardMiddleware,
+    Metrics,
+    MetricsMiddleware,
+)
 from keyart.serving.rewards import (
     EventSigner,
     LogTail,
@@ -420,7 +428,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return _json(validation_problem(list(exc.errors())), 422)
 
-    async def decide(rt: Runtime, page: ArtworkRequest) -> Response:
+    async def decide(rt: Runtime, page: ArtworkRequest, scope: dict[str, Any], handler_at: float) -> Response:
         decide_start = time.perf_counter()
         try:
             decided = rt.service.decide(page)
@@ -433,9 +441,11 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         except Exception as exc:  # not logged = not decided: never acknowledge it
             log_event("impression_log_failed", {"error": str(exc)})
             return _problem(503, "impression log unavailable; the decision was not made")
+        logged = time.perf_counter()
         rt.rewards.priors.record_impressions(decided.events)
+        counted = time.perf_counter()
         m = rt.metrics
-        m.log_seconds.observe(time.perf_counter() - start)
+        m.log_seconds.observe(logged - start)
         m.decide_seconds.observe(start - decide_start)
         if decided.inference_s is not None:
             m.inference.observe(decided.inference_s)
@@ -445,6 +455,9 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         m.decisions.labels(policy=body["policy"], fallback=fb).inc(len(body["decisions"]))
         if body["fallback"]:
             m.fallbacks.inc()
+        end = time.perf_counter()
+        scope[STAGES_KEY] = (scope.get(STAGES_KEY_BODY, handler_at), handler_at, *decided.stages, logged - start,
+                             counted - logged, end - counted, end)
         return _json(body)
 
     @app.post("/v1/artwork", response_model=ArtworkResponse, responses=ERRORS)
@@ -457,6 +470,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         With ``request_id`` (or ``Idempotency-Key``) a retry of the same request within
         ``serve_idempotency_ttl_seconds`` gets the first answer again (same event ids) and
         logs nothing new."""
+        handler_at = time.perf_counter()
         rt: Runtime = request.app.state.runtime
         key = page.request_id
         if idempotency_key is not None:
@@ -464,7 +478,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
                 return _problem(422, "request_id and the Idempotency-Key header differ; send one, or the same in both")
             key = idempotency_key
         if key is None or not rt.replays.enabled:
-            return await decide(rt, page)
+            return await decide(rt, page, request.scope, handler_at)
         ck = (request.scope.get(CLIENT_KEY), key)
         fingerprint = _fingerprint(page)
         try:
@@ -480,7 +494,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         rt.replays.start(ck, fingerprint)
         status, body = 503, orjson.dumps({"detail": "the first request with this request_id failed; retry"})
         try:
-            response = await decide(rt, page)
+            response = await decide(rt, page, request.scope, handler_at)
             status, body = response.status_code, bytes(response.body)
             return response
         finally:

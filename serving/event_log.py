@@ -52,7 +52,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("keyart.serving.event_log")
@@ -70,15 +70,17 @@ def frame(payload: bytes) -> bytes:
     return b'{"_crc32":"%08x",' % zlib.crc32(payload) + payload[1:]
 
 
-def frame_lines(lines: bytes) -> bytes:
-    """Newline-separated JSON objects -> framed lines, each ending in a newline."""
+def frame_lines(lines: bytes | Sequence[bytes]) -> bytes:
+    """Newline-separated JSON objects, or a sequence of them (one object each, no newline)
+    -> framed lines, each ending in a newline."""
     out = []
-    for x in lines.split(b"\n"):
+    crc = zlib.crc32
+    for x in (lines.split(b"\n") if isinstance(lines, bytes | bytearray) else lines):
         if not x:
             continue
-        if x[:2] != b'{"' or x.startswith(_CRC_HEAD):
+        if x[:2] != b'{"' or x.startswith(_CRC_HEAD) or (b"\n" in x):
             frame(x)  # raises with the reason
-        out.append(b'{"_crc32":"%08x",%s\n' % (zlib.crc32(x), x[1:]))
+        out.append(b'{"_crc32":"%08x",%s\n' % (crc(x), x[1:]))
     return b"".join(out)
 
 
@@ -187,8 +189,8 @@ class JsonlLog:
         self._thread.start()
 
     # -- producer side -------------------------------------------------------------------
-    async def append(self, ds: str, lines: bytes) -> None:
-        """Queue ``lines`` (newline-separated JSON objects) for day ``ds``; return once
+    async def append(self, ds: str, lines: bytes | Sequence[bytes]) -> None:
+        """Queue ``lines`` (newline-separated JSON objects, or a sequence of them) for day ``ds``; return once
         durable per the policy. Each line is written with its checksum (:func:`frame`)."""
         framed = frame_lines(lines)
         loop = asyncio.get_running_loop()
@@ -196,7 +198,7 @@ class JsonlLog:
         self._put(ds, framed, waiter)
         await waiter.future
 
-    def append_sync(self, ds: str, lines: bytes) -> None:
+    def append_sync(self, ds: str, lines: bytes | Sequence[bytes]) -> None:
         """Blocking :meth:`append` for threads without an event loop."""
         framed = frame_lines(lines)
         waiter = _Waiter(None, None)

@@ -46,6 +46,42 @@ PROPENSITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
 MAX_ARTWORK_SERIES = 2000  # beyond this, the least shown artworks are summed as artwork_id="_other"
 REWARD_WINDOW_S = 3600
 REWARD_SLOT_S = 60
+STAGES = ("receive", "parse_validate", "prepare", "features", "inference", "policy", "render", "log_append",
+          "online_state", "metrics", "response")
+"""Where a decided page's time goes, in order (:class:`StageTimes`)."""
+STAGE_SECONDS = "keyart_page_stage_seconds_total"
+STAGE_PAGES = "keyart_page_stage_pages_total"
+
+
+class StageTimes(Collector):
+    """Server time of every decided page (``/v1/artwork`` answered 200) by stage, summed in
+    plain floats and rendered at scrape time: ``keyart_page_stage_seconds_total{stage}`` and
+    ``keyart_page_stage_pages_total`` (their ratio is the mean per page; ``keyart bench
+    serving`` reads it). Stages: ``receive`` (the ASGI edge until the body is read),
+    ``parse_validate`` (JSON and schema), ``prepare`` (the page against the catalog),
+    ``features``, ``inference`` (the ONNX call), ``policy``, ``render`` (event ids, response
+    body, log lines), ``log_append`` (until the lines are durable), ``online_state``,
+    ``metrics`` and ``response`` (the answer until it is handed to the server)."""
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * len(STAGES)
+        self.pages = 0
+
+    def add(self, seconds: Sequence[float]) -> None:
+        """One page: ``seconds`` per stage, in :data:`STAGES` order."""
+        sums = self.sums
+        for i, v in enumerate(seconds):
+            sums[i] += v
+        self.pages += 1
+
+    def collect(self) -> Iterator[Any]:
+        fam = CounterMetricFamily(STAGE_SECONDS.removesuffix("_total"), "Server time of decided pages by stage",
+                                  labels=["stage"])
+        for name, v in zip(STAGES, list(self.sums), strict=True):
+            fam.add_metric([name], v)
+        yield fam
+        yield CounterMetricFamily(STAGE_PAGES.removesuffix("_total"), "Decided pages the stage times cover",
+                                  value=self.pages)
 
 
 class DecisionStats(Collector):
@@ -185,6 +221,8 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.stats = DecisionStats()
         r.register(self.stats)
+        self.stages = StageTimes()
+        r.register(self.stages)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         PlatformCollector(registry=r)  # python_info
         GCCollector(registry=r)  # python_gc_*
@@ -233,10 +271,16 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             m = self.metrics
+            end = time.perf_counter()
             m.requests.labels(route=route, status=str(status)).inc()
-            m.latency.labels(route=route).observe(time.perf_counter() - start)
+            m.latency.labels(route=route).observe(end - start)
             if 400 <= status < 500:
                 m.reject(route, str(status))
+            timed = scope.get(STAGES_KEY)
+            if timed is not None and status == 200:
+                # [body read at, handler start, decision stages..., handler end]
+                body_at, handler_at, *inner, handler_end = timed
+                m.stages.add((body_at - start, handler_at - body_at, *inner, end - handler_end))
 
 
 class Guard:
@@ -270,6 +314,8 @@ class Guard:
 
 PROTECTED_PREFIX = "/v1/"
 CLIENT_KEY = "keyart.client"  # scope key: index of the caller's API key
+STAGES_KEY = "keyart.stages"  # scope key: the decision's stage timers (StageTimes)
+STAGES_KEY_BODY = "keyart.body_at"  # scope key: when the body was read
 
 
 class GuardMiddleware:
@@ -313,6 +359,7 @@ class GuardMiddleware:
                 return
             if not message.get("more_body", False):
                 break
+        scope[STAGES_KEY_BODY] = time.perf_counter()
         replayed = False
 
         async def replay() -> Any:

@@ -10,6 +10,8 @@ by column in tag order so every value is bit-identical to :func:`keyart.feature_
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from keyart import feature_spec
@@ -25,6 +27,8 @@ C_PRIOR = C_STATIC + N_STATIC
 C_MATCH = C_PRIOR + 3
 C_RESP = C_MATCH + 4
 C_SEG = C_RESP + 3
+C_PAGE_ROW = C_CONTEXT + feature_spec.CONTEXT_FEATURES.index("ctx_page_row")
+C_POSITION = C_CONTEXT + feature_spec.CONTEXT_FEATURES.index("ctx_position")
 assert C_SEG + 1 == feature_spec.N_FEATURES
 assert feature_spec.FEATURE_NAMES[C_RESP] == "resp_lift_sum" and feature_spec.FEATURE_NAMES[C_SEG] == "art_prior_mean_seg"
 
@@ -35,6 +39,15 @@ def _sequential_sum(values: np.ndarray) -> np.ndarray:
     for j in range(1, values.shape[1]):
         out += values[:, j]
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _context_row(device: str, local_hour: int, day_of_week: int) -> np.ndarray:
+    """:func:`keyart.feature_spec.context_block` of one (device, hour, day), placement 0:
+    [N_CONTEXT] float32 (read-only: it is shared)."""
+    row = feature_spec.context_block([device], [local_hour], [day_of_week], [0], [0])[0]
+    row.flags.writeable = False
+    return row
 
 
 def affinity_vector(table: ArtworkTable, member: Member) -> np.ndarray:
@@ -60,9 +73,10 @@ def page_matrix(table: ArtworkTable, member: Member, device: str, local_hour: in
     gid = np.repeat(np.arange(n_titles), sizes)
     x = np.empty((len(rows), feature_spec.N_FEATURES), dtype=np.float32)
     x[:, C_MEMBER:C_CONTEXT] = member.block
-    ctx = feature_spec.context_block([device] * n_titles, [local_hour] * n_titles, [day_of_week] * n_titles,
-                                 page_row, position)
-    x[:, C_CONTEXT:C_STATIC] = ctx[gid]
+    # device, hour and day are the page's: one context row, then each title's placement
+    x[:, C_CONTEXT:C_STATIC] = _context_row(device, local_hour, day_of_week)
+    x[:, C_PAGE_ROW] = page_row[gid]
+    x[:, C_POSITION] = position[gid]
     x[:, C_STATIC:C_PRIOR] = table.static[rows]
 
     mean = table.prior_mean[rows]

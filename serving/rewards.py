@@ -39,6 +39,7 @@ Online priors (:class:`OnlinePriors` over an :class:`OnlineState`)
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import functools
 import hashlib
@@ -48,7 +49,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +79,14 @@ def _b36(n: int) -> str:
             return out
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64url(digest: bytes) -> str:
+    """URL-safe base64 of a 16-byte digest without its padding (22 characters)."""
+    return binascii.b2a_base64(digest, newline=False)[:22].translate(_URLSAFE).decode()
+
+
 class RewardRefused(Exception):
     """A reward that is not accepted; ``status`` is the HTTP status to answer with."""
 
@@ -102,12 +111,19 @@ class EventSigner:
 
     def __init__(self, secret: str):
         self._key = secret.encode()
+        # HMAC state after the key: each signature copies it instead of re-keying (~25% less)
+        self._keyed = hmac.new(self._key, digestmod=hashlib.sha256)
         self._nonce_prefix = base64.b32encode(os.urandom(5)).decode().lower()
         self._counter = itertools.count()
 
+    def _digest(self, payload: str) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(payload.encode())
+        return mac.digest()[:16]
+
     def _sign(self, payload: str) -> tuple[str, bytes]:
-        digest = hmac.digest(self._key, payload.encode(), hashlib.sha256)[:16]
-        return base64.urlsafe_b64encode(digest).decode().rstrip("="), digest
+        digest = self._digest(payload)
+        return _b64url(digest), digest
 
     def issue(self, ts_ms: int, segment: str, artwork_id: str) -> str:
         """A new event id for showing ``artwork_id`` at ``ts_ms`` to a member of ``segment``."""
@@ -115,17 +131,26 @@ class EventSigner:
 
     def issue_many(self, ts_ms: int, segment: str, artwork_ids: list[str]) -> list[str]:
         """Event ids for the decisions of one page (same time and member)."""
+        return self.issue_page(ts_ms, segment, artwork_ids)[0]
+
+    def issue_page(self, ts_ms: int, segment: str, artwork_ids: list[str]) -> tuple[list[str], list[bytes]]:
+        """:meth:`issue_many` and the digest of every id (what :class:`Impression` keys on),
+        so the caller need not parse the ids it was just given."""
         stamp = f"{VERSION}.{_b36(ts_ms)}.{self._nonce_prefix}"
         code = SEGMENT_CODES[segment]
-        out = []
+        counter, keyed, b64 = self._counter, self._keyed, _b64url
+        ids, digests = [], []
         for artwork_id in artwork_ids:
-            head = f"{stamp}{next(self._counter):x}.{code}"
-            sig, _ = self._sign(f"{head}.{artwork_id}")
-            event_id = f"{head}.{sig}.{artwork_id}"
+            head = f"{stamp}{next(counter):x}.{code}"
+            mac = keyed.copy()
+            mac.update(f"{head}.{artwork_id}".encode())
+            digest = mac.digest()[:16]
+            event_id = f"{head}.{b64(digest)}.{artwork_id}"
             if len(event_id) > 128:
                 raise ValueError(f"artwork id {artwork_id[:40]!r}... too long for an event id")
-            out.append(event_id)
-        return out
+            ids.append(event_id)
+            digests.append(digest)
+        return ids, digests
 
     def verify(self, event_id: str) -> EventRef:
         """Parse and check ``event_id``; :class:`RewardRefused` if malformed or forged."""
@@ -227,9 +252,18 @@ class Impression:
     @classmethod
     def of(cls, event_id: str, artwork_id: str, n_candidates: int, propensity: float) -> Impression | None:
         parsed = _parts(event_id)
-        if parsed is None or n_candidates < 1 or not 0.0 < propensity <= 1.0:
+        if parsed is None:
             return None
         ts_ms, segment, digest = parsed
+        return cls.issued(digest, ts_ms, artwork_id, segment, n_candidates, propensity)
+
+    @classmethod
+    def issued(cls, digest: bytes, ts_ms: int, artwork_id: str, segment: str, n_candidates: int,
+               propensity: float) -> Impression | None:
+        """From what :meth:`EventSigner.issue_page` signed (None, as :meth:`of`, for no
+        candidates or a propensity outside (0, 1])."""
+        if n_candidates < 1 or not 0.0 < propensity <= 1.0:
+            return None
         return cls(digest, ts_ms, artwork_id, segment, 1.0 / (n_candidates * propensity))
 
     @classmethod
@@ -239,6 +273,26 @@ class Impression:
             return cls.of(row["event_id"], row["artwork_id"], len(row["candidates"]), float(row["propensity"]))
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def young_sums(cohorts: Iterable[tuple[int, Sequence[float]]], share: Callable[[int], float]) -> list[float]:
+    """A key's open cohorts ``(cohort, [sw, sww, rewarded sw, rewarded sww])`` summed as
+    [sum F w, sum F w^2, rewarded sw, rewarded sww], F = ``share(cohort)`` the share of its
+    rewards already arrived (:class:`LocalState` explains the rule)."""
+    yw = yww = rw = rww = 0.0
+    for b, (w, ww, r1, r2) in cohorts:
+        f = share(b)
+        yw += f * w
+        yww += f * ww
+        rw += r1
+        rww += r2
+    return [yw, yww, rw, rww]
+
+
+def with_young(sw: float, sww: float, swr: float, young: Sequence[float]) -> tuple[float, float, float]:
+    """Closed-cohort sums (sw, sww, swr) plus a key's :func:`young_sums`: an open cohort
+    counts at least its rewards so far."""
+    return sw + max(young[0], young[2]), sww + max(young[1], young[3]), swr + young[2]
 
 
 class OnlineState(Protocol):
@@ -422,49 +476,63 @@ class LocalState:
         self._cdf = _delay_cdf(sum(self._delays.values(), np.zeros(DELAY_BINS)))
 
     def _impression(self, ev: Impression, changed: set[Key]) -> None:
-        if ev.digest in self._entries:
-            return
-        ds = _utc_ds(ev.ts_ms)
+        self._impressions((ev,), changed)
+
+    def _impressions(self, events: Sequence[Impression], changed: set[Key]) -> None:
+        """Count impressions that share one decision time and segment (a page's): what
+        depends only on those (day, cohort, its state) is worked out once."""
+        ev0 = events[0]
+        ts_ms, segment = ev0.ts_ms, ev0.segment
+        ds = _utc_ds(ts_ms)
         if ds < self._oldest_day():
             return
-        keys = ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL),) if ev.segment == feature_spec.SEGMENT_ALL \
-            else ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL), (ds, ev.artwork_id, ev.segment))
-        b = ev.ts_ms // self.bin_ms
-        orphan = self._orphans.pop(ev.digest, None)
-        reward_ts = orphan[1] if orphan is not None else None
-        w, ww, r = ev.weight, ev.weight * ev.weight, 0.0 if reward_ts is None else 1.0
-        for k in keys:
-            c = self._counts.setdefault(k, [0, 0])
-            c[0] += 1
-            c[1] += int(r)
-        if self._closed_bin(b):
-            for k in keys:
-                c = self._closed.setdefault(k, [0.0, 0.0, 0.0])
-                c[0] += w
-                c[1] += ww
-                c[2] += w * r
-            if reward_ts is not None:
-                self._count_delay(ds, reward_ts - ev.ts_ms)
-        else:
+        b = ts_ms // self.bin_ms
+        closed = self._closed_bin(b)
+        keep = not self._expired_bin(b)
+        both = segment != feature_spec.SEGMENT_ALL
+        entries, orphans, counts = self._entries, self._orphans, self._counts
+        if not closed:
             cohort = self._young.setdefault(b, {})
             f = self._f(b)
+            young_keys, ycache = self._young_keys, self._ycache
+        for ev in events:
+            if ev.digest in entries:
+                continue
+            keys = ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL), (ds, ev.artwork_id, segment)) if both \
+                else ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL),)
+            orphan = orphans.pop(ev.digest, None)
+            reward_ts = orphan[1] if orphan is not None else None
+            w, ww, r = ev.weight, ev.weight * ev.weight, 0.0 if reward_ts is None else 1.0
             for k in keys:
-                y = cohort.setdefault(k, [0.0, 0.0, 0.0, 0.0])
-                y[0] += w
-                y[1] += ww
-                y[2] += w * r
-                y[3] += ww * r
-                self._young_keys.setdefault(k, set()).add(b)
-                yc = self._ycache.get(k)
-                if yc is not None:
-                    yc[0] += f * w
-                    yc[1] += f * ww
-                    yc[2] += w * r
-                    yc[3] += ww * r
-        if not self._expired_bin(b):
-            self._entries[ev.digest] = _Entry(ds, keys, b, w, ev.ts_ms, reward_ts)
-            self._by_bin.setdefault(b, []).append(ev.digest)
-        changed.update(keys)
+                c = counts.setdefault(k, [0, 0])
+                c[0] += 1
+                c[1] += int(r)
+            if closed:
+                for k in keys:
+                    c = self._closed.setdefault(k, [0.0, 0.0, 0.0])
+                    c[0] += w
+                    c[1] += ww
+                    c[2] += w * r
+                if reward_ts is not None:
+                    self._count_delay(ds, reward_ts - ts_ms)
+            else:
+                for k in keys:
+                    y = cohort.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+                    y[0] += w
+                    y[1] += ww
+                    y[2] += w * r
+                    y[3] += ww * r
+                    young_keys.setdefault(k, set()).add(b)
+                    yc = ycache.get(k)
+                    if yc is not None:
+                        yc[0] += f * w
+                        yc[1] += f * ww
+                        yc[2] += w * r
+                        yc[3] += ww * r
+            if keep:
+                entries[ev.digest] = _Entry(ds, keys, b, w, ts_ms, reward_ts)
+                self._by_bin.setdefault(b, []).append(ev.digest)
+            changed.update(keys)
 
     def _reward(self, digest: bytes, impression_ms: int, reward_ms: int, changed: set[Key]) -> None:
         """A reward of 1 (a reward of 0 changes nothing: the impression counts as a failure
@@ -549,8 +617,14 @@ class LocalState:
     def add_impressions(self, events: Sequence[Impression]) -> set[Key]:
         changed: set[Key] = set()
         with self._lock:
-            for ev in events:
-                self._impression(ev, changed)
+            start, n = 0, len(events)
+            while start < n:  # runs of one decision time and segment (a page) at a time
+                ts_ms, segment = events[start].ts_ms, events[start].segment
+                end = start + 1
+                while end < n and events[end].ts_ms == ts_ms and events[end].segment == segment:
+                    end += 1
+                self._impressions(events[start:end], changed)
+                start = end
             if events:
                 self._advance(max(ev.ts_ms for ev in events), changed)
                 self._expire_orphans()
@@ -652,18 +726,8 @@ class LocalState:
             if self._cdf is not None and bins:
                 yc = self._ycache.get(key)
                 if yc is None:
-                    yc = [0.0, 0.0, 0.0, 0.0]
-                    for b in bins:
-                        f = self._f(b)
-                        w, ww, rw, rww = self._young[b][key]
-                        yc[0] += f * w
-                        yc[1] += f * ww
-                        yc[2] += rw
-                        yc[3] += rww
-                    self._ycache[key] = yc
-                sw += max(yc[0], yc[2])
-                sww += max(yc[1], yc[3])
-                swr += yc[2]
+                    yc = self._ycache[key] = young_sums(((b, self._young[b][key]) for b in bins), self._f)
+                sw, sww, swr = with_young(sw, sww, swr, yc)
             return weighted_evidence(sw, sww, swr)
 
     def keys(self) -> list[Key]:
@@ -1303,16 +1367,7 @@ class RedisState:
             sw, sww, swr = c if c is not None else _ZERO
             young = self._young.get(key)
             if self._cdf is not None and young:
-                yw = yww = rw = rww = 0.0
-                for b, (w, ww, r1, r2) in young.items():
-                    f = self._f(b)
-                    yw += f * w
-                    yww += f * ww
-                    rw += r1
-                    rww += r2
-                sw += max(yw, rw)
-                sww += max(yww, rww)
-                swr += rw
+                sw, sww, swr = with_young(sw, sww, swr, young_sums(young.items(), self._f))
             out = weighted_evidence(sw, sww, swr)
             self._cache[key] = out
             return out
