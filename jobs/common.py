@@ -306,31 +306,28 @@ def write_day_observed(df: DataFrame, path: Path, files: int | None = None,
 def write_days_observed(df: DataFrame, base: Path, days: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Write the rows of ``df`` (with a string ``ds`` column) into ``base/ds=D`` for every D of
     ``days`` (dynamic overwrite; a day without rows gets an empty partition, so a rerun never
-    leaves stale rows) and return each day's ``{"rows", "content_hash"}`` from the same pass."""
+    leaves stale rows) and return each day's ``{"rows", "content_hash"}``.
+
+    The figures come from one grouped aggregate over the rows written, a second pass over
+    ``df`` (persist it if it is costly): observing the write would hash every row once per
+    day (a 90-day history load hashed each row 90 times, in an aggregate too wide for code
+    generation), a Spark Connect write returns no observed metrics, and a read-back would
+    see a stale partition of a day that has no rows now."""
     columns = [c for c in df.columns if c != "ds"]
-    observation = Observation(f"write-{base.name}-{uuid.uuid4().hex[:8]}")
-    exprs = [e for i, d in enumerate(days) for e in content_exprs(columns, F.col("ds") == F.lit(d), f"_{i}")]
     out = df.where(F.col("ds").isin(list(days)))
     if len(days) > 1:
         out = out.repartition("ds")
-    out.observe(observation, *exprs).write.mode("overwrite").partitionBy("ds").parquet(str(base))
-    figures = observation.get
-    if f"rows_{len(days) - 1}" not in figures:
-        # A Spark Connect write returns no observed metrics: the same aggregates over the
-        # days read back (same columns and types, so the same identity).
-        figures = {}
-        for i, d in enumerate(days):
-            day = base / f"ds={d}"
-            if day.exists():
-                back = df.sparkSession.read.parquet(str(day)).select(*columns)
-                got = back.agg(*content_exprs(columns, suffix=f"_{i}")).first().asDict()
-            else:
-                got = {f"rows_{i}": 0, f"h64_{i}": 0, f"h32_{i}": 0}
-            figures.update(got)
+    out.write.mode("overwrite").partitionBy("ds").parquet(str(base))
+    figures: dict[str, Any] = {}
+    for r in df.where(F.col("ds").isin(list(days))).groupBy("ds").agg(*content_exprs(columns)).collect():
+        i = days.index(r["ds"])
+        figures.update({f"rows_{i}": r["rows"], f"h64_{i}": r["h64"], f"h32_{i}": r["h32"]})
+    for i in range(len(days)):
+        figures.setdefault(f"rows_{i}", 0)
     result = {}
     for i, d in enumerate(days):
         rows = int(figures[f"rows_{i}"])
-        result[d] = {"rows": rows, "content_hash": content_hash(rows, figures[f"h64_{i}"], figures[f"h32_{i}"])}
+        result[d] = {"rows": rows, "content_hash": content_hash(rows, figures.get(f"h64_{i}"), figures.get(f"h32_{i}"))}
         if rows == 0:
             write_day(df.sparkSession.createDataFrame([], df.drop("ds").schema), base / f"ds={d}", files=1)
     return result

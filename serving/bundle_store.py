@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from keyart import bundle as kbundle
 from keyart import feature_spec, registry
@@ -152,7 +153,7 @@ def load_bundle(path: Path, source: str, settings: Settings, registry_version: s
         arts = [r for r in read_rows(path / kbundle.ARTWORKS_FILE) if not_expired(r, dt.datetime.now(dt.UTC).date())]
         vocabulary = feature_spec.Vocabulary.from_dict(json.loads((path / kbundle.SPEC_FILE).read_text()).get("vocabulary"))
         table = ArtworkTable.build(arts, read_rows(path / kbundle.PRIORS_FILE), vocabulary)
-        members = MemberTable(read_rows(path / kbundle.MEMBERS_FILE), table.vocab, table.vocabulary, table.resp_vocab)
+        members = MemberTable(pq.read_table(path / kbundle.MEMBERS_FILE), table.vocab, table.vocabulary, table.resp_vocab)
         scorer = OnnxScorer(path / kbundle.MODEL_FILE)
     except (kbundle.BundleError, OSError):  # OSError: a read that failed, retried
         raise

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keyart import catalog, feature_spec
@@ -219,34 +221,101 @@ class Member:
     resp_n: np.ndarray = field(default_factory=lambda: np.zeros(0))              # their impressions
 
 
-class MemberTable:
-    """The member snapshot shipped with the bundle, keyed by member_id."""
+def _list_entries(table: pa.Table, names: Sequence[str], types: Sequence[pa.DataType]) -> tuple[np.ndarray, list[pa.Array]]:
+    """The elements of aligned list columns ``names`` as (row index [E], flat values per column),
+    over the rows where every one of them is present (a row missing any has no entries). A
+    column the table lacks counts as missing; lists of one row must have equal lengths."""
+    n = table.num_rows
+    cols = [table.column(c).combine_chunks().cast(pa.list_(t)) if c in table.column_names else pa.nulls(n, pa.list_(t))
+            for c, t in zip(names, types, strict=True)]
+    present = np.ones(n, bool)
+    for c in cols:
+        present &= c.is_valid().to_numpy(zero_copy_only=False)
+    lengths = [pc.fill_null(pc.list_value_length(c), 0).to_numpy().astype(np.int64) for c in cols]
+    if any((ln != lengths[0])[present].any() for ln in lengths[1:]):
+        raise ValueError(f"member rows whose {'/'.join(names)} lists differ in length")
+    rows = np.repeat(np.arange(n), np.where(present, lengths[0], 0))
+    flat = []
+    for c, ln in zip(cols, lengths, strict=True):
+        values = c.flatten()   # the elements of every present list, in row order
+        keep = np.repeat(present[c.is_valid().to_numpy(zero_copy_only=False)], ln[c.is_valid().to_numpy(zero_copy_only=False)])
+        flat.append(values.filter(pa.array(keep)) if not keep.all() else values)
+    return rows, flat
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], vocab: Mapping[str, int],
+
+def _last_wins(rows: np.ndarray, tags: pa.Array, *lookups: Mapping[str, int]) -> tuple[np.ndarray, ...]:
+    """Per row, each distinct tag once in the order it first appears, with the position of its
+    last occurrence (a dict built from the row's pairs): (rows, positions, then per lookup the
+    tag's value there, -1 where it has none)."""
+    encoded = pc.dictionary_encode(pc.fill_null(tags, "None"))
+    names = encoded.dictionary.to_pylist()
+    code = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    key = rows * max(len(names), 1) + code
+    _, first = np.unique(key, return_index=True)
+    _, last_rev = np.unique(key[::-1], return_index=True)
+    last = len(key) - 1 - last_rev
+    order = np.argsort(first, kind="stable")
+    kept = code[last[order]]
+    mapped = [np.array([lookup.get(t, -1) for t in names] + [-1], np.int64)[kept] for lookup in lookups]
+    return (rows[first[order]], last[order], *mapped)
+
+
+def _floats(a: pa.Array) -> np.ndarray:
+    if a.null_count:
+        raise ValueError("member rows with a null inside a value list")
+    return a.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _csr(n: int, rows: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Row pointers [n + 1] for entries already grouped by row, and the values."""
+    return (np.r_[0, np.cumsum(np.bincount(rows, minlength=n))], *values)
+
+
+class MemberTable:
+    """The member snapshot shipped with the bundle, keyed by member_id.
+
+    Built with Arrow from the snapshot's columns (a Table, or rows as dicts): each member's
+    affinities and responses are slices of flat arrays, with the semantics of
+    :func:`keyart.feature_spec.affinity_map` / :func:`~keyart.feature_spec.response_map`
+    (the last value of a repeated tag wins; responses with impressions > 0)."""
+
+    def __init__(self, rows: pa.Table | Sequence[Mapping[str, Any]], vocab: Mapping[str, int],
                  vocabulary: feature_spec.Vocabulary | None = None, resp_vocab: Mapping[str, int] | None = None):
         vocabulary = vocabulary or feature_spec.Vocabulary()
         resp_vocab = resp_vocab or {}
-        self._rows: dict[str, int] = {}
-        n = len(rows)
-        # affinity_map / response_map semantics: the last value of a repeated tag wins
-        amaps = [feature_spec.affinity_map(r.get("affinity_tags"), r.get("affinity_values")) for r in rows]
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        n = table.num_rows
+
+        def scalar(name: str, fill: float) -> np.ndarray:
+            if name not in table.column_names:
+                return np.full(n, fill)
+            return pc.fill_null(table.column(name).cast(pa.float64()), fill).to_numpy()
+
+        kids = scalar("member_is_kids", 0.0)
+        # affinities: every tag in the matching vocabulary, and the genre columns of the block
+        a_rows, (a_tags, a_vals) = _list_entries(table, ("affinity_tags", "affinity_values"), (pa.string(), pa.float64()))
+        genre_slot = {feature_spec.GENRE_PREFIX + g: i for i, g in enumerate(vocabulary.genres)}
+        a_rows, a_last, slot, col = _last_wins(a_rows, a_tags, genre_slot, vocab)
+        a_vals = _floats(a_vals)[a_last]
+        genres = np.zeros((n, feature_spec.N_GENRE_SLOTS))
+        genres[a_rows[slot >= 0], slot[slot >= 0]] = a_vals[slot >= 0]
         self._block = feature_spec.member_block(
-            np.ones(n), [r.get("member_is_kids") or 0 for r in rows],
-            [r.get("member_log_plays_28d") for r in rows],
-            [r.get("member_days_since_last_play") for r in rows],
-            np.array([feature_spec.genre_row(a, vocabulary) for a in amaps], np.float64).reshape(n, feature_spec.N_GENRE_SLOTS),
+            np.ones(n), kids, scalar("member_log_plays_28d", np.nan), scalar("member_days_since_last_play", np.nan), genres,
         ) if n else np.zeros((0, len(feature_spec.MEMBER_FEATURES)), np.float32)
-        self._kids = [bool(r.get("member_is_kids")) for r in rows]
-        self._aff: list[tuple[np.ndarray, np.ndarray]] = []
-        self._resp: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for i, (r, amap) in enumerate(zip(rows, amaps, strict=True)):
-            self._rows[str(r["member_id"])] = i
-            known = [(vocab[t], v) for t, v in amap.items() if t in vocab]
-            self._aff.append((np.array([c for c, _ in known], np.int64), np.array([v for _, v in known], np.float64)))
-            rmap = feature_spec.response_map(r.get("response_tags"), r.get("response_values"), r.get("response_n"))
-            shown = [(resp_vocab[t], v, k) for t, (v, k) in rmap.items() if t in resp_vocab]
-            self._resp.append((np.array([c for c, _, _ in shown], np.int64), np.array([v for _, v, _ in shown], np.float64),
-                               np.array([k for _, _, k in shown], np.float64)))
+        known = col >= 0
+        self._aff = _csr(n, a_rows[known], col[known], a_vals[known])
+        # responses with impressions > 0, in the response vocabulary
+        r_rows, (r_tags, r_vals, r_n) = _list_entries(table, ("response_tags", "response_values", "response_n"),
+                                                      (pa.string(), pa.float64(), pa.float64()))
+        r_nv = _floats(r_n)
+        seen = r_nv > 0
+        r_rows, r_last, rcol = _last_wins(r_rows[seen], r_tags.filter(pa.array(seen)), resp_vocab)
+        r_vals, r_nv = _floats(r_vals)[seen][r_last], r_nv[seen][r_last]
+        shown = rcol >= 0
+        self._resp = _csr(n, r_rows[shown], rcol[shown], r_vals[shown], r_nv[shown])
+        self._kids = kids.astype(bool)
+        ids = table.column("member_id").to_pylist() if n else []
+        self._rows: dict[str, int] = {str(m): i for i, m in enumerate(ids)}
         u = feature_spec.UNKNOWN_MEMBER
         self.unknown = Member(
             feature_spec.member_block([u["member_known"]], [u["member_is_kids"]], [u["member_log_plays_28d"]],
@@ -261,5 +330,9 @@ class MemberTable:
         i = self._rows.get(member_id)
         if i is None:
             return self.unknown
-        cols, vals = self._aff[i]
-        return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols, vals, *self._resp[i])
+        ptr, cols, vals = self._aff
+        a, b = ptr[i], ptr[i + 1]
+        rptr, rcols, rvals, rn = self._resp
+        c, d = rptr[i], rptr[i + 1]
+        return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols[a:b], vals[a:b],
+                      rcols[c:d], rvals[c:d], rn[c:d])
