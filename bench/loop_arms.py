@@ -37,6 +37,11 @@ class ArmDay:
     propensity: np.ndarray
     reward: np.ndarray
 
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> ArmDay:
+        """Uninitialised [V, P] arrays for an arm to fill slot by slot."""
+        return cls(np.empty(shape, dtype=np.int64), np.empty(shape), np.empty(shape, dtype=np.int8))
+
 
 def slot_offsets(candidates_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For one visit's [P, K] candidates: (flat artwork indices [R], offsets [P + 1])."""
@@ -70,9 +75,8 @@ class NonContextualArm:
     def run_day(self, world, visits, values: np.ndarray | None = None) -> ArmDay:
         values = day_values(world, visits) if values is None else values
         v, p = visits.titles.shape
-        art = np.empty((v, p), dtype=np.int64)
-        prop = np.empty((v, p))
-        rew = np.empty((v, p), dtype=np.int8)
+        day = ArmDay.empty((v, p))
+        art, prop, rew = day.artwork_idx, day.propensity, day.reward
         for i in range(v):
             rows, offsets = slot_offsets(visits.candidates[i])
             probs = policy.probabilities(self.cfg, np.zeros(len(rows)), offsets, self.alpha[rows],
@@ -85,7 +89,7 @@ class NonContextualArm:
             self.beta[a] += 1 - r
             self.n[a] += 1
             art[i], prop[i], rew[i] = a, propensity, r
-        return ArmDay(art, prop, rew)
+        return day
 
 
 def _clean(tag: str) -> str:
@@ -131,9 +135,8 @@ class VWArm:
     def run_day(self, world, visits, values: np.ndarray | None = None) -> ArmDay:
         values = day_values(world, visits) if values is None else values
         v, p = visits.titles.shape
-        art = np.empty((v, p), dtype=np.int64)
-        prop = np.empty((v, p))
-        rew = np.empty((v, p), dtype=np.int8)
+        day = ArmDay.empty((v, p))
+        art, prop, rew = day.artwork_idx, day.propensity, day.reward
         member, device = visits.member_idx.tolist(), visits.device.tolist()
         hour, dow = visits.local_hour.tolist(), visits.day_of_week.tolist()
         rows_, pos_ = visits.page_row.tolist(), visits.position.tolist()
@@ -153,7 +156,7 @@ class VWArm:
                 self.vw.learn([shared, *actions])
                 art[i, j], prop[i, j], rew[i, j] = cands[k], pmf[k], r
                 self.events += 1
-        return ArmDay(art, prop, rew)
+        return day
 
     def close(self) -> None:
         self.vw.finish()

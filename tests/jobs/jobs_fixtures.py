@@ -89,10 +89,20 @@ def args(ds: str, lake, through: str | None = None) -> argparse.Namespace:
 CHAIN_D1, CHAIN_D2 = "2026-03-01", "2026-03-02"
 
 
-def build_lake(spark, lake) -> None:
-    """Two days of raw logs (with a broken line each) over a three-artwork catalog."""
+def write_raw_day(lake, ds: str, impressions: list[dict], plays: list[dict]) -> None:
+    """A day's raw impression and play logs, each ending in a broken line, and the play log's
+    completeness marker (its attribution windows may close)."""
     from keyart.lake import mark_plays_delivered
 
+    for log, rows in (("impressions", impressions), ("plays", plays)):
+        folder = lake.raw(log, ds)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
+    mark_plays_delivered(lake, ds)
+
+
+def build_lake(spark, lake) -> None:
+    """Two days of raw logs (with a broken line each) over a three-artwork catalog."""
     frame(spark, "titles", [title("t1", ["drama"], ["a"]), title("t2", ["comedy"])]).write.parquet(str(lake.titles))
     frame(spark, "artworks", [artwork("t1-a0", "t1", ["cast:a", "tone:drama"], True), artwork("t1-a1", "t1", ["tone:comedy"]),
                               artwork("t2-a0", "t2", ["closeup"], True)]).write.parquet(str(lake.artworks))
@@ -107,11 +117,7 @@ def build_lake(spark, lake) -> None:
                                    propensity=1.0 / len(cands)))
             if i % 3:
                 plays.append(play(m, t, f"{ds} {(i * 47) % 24:02d}:{min(59, i % 60 + 20):02d}", float(i)))
-        for log, rows in (("impressions", imps), ("plays", plays)):
-            folder = lake.raw(log, ds)
-            folder.mkdir(parents=True)
-            (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
-        mark_plays_delivered(lake, ds)  # the play log of the day is complete: its windows may close
+        write_raw_day(lake, ds, imps, plays)
 
 
 def run_local(spark, lake, settings) -> None:

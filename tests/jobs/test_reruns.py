@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 
-from jobs_fixtures import args, artwork, frame, impression, jsonl, member, play
+from jobs_fixtures import args, artwork, frame, impression, member, play, write_raw_day
 
 from keyart.contracts import IMPRESSIONS, PLAYS, PRIORS, REWARDS
 from keyart.jobs import ingest, priors, rewards
 from keyart.jobs.common import partition_content
-from keyart.lake import mark_plays_delivered
 
 D1, D2 = "2026-03-01", "2026-03-02"
 
@@ -32,11 +31,7 @@ def build(spark, lake) -> None:
                                    candidates=cands, propensity=1.0 / len(cands)))
             if i % 3:
                 plays.append(play(m, t, f"{ds} {hour:02d}:{i + 20:02d}", float(5 * i)))
-        for log, rows in (("impressions", imps + imps[:2]), ("plays", plays)):   # two exact duplicates
-            folder = lake.raw(log, ds)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "part-0.jsonl").write_text(jsonl(rows) + "{not json\n")
-        mark_plays_delivered(lake, ds)
+        write_raw_day(lake, ds, imps + imps[:2], plays)   # two exact duplicates
 
 
 def run_days(spark, lake, settings) -> dict[str, dict]:

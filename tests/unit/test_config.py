@@ -58,25 +58,17 @@ def test_settings_is_read_once_until_cleared(clean_env, monkeypatch):
     assert config.settings().spark_master == "local[3]"
 
 
-def test_missing_config_file_is_an_error(clean_env, monkeypatch):
-    monkeypatch.setenv("KEYART_CONFIG", str(clean_env / "nope.yaml"))
-    with pytest.raises(FileNotFoundError, match="KEYART_CONFIG points at .*nope.yaml"):
-        Settings()
-
-
-def test_config_file_must_be_a_mapping(clean_env, monkeypatch):
-    cfg = clean_env / "list.yaml"
-    cfg.write_text("- spark_master\n- local[2]\n")
-    monkeypatch.setenv("KEYART_CONFIG", str(cfg))
-    with pytest.raises(ValueError, match="must be a mapping"):
-        Settings()
-
-
-def test_unknown_field_in_the_file_is_refused(clean_env, monkeypatch):
+@pytest.mark.parametrize(("text", "error", "match"), [
+    (None, FileNotFoundError, "KEYART_CONFIG points at .*k.yaml"),     # no such file
+    ("- spark_master\n- local[2]\n", ValueError, "must be a mapping"),
+    ("spark_mastr: local[2]\n", ValidationError, "Extra inputs"),      # an unknown field
+])
+def test_a_bad_config_file_is_refused(clean_env, monkeypatch, text, error, match):
     cfg = clean_env / "k.yaml"
-    cfg.write_text("spark_mastr: local[2]\n")
+    if text is not None:
+        cfg.write_text(text)
     monkeypatch.setenv("KEYART_CONFIG", str(cfg))
-    with pytest.raises(ValidationError, match="Extra inputs"):
+    with pytest.raises(error, match=match):
         Settings()
 
 
