@@ -390,8 +390,11 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
 
     The run is the one the schedule would make for day ``ds``: logical date and data interval
     start ``ds``, run after the interval's end (the UI lists and sorts runs by it), the ``ds``
-    param set. The DAG is unpaused for it: pass the client to :func:`pause` afterwards when
-    nothing else should be scheduled."""
+    param set. It is created before the DAG is unpaused for it, so a scheduler on its schedule
+    finds the day's run there and does not make its own for the same interval. When a run of
+    that logical date exists already (the schedule's, or an earlier trigger), it is cleared and
+    waited for: the day runs again on the data there now. Pass the client to :func:`pause`
+    afterwards when nothing else should be scheduled."""
     import datetime as dt
     import time
 
@@ -400,7 +403,6 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{DAG_ID} never appeared in the API")
         time.sleep(1)
-    client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
     start = f"{ds}T00:00:00Z"
     end = (dt.date.fromisoformat(ds) + dt.timedelta(days=1)).isoformat() + "T00:00:00Z"
     body = {"dag_run_id": run_id or f"keyart__{ds}", "logical_date": start, "data_interval_start": start,
@@ -408,9 +410,18 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
     if note:
         body["note"] = note
     resp = client.post(f"/dags/{DAG_ID}/dagRuns", json=body)
-    if resp.status_code >= 400:
+    if resp.status_code == 409:  # a run of this logical date (or this run id) exists: run it again
+        run_id = _existing_run(client, start, body["dag_run_id"])
+        if run_id is None:
+            raise RuntimeError(f"triggering {DAG_ID} for {ds} was refused (409) and no run of {start} is listed: "
+                               f"{resp.text[:500]}")
+        client.post(f"/dags/{DAG_ID}/dagRuns/{run_id}/clear", json={"dry_run": False}).raise_for_status()
+    elif resp.status_code >= 400:
         raise RuntimeError(f"triggering {DAG_ID} for {ds} was refused ({resp.status_code}): {resp.text[:500]}")
-    run_id = resp.json()["dag_run_id"]
+    else:
+        run_id = resp.json()["dag_run_id"]
+    client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
+    time.sleep(1)  # a cleared run is queued again on the scheduler's next loop
     while True:
         run = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
         if run["state"] in ("success", "failed"):
@@ -418,6 +429,17 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} still {run['state']} after {timeout:.0f}s")
         time.sleep(1)
+
+
+def _existing_run(client, logical_date: str, run_id: str) -> str | None:
+    """The id of the run with this run id, else of the run of this logical date."""
+    if client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").status_code == 200:
+        return run_id
+    resp = client.get(f"/dags/{DAG_ID}/dagRuns", params={"logical_date_gte": logical_date,
+                                                          "logical_date_lte": logical_date})
+    resp.raise_for_status()
+    runs = resp.json()["dag_runs"]
+    return runs[0]["dag_run_id"] if runs else None
 
 
 def pause(client) -> None:

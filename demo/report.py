@@ -123,6 +123,18 @@ def noncontextual_value(world, visits, priors_dir: Path, settings) -> float | No
     return world.expected_value_of_probs(visits, probs)
 
 
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, Any]]]:
     """Which artwork each taste got: the endpoint's impressions of the named titles on ``ds``.
 
@@ -139,7 +151,16 @@ def artwork_shares(world, lake: Lake, ds: str) -> dict[str, dict[str, dict[str, 
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         return {}
-    rows = pd.concat([pd.read_json(f, lines=True) for f in files], ignore_index=True)
+    # a torn last line (a process killed while writing it) was never acknowledged: skipped
+    records = [rec for f in files for rec in _json_lines(f)]
+    if not records:
+        return {}
+    rows = pd.DataFrame.from_records(records)
+    # the day's log may hold other clients' pages too (a shared stack): only this world's
+    members, arts_known = set(world.members.member_ids), set(world.catalog.art_ids)
+    rows = rows[rows["member_id"].isin(members)
+                & rows["candidates"].map(lambda c: isinstance(c, list) and set(c) <= arts_known)]
+    rows = rows.reset_index(drop=True)
     mem = world.members
     g = {name: i for i, name in enumerate(GENRES)}
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -384,7 +405,10 @@ def _fmt(v: float | None) -> str:
 
 
 def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: list[str], endpoint_url: str,
-                 settings, step_times: list[tuple[str, float]]) -> Path:
+                 settings, step_times: list[tuple[str, float]], ran_on: list[str] | None = None,
+                 where_next: list[str] | None = None, topology: str = "embedded") -> Path:
+    """The report: ``ran_on`` says where the loop ran (embedded defaults or the stack),
+    ``where_next`` the places to look afterwards (default: the make targets of one machine)."""
     out.mkdir(parents=True, exist_ok=True)
     shares = artwork_shares(world, lake, days[-1])
     ope = ope_rows(world, lake, results, settings.attribution_window_hours)
@@ -395,6 +419,7 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
              f"World: {world.catalog.n_titles} titles, {world.catalog.n_artworks} artworks, "
              f"{len(world.members.member_ids)} members, seed {world.config.seed}. Quality play: "
              f">= {settings.quality_play_minutes:g} min within {settings.attribution_window_hours:g} h. Policy: {settings.policy}.",
+             *(["", *ran_on] if ran_on else []),
              "", "## Take rate per day (expected quality plays per impression, from ground truth)", "",
              "| day | served by | impressions | served | random | non-contextual | default art | oracle | lift capture | observed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -481,16 +506,18 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                 lines.append(f"| {grp} | {g['impressions']} | {cells} | {g['served_value']:.4f} / {g['oracle_value']:.4f} |")
             lines.append("")
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += ["## Where to look next", "",
-              "- `make mlflow-ui` — every daily run: params, OPE metrics, plots, the model card; the `keyart-artwork` "
-              "registered model with its `champion` / `challenger` aliases.",
-              "- `make airflow-ui` — the `keyart_daily` DAG and its runs, task by task, with logs.",
-              f"- `make serve` — the endpoint (this demo's ran at {endpoint_url}); `POST /v1/artwork`, `/metrics`, `/docs`.",
+    where_next = where_next or [
+        "- `make mlflow-ui` — every daily run: params, OPE metrics, plots, the model card; the `keyart-artwork` "
+        "registered model with its `champion` / `challenger` aliases.",
+        "- `make airflow-ui` — the `keyart_daily` DAG and its runs, task by task, with logs.",
+        f"- `make serve` — the endpoint (this demo's ran at {endpoint_url}); `POST /v1/artwork`, `/metrics`, `/docs`."]
+    lines += ["## Where to look next", "", *where_next,
               f"- The lake: `{lake.root}` (raw logs, clean partitions, quarantine, features, priors, run folders).", "",
               "## Step times", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {label} | {sec:.1f} |" for label, sec in step_times]
     report = out / "demo.md"
     report.write_text("\n".join(lines) + "\n")
     (out / "demo.json").write_text(json.dumps({"days": [asdict(r) for r in results], "ope": ope, "shares": shares,
-                                               "gate": story, "versions": names}, indent=2))
+                                               "gate": story, "versions": names, "topology": topology,
+                                               "ran_on": ran_on or []}, indent=2))
     return report

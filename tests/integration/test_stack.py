@@ -13,9 +13,11 @@ One stack for the module, on free ports, its own databases (``<name>_airflow``,
 * kill -9 of one replica under a bounded load: the balancer keeps answering and every
   acknowledged decision is in the replicas' impression logs; ``up`` brings the replica back
   and returns only once every component is healthy in one pass;
-* a day through the scheduler: the DAG unpaused, its scheduled run for yesterday runs the
-  Spark jobs on the standalone master and the model steps against the MLflow server, the
-  gate names a champion and both replicas pick it up;
+* a day of ``keyart demo --stack --days 1``: the history ingested on the standalone master,
+  yesterday's ``keyart_daily`` triggered through the Airflow API and run by the stack's
+  scheduler (its run in the PostgreSQL metadata), the Spark jobs applications of the
+  authenticated standalone master, the model steps against the MLflow server; the gate names
+  a champion, both replicas pick it up, and today's traffic goes through the balancer;
 * ``down`` stops everything it started.
 
     pytest -m stack          # ~10 min on an idle 2-core machine (PostgreSQL + haproxy needed)
@@ -43,10 +45,11 @@ from keyart.demo import stack as stk
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 TODAY = dt.datetime.now(dt.UTC).date()
-DAY = (TODAY - dt.timedelta(days=1)).isoformat()  # the scheduled run's day (catchup off: the last interval)
-HISTORY_DAYS = 6
-HISTORY_START = (TODAY - dt.timedelta(days=1 + HISTORY_DAYS)).isoformat()
-HISTORY_END = (TODAY - dt.timedelta(days=2)).isoformat()
+DAY = (TODAY - dt.timedelta(days=1)).isoformat()  # the demo's day 0: the DAG runs for it, today is served
+# The world: the fixture writes it before `up` (a replica is ready with a catalog) and the
+# demo writes the same one again (same seed and sizes); small, since only the path matters.
+WORLD = {"seed": "7", "titles": "30", "members": "500", "history-days": "6"}
+VISITS = "150"
 SPARK_JOBS = ("ingest", "rewards", "features", "priors")
 CONTEXT = {"device": "tv", "country": "US", "local_hour": 20, "day_of_week": 4}
 
@@ -69,9 +72,8 @@ def keyart(env: dict[str, str], *args: str, timeout: float = 1200) -> str:
 
 
 class Stack:
-    def __init__(self, state: Path, history: subprocess.Popen | None = None):
+    def __init__(self, state: Path):
         self.state = state
-        self.history = history  # the world's history being ingested on the master (see the fixture)
         self.env = stk.read_env(state)
         self.port = {k[len("STACK_PORT_"):]: int(v) for k, v in self.env.items() if k.startswith("STACK_PORT_")}
         self.balancer = f"http://127.0.0.1:{self.port['BALANCER']}"
@@ -126,35 +128,17 @@ def stack(tmp_path_factory):
     name = f"kst{secrets.token_hex(3)}"
     lake = state / "lake"
     world_env = {**_clean_environ(), "KEYART_HOME": str(state), "KEYART_LAKE_ROOT": str(lake)}
-    # A small world whose first traffic day is yesterday: the day the scheduler will run.
-    keyart(world_env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
-           "--history-days", str(HISTORY_DAYS), "--start", DAY)
-    # the day's traffic is written while the stack starts (nothing of the stack reads it before the DAG)
-    logs = state.parent / "test-logs"
-    logs.mkdir()
-    with open(logs / "traffic.log", "wb") as out:
-        traffic = subprocess.Popen([sys.executable, "-m", "keyart.cli", "traffic", "--lake", str(lake), "--ds", DAY,
-                                    "--policy", "random", "--visits", "150"], env=world_env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    stack_id = history = None
+    # A small world whose first traffic day is yesterday: the day the DAG will run.
+    keyart(world_env, "world", "--out", str(lake), *[a for k, v in WORLD.items() for a in (f"--{k}", v)],
+           "--start", DAY)
+    stack_id = None
     try:
         up = driver("up", "--state-dir", str(state), "--name", name, "--free-ports", "--timeout", "900")
         if stk.env_path(state).exists():
             stack_id = stk.read_env(state)["KEYART_STACK_ID"]
         assert up.returncode == 0, f"stack up failed:\n{up.stdout[-3000:]}\n{up.stderr[-6000:]}"
-        assert traffic.wait(timeout=1200) == 0, (logs / "traffic.log").read_text()[-4000:]
-        # The world's history, ingested on the standalone master while the serving tests run
-        # (the scheduled day's training window needs it; the DAG runs the day itself).
-        with open(logs / "history-ingest.log", "wb") as out:
-            history = subprocess.Popen([sys.executable, "-m", "keyart.cli", "job", "ingest", "--ds", HISTORY_START,
-                                        "--through", HISTORY_END], env=stk.process_environ(stk.read_env(state)),
-                                       stdout=out, stderr=subprocess.STDOUT)
-        yield Stack(state, history)
+        yield Stack(state)
     finally:
-        for proc in (traffic, history):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
         if stack_id is not None:
             down = driver("down", "--state-dir", str(state), "--purge", timeout=600)
             left = stk.stack_processes(stack_id)
@@ -361,42 +345,57 @@ def test_kill_9_of_a_replica_under_load_loses_no_acknowledged_decision(stack):
     assert report["up"], f"{json.dumps(report, indent=2)}\n{again.stdout}"
 
 
-def test_a_scheduled_day_runs_on_the_spark_master_and_reaches_the_replicas(stack):
-    # the world's history, ingested on the standalone master (started by the fixture)
-    stack.history.wait(timeout=1500)
-    assert stack.history.returncode == 0, ("keyart job ingest of the history failed:\n"
-                                           + (stack.state.parent / "test-logs" / "history-ingest.log").read_text()[-4000:])
-
-    with stack.airflow() as client:
-        deadline = time.monotonic() + 300
-        while client.get("/dags/keyart_daily").status_code != 200:
-            assert time.monotonic() < deadline, "the DAG processor never parsed keyart_daily"
-            time.sleep(2)
-        # unpaused, the scheduler runs the last complete interval: yesterday (catchup is off)
-        client.patch("/dags/keyart_daily", json={"is_paused": False}).raise_for_status()
-        deadline = time.monotonic() + 2700
-        run = None
-        while time.monotonic() < deadline:
-            runs = client.get("/dags/keyart_daily/dagRuns").json()["dag_runs"]
-            run = next((r for r in runs if r["run_type"] == "scheduled" and r["logical_date"].startswith(DAY)), None)
-            if run is not None and run["state"] in ("success", "failed"):
-                break
-            time.sleep(5)
-        assert run is not None, f"no scheduled run for {DAY}: {runs}"
-        tis = client.get(f"/dags/keyart_daily/dagRuns/{run['dag_run_id']}/taskInstances").json()["task_instances"]
-        states = {t["task_id"]: t["state"] for t in tis}
-        client.patch("/dags/keyart_daily", json={"is_paused": True})
-    if run["state"] != "success":
+def test_a_demo_day_runs_through_the_scheduler_on_the_spark_master_and_reaches_the_replicas(stack, tmp_path):
+    """``keyart demo --stack --days 1``: what an operator runs after ``make up``."""
+    reports = tmp_path / "reports"
+    t0 = time.monotonic()
+    demo = subprocess.run([sys.executable, "-m", "keyart.cli", "demo", "--stack", "--state-dir", str(stack.state),
+                           "--days", "1", "--visits", VISITS, *[a for k, v in WORLD.items() for a in (f"--{k}", v)],
+                           "--reports", str(reports)],
+                          env=_clean_environ(), text=True, capture_output=True, timeout=3000)
+    print(f"keyart demo --stack --days 1: {time.monotonic() - t0:.0f} s")
+    if demo.returncode != 0:
         scheduler = (stack.state / "logs" / "airflow-scheduler.log").read_text()[-4000:]
-        pytest.fail(f"scheduled run of {DAY} ended {run['state']}: {states}\nscheduler log:\n{scheduler}")
-    assert set(states.values()) == {"success"}, states
+        pytest.fail(f"keyart demo --stack failed:\n{demo.stdout[-3000:]}\n{demo.stderr[-6000:]}\n"
+                    f"scheduler log:\n{scheduler}")
+    assert "Demo finished on the stack" in demo.stdout, demo.stdout[-2000:]
 
-    # the Spark tasks ran on the standalone master (the DAG's ingest, rewards, features, priors)
-    master = stk.spark_master_state(stack.env)
-    apps = [a["name"] for a in master["completedapps"] if a["state"] == "FINISHED"]
+    # yesterday's run, triggered through the API and run by the stack's scheduler
+    (run,) = json.loads((reports / "dag-runs.json").read_text())
+    assert run["ds"] == DAY and run["state"] == "success" and run["logical_date"].startswith(DAY), run
+    assert run["run_type"] == "manual", run
+    assert set(run["tasks"]) == {"ingest", "check_data_quality", "rewards", "features", "priors", "training_window",
+                                 "train", "promote"}, run
+    assert all(t["state"] == "success" for t in run["tasks"].values()), run
+    with stack.airflow() as client:
+        listed = client.get(f"/dags/keyart_daily/dagRuns/{run['run_id']}").json()
+        assert listed["state"] == "success", listed
+        assert client.get("/dags/keyart_daily").json()["is_paused"] is True  # as the stack created it
+    # ... recorded in the stack's PostgreSQL metadata database
+    import psycopg2
+
+    e = stack.env
+    with psycopg2.connect(host="127.0.0.1", port=int(e["STACK_PORT_PG"]), dbname=e["STACK_AIRFLOW_DB"],
+                          user=e["STACK_AIRFLOW_DB_USER"], password=e["STACK_AIRFLOW_DB_PASSWORD"]) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT state, run_type FROM dag_run WHERE dag_id = 'keyart_daily' AND run_id = %s",
+                        (run["run_id"],))
+            assert cur.fetchall() == [("success", "manual")]
+    conn.close()
+
+    # the run's Spark tasks (ingest, rewards, features, priors) were applications of the
+    # standalone master, which authenticates them (spark.authenticate with the stack's secret)
+    assert run["spark_master"] == e["KEYART_SPARK_MASTER"]
+    apps = [a["name"] for a in run["spark_apps"] if a["state"] == "FINISHED"]
     for job in SPARK_JOBS:
-        assert any(name.startswith(f"keyart-{job}") for name in apps), (job, apps)
+        assert any(name.startswith(f"keyart-{job}") for name in apps), (job, run["spark_apps"])
+    master = stk.spark_master_state(e)
     assert len([w for w in master["workers"] if w["state"] == "ALIVE"]) == 2
+    conf = Path(e["SPARK_CONF_DIR"]) / "spark-defaults.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert f"spark.authenticate.secret    {e['STACK_SPARK_AUTH_SECRET']}" in conf.read_text()
+    for daemon in ("spark-master", *[f"spark-worker-{w}" for w in stk.WORKERS]):
+        assert "authentication enabled" in (stack.state / "logs" / f"{daemon}.log").read_text(), daemon
 
     # the gate named a champion on the MLflow server, and both replicas serve it
     mlflow = f"http://127.0.0.1:{stack.port['MLFLOW']}"
@@ -411,9 +410,9 @@ def test_a_scheduled_day_runs_on_the_spark_master_and_reaches_the_replicas(stack
         tags = {t["key"]: t["value"] for t in got.json()["model_version"].get("tags", [])}
     version = tags["keyart.bundle_version"]  # what a decision's model_version names
     assert version.startswith(DAY), (version, DAY)
-    titles, members = _catalog(Path(stack.env["KEYART_LAKE_ROOT"]))
+    titles, members = _catalog(Path(e["KEYART_LAKE_ROOT"]))
     served: dict[str, str] = {}
-    deadline = time.monotonic() + 180  # serve_poll_seconds is 10 in the stack
+    deadline = time.monotonic() + 60  # the demo waited for both already
     with httpx.Client(base_url=stack.balancer, headers=stack.key, timeout=30) as client:
         while time.monotonic() < deadline:
             resp = client.post("/v1/artwork", json=stack.page(members[2], titles[:4]))
@@ -423,6 +422,18 @@ def test_a_scheduled_day_runs_on_the_spark_master_and_reaches_the_replicas(stack
                 break
             time.sleep(0.5)
     assert served == {"serve-1": version, "serve-2": version}, served
+
+    # the demo's report: day 0 random, today served by that champion through the balancer
+    result = json.loads((reports / "demo.json").read_text())
+    assert result["topology"] == "stack"
+    assert [d["ds"] for d in result["days"]] == [DAY, TODAY.isoformat()]
+    assert result["days"][0]["model_version"] == "random"
+    assert result["days"][1]["model_version"] == version
+    assert result["days"][1]["impressions"] > 0
+    served_today = _logged_event_ids(Path(e["KEYART_LAKE_ROOT"]))  # the replicas' own logs
+    assert len(served_today) >= result["days"][1]["impressions"]
+    report = (reports / "demo.md").read_text()
+    assert "Ran on the stack" in report and stack.balancer in report
 
 
 def test_down_stops_everything_it_started(stack):

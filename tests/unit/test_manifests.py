@@ -218,6 +218,47 @@ def test_airflow_values_env_and_volumes_are_valid_pod_parts():
     assert env["SPARK_LOCAL_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
+def _mounted_file(container: dict, volumes: list[dict], path: str) -> dict:
+    """The volume that holds ``path`` in ``container``, with the item it projects there."""
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+    source = volume.get("configMap") or volume.get("secret")
+    assert source is not None, volume
+    assert any(item["path"] == rel for item in source["items"]), (path, volume)
+    assert mount.get("readOnly") is True, mount
+    return volume
+
+
+def test_serving_mounts_the_bundle_public_key_and_the_task_pods_the_private_one(objects):
+    """Outside dev mode serving refuses a bundle it cannot verify: its pods read the public
+    key from a ConfigMap (never the private half), the Airflow task pods sign with the
+    private key from a Secret, and both are named in infra/README.md."""
+    import kubernetes_validate
+
+    serving = _by(objects, "Deployment", "keyart-serving")
+    (container,) = _containers(serving)
+    env = {e["name"]: e for e in container["env"]}
+    public = env["KEYART_SERVE_BUNDLE_PUBLIC_KEY"]["value"]
+    assert "KEYART_SERVE_DEV_MODE" not in env and "KEYART_BUNDLE_SIGNING_KEY" not in env
+    volume = _mounted_file(container, _pod_spec(serving)["volumes"], public)
+    assert volume["configMap"]["name"] == "keyart-bundle-public-key" and not volume["configMap"].get("optional")
+    assert not [v for v in _pod_spec(serving)["volumes"] if "secret" in v and "signing" in v["secret"]["secretName"]]
+
+    workers = _values()["workers"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-task", "namespace": "keyart"},
+           "spec": {"containers": [{"name": "base", "image": "keyart", "env": workers["env"],
+                                    "volumeMounts": workers["extraVolumeMounts"]}],
+                    "volumes": workers["extraVolumes"]}}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    (task,) = pod["spec"]["containers"]
+    private = {e["name"]: e for e in task["env"]}["KEYART_BUNDLE_SIGNING_KEY"]["value"]
+    secret = _mounted_file(task, workers["extraVolumes"], private)["secret"]
+    assert secret["secretName"] == "keyart-bundle-signing"
+    readme = (ROOT / "infra" / "README.md").read_text()
+    assert "keyart-bundle-signing" in readme and "keyart-bundle-public-key" in readme
+
+
 def test_spark_runs_on_kubernetes_with_the_keyart_image(objects):
     config = _by(objects, "ConfigMap", "keyart-config")["data"]
     assert config["KEYART_SPARK_MASTER"].startswith("k8s://")
@@ -242,7 +283,7 @@ def test_the_stack_settings_file_is_private_and_secrets_are_fresh(tmp_path):
     assert stack.env_path(tmp_path / "a").stat().st_mode & 0o777 == 0o600
     assert stack.read_env(tmp_path / "a") == first
     for key in ("KEYART_SERVE_EVENT_SECRET", "AIRFLOW__API_AUTH__JWT_SECRET", "STACK_AIRFLOW_DB_PASSWORD",
-                "KEYART_SERVE_API_KEYS", "AIRFLOW__CORE__FERNET_KEY"):
+                "KEYART_SERVE_API_KEYS", "AIRFLOW__CORE__FERNET_KEY", "STACK_SPARK_AUTH_SECRET"):
         assert first[key] and first[key] != second[key], key
     assert len(first["KEYART_SERVE_EVENT_SECRET"]) >= 32
     ports = [int(v) for k, v in first.items() if k.startswith("STACK_PORT_") and k != "STACK_PORT_PG"]
@@ -264,3 +305,28 @@ def test_haproxy_accepts_the_generated_configuration(tmp_path):
     text = cfg.read_text()
     assert "uri /readyz" in text and text.count("server serve-") == 2
     assert "0.0.0.0" not in text and "bind 127.0.0.1:" in text
+
+
+def test_the_standalone_master_workers_and_clients_share_a_generated_spark_secret(tmp_path):
+    """spark.authenticate on, with the stack's own secret, in the one private file the
+    master, the workers and spark-submit all read (SPARK_CONF_DIR/spark-defaults.conf); a
+    settings file from before the secret existed gets one on the next up."""
+    from keyart.demo import stack
+
+    env = stack.load_or_create_env(tmp_path / "a", name="kunit", free_ports=True)
+    stack._write_spark_conf(env)
+    conf = Path(env["SPARK_CONF_DIR"]) / "spark-defaults.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    settings = dict(line.split(None, 1) for line in conf.read_text().splitlines() if line and not line.startswith("#"))
+    assert settings["spark.authenticate"] == "true"
+    assert settings["spark.authenticate.secret"] == env["STACK_SPARK_AUTH_SECRET"] and len(env["STACK_SPARK_AUTH_SECRET"]) >= 32
+    assert settings["spark.master"] == env["KEYART_SPARK_MASTER"]
+    assert env["STACK_SPARK_AUTH_SECRET"] not in " ".join(" ".join(c.argv) for c in stack.components(env)
+                                                          if c.name.startswith("spark"))
+
+    old = {k: v for k, v in env.items() if k not in ("STACK_SPARK_AUTH_SECRET", "KEYART_SERVE_CLIENT_CLOCK")}
+    stack.write_env(tmp_path / "a", old)
+    again = stack.load_or_create_env(tmp_path / "a", name="kunit")
+    assert len(again["STACK_SPARK_AUTH_SECRET"]) >= 32 and again["KEYART_SERVE_CLIENT_CLOCK"] == "false"
+    assert stack.read_env(tmp_path / "a") == again
+    assert stack.serving_clock(again) == "wall"
