@@ -1,6 +1,7 @@
 """``keyart bench jobs``: each Spark job's cost per stage, at two sizes, with DuckDB as reference.
 
     keyart bench jobs [--impressions 1000000 3000000] [--json] [--master local[2]] [--skip features] [--keep DIR]
+    keyart bench jobs --impressions 1000000 --keep DIR --reuse --skip ingest rewards priors   # one job, built lake
 
 For each size N: builds a world with :mod:`keyart.sim` and two days of random-policy traffic
 (D-1 and D, N/2 impressions each, 10 impressions a visit), ingests its 28 days of play
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master", default="local[2]", help="Spark master (default %(default)s)")
     parser.add_argument("--keep", type=Path, default=None, help="build the lakes under this folder and keep them (default: a temporary folder)")
     parser.add_argument("--skip", nargs="*", choices=JOBS, default=[], help="jobs not to run (their outputs are not needed by the others)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="run on the lake an earlier --keep run left in --keep DIR (one size): no simulation, no history "
+                             "ingest; with --skip, time one job alone (e.g. --skip ingest rewards priors)")
     parser.add_argument("--seed", type=int, default=7)
 
 
@@ -71,8 +75,14 @@ def build_lake(root: Path, impressions: int, seed: int) -> dict[str, Any]:
     saved = world.save(root)
     visits = max(1, impressions // (2 * IMPRESSIONS_PER_VISIT))
     days = [simulate_day(world, d, RandomChooser(), visits=visits, seed=seed, lake_root=root) for d in (shift_ds(DS, -1), DS)]
-    return {"history_plays": saved["history_plays"], "impressions": sum(d["impressions"] for d in days),
-            "plays": sum(d["plays"] for d in days)}
+    built = {"history_plays": saved["history_plays"], "impressions": sum(d["impressions"] for d in days),
+             "plays": sum(d["plays"] for d in days)}
+    (root / LAKE_INFO).write_text(json.dumps(built))
+    return built
+
+
+LAKE_INFO = "bench-lake.json"
+"""What :func:`build_lake` built, kept in the lake for ``--reuse``."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def spark_attribution(spark, lake: Lake, ds: str, settings) -> tuple[list[float]
 # One size
 # ----------------------------------------------------------------------------------------
 
-def bench(root: Path, impressions: int, master: str, seed: int, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def bench(root: Path, impressions: int, master: str, seed: int, skip: tuple[str, ...] = (), reuse: bool = False) -> dict[str, Any]:
     from keyart.config import Settings
     from keyart.jobs import features, ingest, priors, rewards
     from keyart.jobs.common import day_range, get_spark
@@ -228,9 +238,14 @@ def bench(root: Path, impressions: int, master: str, seed: int, skip: tuple[str,
     settings = Settings()
     lake = Lake(root)
     t0 = time.perf_counter()
-    data = build_lake(root, impressions, seed)
-    timings: dict[str, float] = {"simulate": time.perf_counter() - t0}
-    history = sorted(p.name[3:] for p in (root / "raw" / "plays").glob("ds=*") if p.name[3:] < shift_ds(DS, -1))
+    if reuse:
+        data = json.loads((root / LAKE_INFO).read_text())
+        timings: dict[str, float] = {}
+        history: list[str] = []  # ingested when the lake was built
+    else:
+        data = build_lake(root, impressions, seed)
+        timings = {"simulate": time.perf_counter() - t0}
+        history = sorted(p.name[3:] for p in (root / "raw" / "plays").glob("ds=*") if p.name[3:] < shift_ds(DS, -1))
 
     def job_args(ds: str, through: str | None = None) -> argparse.Namespace:
         return argparse.Namespace(ds=ds, through=through, lake=str(root), master=master, shuffle_partitions=None)
@@ -262,7 +277,7 @@ def bench(root: Path, impressions: int, master: str, seed: int, skip: tuple[str,
     millions = data["impressions"] / 1e6
     return {
         "master": master, "impressions": data["impressions"], "plays": data["plays"], "history_plays": data["history_plays"],
-        "history_days": len(history), "clean_impressions": ingest_metrics, "skipped": list(skip),
+        "history_days": len(history), "clean_impressions": ingest_metrics, "skipped": list(skip), "reused_lake": reuse,
         "labelled": spark_figures["labelled"], "rewarded": spark_figures["rewarded"],
         "training_rows": json.loads(features_metrics.read_text())["training_rows"] if features_metrics.exists() else None,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
@@ -309,9 +324,11 @@ def growth(sizes: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_sizes(root: Path, sizes: list[int], master: str, seed: int, skip: tuple[str, ...]) -> dict[str, Any]:
+def run_sizes(root: Path, sizes: list[int], master: str, seed: int, skip: tuple[str, ...], reuse: bool = False) -> dict[str, Any]:
+    if reuse and len(sizes) != 1:
+        raise SystemExit("--reuse runs one size, on the lake of --keep")
     if len(sizes) == 1:
-        results = [bench(root, sizes[0], master, seed, skip)]
+        results = [bench(root, sizes[0], master, seed, skip, reuse)]
     else:
         results = [bench_in_child(root / f"n{n}", n, master, seed, skip) for n in sizes]
     out: dict[str, Any] = {"sizes": results}
@@ -388,9 +405,11 @@ def render(out: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.reuse and not (args.keep and (args.keep / LAKE_INFO).is_file()):
+        raise SystemExit(f"--reuse needs --keep DIR holding a lake built by bench jobs ({LAKE_INFO})")
     root = args.keep or Path(tempfile.mkdtemp(prefix="keyart-bench-jobs-"))
     try:
-        out = run_sizes(root, args.impressions, args.master, args.seed, tuple(args.skip))
+        out = run_sizes(root, args.impressions, args.master, args.seed, tuple(args.skip), args.reuse)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -20,11 +20,15 @@ a tag's affinity is the weighted share of minutes on titles carrying it (``genre
 ending D (rewards partitions up to D only, so a snapshot recomputed later is the same): per
 artwork tag shown, the member's impressions n, quality plays q and
 :func:`keyart.feature_spec.response_lift` against the tag's population rate over the same
-impressions. Training rows join each labelled impression's candidates with the snapshot,
-priors and vocabulary of the day before the impression (what serving had) and compute the
-``features`` array with :func:`keyart.feature_spec.feature_matrix` inside ``mapInPandas``:
-the same arithmetic serving runs. A snapshot or vocabulary that was never written is
-computed from the data.
+impressions.
+
+Training rows: each labelled impression is joined once with the member snapshot of the
+day before it (what serving had); a ``mapInArrow`` step then explodes its candidates, looks
+each up in the day's priors, artworks, titles and vocabulary (small, collected once and
+shipped with the function) and computes the ``features`` array with
+:func:`keyart.feature_spec.columnar_feature_matrix`, equal bit for bit to
+:func:`keyart.feature_spec.feature_matrix`, the arithmetic serving runs. A snapshot or
+vocabulary that was never written is computed from the data.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -189,29 +193,55 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
 # training rows
 # ----------------------------------------------------------------------------------------
 
-def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame) -> DataFrame:
-    """One row per (labelled impression, candidate) with every feature input, before the matrix. Pure.
+IMPRESSION_COLUMNS = (
+    "event_id", "impression_ds", "ts", "member_id", "title_id", "logged_artwork_id", "propensity", "policy",
+    "model_version", "reward", "minutes", "played",
+)
+CONTEXT_COLUMNS = ("device", "local_hour", "day_of_week", "page_row", "position")
 
-    ``snapshots`` has SNAPSHOT_SCHEMA columns plus ``snapshot_ds``; ``priors`` has the
-    PRIORS columns plus ``prior_ds``. Missing priors stay null (filled in :func:`add_features`).
+
+def impression_inputs(rewards: DataFrame, snapshots: DataFrame) -> DataFrame:
+    """One row per labelled impression: its candidates, context and the member's snapshot of the
+    day before the impression, joined once per impression (unknown members get
+    :data:`keyart.feature_spec.UNKNOWN_MEMBER`). Pure.
+
+    ``snapshots`` has SNAPSHOT_SCHEMA columns plus ``snapshot_ds``.
     """
     base = rewards.select(
-        "event_id", "impression_ds", "ts", "member_id", "title_id",
-        F.posexplode("candidates").alias("candidate_pos", "artwork_id"),
-        F.col("artwork_id").alias("logged_artwork_id"), "candidate_probabilities",
-        "propensity", "policy", "model_version", "reward", "minutes", "played",
-        *[F.col(f"context.{c}").alias(c) for c in ("device", "local_hour", "day_of_week", "page_row", "position")],
-    ).withColumn("is_logged", F.col("artwork_id") == F.col("logged_artwork_id")).withColumn("known_ds", F.date_sub("impression_ds", 1))
-    # the logging policy's probability of this candidate, as served (null in older logs)
-    base = base.withColumn("logging_probability", F.get("candidate_probabilities", F.col("candidate_pos"))).drop(
-        "candidate_pos", "candidate_probabilities")
+        "event_id", "impression_ds", "ts", "member_id", "title_id", "candidates", "candidate_probabilities",
+        F.col("artwork_id").alias("logged_artwork_id"), "propensity", "policy", "model_version", "reward", "minutes", "played",
+        *[F.col(f"context.{c}").alias(c) for c in CONTEXT_COLUMNS],
+    ).withColumn("known_ds", F.date_sub("impression_ds", 1))
     snap = snapshots.select(*MEMBER_COLUMNS, F.col("snapshot_ds").alias("known_ds"), F.lit(1).alias("member_known"))
+    rows = base.join(snap, ["member_id", "known_ds"], "left")
+    unknown = feature_spec.UNKNOWN_MEMBER
+    kinds = {"affinity_tags": "array<string>", "affinity_values": "array<double>", "response_tags": "array<string>",
+             "response_values": "array<double>", "response_n": "array<double>"}
     # snapshots written before responses existed read them as null
-    for name, kind in (("response_tags", "array<string>"), ("response_values", "array<double>"), ("response_n", "array<double>")):
-        snap = snap.withColumn(name, F.coalesce(name, F.array().cast(kind)))
-    rows = base.join(snap, ["member_id", "known_ds"], "left").withColumn("member_known", F.coalesce("member_known", F.lit(0)))
-    rows = rows.withColumn("member_is_kids", F.coalesce("member_is_kids", F.lit(feature_spec.UNKNOWN_MEMBER["member_is_kids"])))
-    rows = rows.withColumn("segment", _segment(F.col("member_is_kids")))
+    member = [F.coalesce(name, F.array().cast(kind)).alias(name) for name, kind in kinds.items()]
+    return rows.select(
+        *IMPRESSION_COLUMNS, "candidates", "candidate_probabilities", *CONTEXT_COLUMNS, "known_ds",
+        F.coalesce("member_known", F.lit(0)).alias("member_known"),
+        F.coalesce("member_is_kids", F.lit(unknown["member_is_kids"])).alias("member_is_kids"),
+        *[F.coalesce(name, F.lit(float(unknown[name]))).alias(name) for name in ("member_log_plays_28d", "member_days_since_last_play")],
+        *member,
+    ).withColumn("segment", _segment(F.col("member_is_kids")))
+
+
+def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame) -> DataFrame:
+    """The candidate rows' inputs as Spark columns: :func:`impression_inputs` exploded, with each
+    candidate's priors (null where missing), artwork tags and title genres. Pure.
+
+    The job itself explodes inside :func:`add_features` (the member lists ride once per
+    impression, not per candidate); this view is what those rows hold, for inspection and
+    tests (tests/jobs/test_features.py checks the training rows against it).
+    """
+    rows = impression_inputs(rewards, snapshots).select(
+        "*", F.posexplode("candidates").alias("candidate_pos", "artwork_id"))
+    # the logging policy's probability of this candidate, as served (null in older logs)
+    rows = (rows.withColumn("logging_probability", F.get("candidate_probabilities", F.col("candidate_pos")))
+            .withColumn("is_logged", F.col("artwork_id") == F.col("logged_artwork_id"))
+            .drop("candidate_pos", "candidate_probabilities", "candidates"))
     pri = priors.select(F.col("prior_ds").alias("known_ds"), "artwork_id", "segment", "alpha", "beta", "n_impressions")
     all_rows = pri.where(F.col("segment") == feature_spec.SEGMENT_ALL).select(
         "known_ds", "artwork_id", F.col("alpha").alias("prior_alpha"), F.col("beta").alias("prior_beta"), F.col("n_impressions").alias("prior_n")
@@ -219,93 +249,158 @@ def feature_inputs(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, 
     seg_rows = pri.where(F.col("segment") != feature_spec.SEGMENT_ALL).select(
         "known_ds", "artwork_id", "segment", F.col("alpha").alias("seg_alpha"), F.col("beta").alias("seg_beta")
     )
-    rows = rows.join(all_rows, ["known_ds", "artwork_id"], "left").join(seg_rows, ["known_ds", "artwork_id", "segment"], "left")
+    rows = rows.join(F.broadcast(all_rows), ["known_ds", "artwork_id"], "left").join(
+        F.broadcast(seg_rows), ["known_ds", "artwork_id", "segment"], "left")
     art = artworks.select("artwork_id", F.col("tags").alias("art_tags"), F.col("is_default").cast("int").alias("art_is_default"))
     rows = rows.join(F.broadcast(art), "artwork_id", "left").join(F.broadcast(titles.select("title_id", F.col("genres").alias("title_genres"))), "title_id", "left")
     return rows.select(
-        *ROW_COLUMNS, "known_ds", "seg_alpha", "seg_beta", "member_known", *MEMBER_COLUMNS[1:],
-        "device", "local_hour", "day_of_week", "page_row", "position",
+        *ROW_COLUMNS, "known_ds", "seg_alpha", "seg_beta", "member_known", *MEMBER_COLUMNS[1:], *CONTEXT_COLUMNS,
         F.coalesce("art_tags", F.array().cast("array<string>")).alias("art_tags"),
         F.coalesce("art_is_default", F.lit(0)).alias("art_is_default"),
         F.coalesce("title_genres", F.array().cast("array<string>")).alias("title_genres"),
     )
 
 
-def features_pandas(batch: pd.DataFrame, vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> pd.DataFrame:
-    """Feature inputs -> output rows with filled priors and the ``features`` array.
+@dataclass
+class Catalog:
+    """The artworks, titles, priors and vocabularies a batch of impressions is looked up in.
 
-    ``batch`` must hold every candidate of each impression it holds: title_prior_mean is
-    the mean over the impression's candidates (what serving computes over a page).
-    ``vocabularies`` maps each ``known_ds`` (ISO date) to its day's vocabulary (missing: empty).
+    Small (one row per artwork, title and prior), collected once on the driver and shipped
+    to the Python workers with the function: the broadcast side of every candidate row.
+    Index ``len(artwork_ids)`` / ``len(title_ids)`` is an id the catalog lacks (no tags, no
+    genres), as the left joins of :func:`feature_inputs` give.
     """
-    df = batch.copy()
-    unknown = df["member_known"] == 0
-    for name in ("member_log_plays_28d", "member_days_since_last_play"):
-        df[name] = df[name].where(~unknown, feature_spec.UNKNOWN_MEMBER[name]).astype("float64")
-    for name in ("affinity_tags", "affinity_values", "response_tags", "response_values", "response_n"):
-        df[name] = [feature_spec.UNKNOWN_MEMBER[name] if u or v is None else v for u, v in zip(unknown, df[name], strict=True)]
-    priors = feature_spec.prior_inputs(
-        df["prior_alpha"].astype("float64"), df["prior_beta"].astype("float64"), df["prior_n"].astype("float64"),
-        df["seg_alpha"].astype("float64"), df["seg_beta"].astype("float64"), df["event_id"],
-    )
-    for name, values in priors.items():
-        df[name] = values
-    missing = df["prior_alpha"].isna() | df["prior_beta"].isna()
-    df["prior_alpha"] = df["prior_alpha"].where(~missing, feature_spec.DEFAULT_PRIOR[0]).astype("float64")
-    df["prior_beta"] = df["prior_beta"].where(~missing, feature_spec.DEFAULT_PRIOR[1]).astype("float64")
-    df["prior_n"] = df["prior_n"].where(~missing, 0.0).astype("float64")
-    matrix = np.zeros((len(df), feature_spec.N_FEATURES), dtype=np.float32)
-    known_ds = pd.to_datetime(df["known_ds"]).dt.strftime("%Y-%m-%d").to_numpy() if len(df) else np.array([], object)
-    for day in pd.unique(known_ds):
-        rows = np.flatnonzero(known_ds == day)
-        vocabulary = (vocabularies or {}).get(str(day))
-        matrix[rows] = feature_spec.feature_matrix(df.iloc[rows].reset_index(drop=True), vocabulary)
-    out = df[list(ROW_COLUMNS)].copy()
-    out["features"] = list(matrix)
-    return out
+
+    artwork_ids: Any  # pyarrow string array
+    title_ids: Any
+    blocks: dict[str, feature_spec.CatalogBlocks]  # by known day ("" = no vocabulary written)
+    priors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]  # (day, segment) -> alpha, beta, n [A + 1]
+
+    @classmethod
+    def collect(cls, priors: DataFrame, artworks: DataFrame, titles: DataFrame,
+                vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> Catalog:
+        import pyarrow as pa
+
+        arts = artworks.select("artwork_id", "tags", F.col("is_default").cast("int").alias("is_default")).collect()
+        tits = titles.select("title_id", "genres").collect()
+        art_of = {r["artwork_id"]: i for i, r in enumerate(arts)}
+        tags = [r["tags"] or [] for r in arts] + [[]]
+        defaults = [r["is_default"] or 0 for r in arts] + [0]
+        genres = [r["genres"] or [] for r in tits] + [[]]
+        vocabularies = vocabularies or {}
+        blocks = {day: feature_spec.CatalogBlocks(tags, defaults, genres, vocabulary)
+                  for day, vocabulary in [("", None), *vocabularies.items()]}
+        table: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for r in priors.select("prior_ds", "artwork_id", "segment", "alpha", "beta", "n_impressions").collect():
+            if r["artwork_id"] not in art_of:
+                continue  # a posterior of an artwork no longer in the catalog: no candidate row finds it either
+            key = (r["prior_ds"].isoformat(), r["segment"])
+            if key not in table:
+                table[key] = tuple(np.full(len(arts) + 1, np.nan) for _ in range(3))
+            for array, value in zip(table[key], (r["alpha"], r["beta"], r["n_impressions"]), strict=True):
+                array[art_of[r["artwork_id"]]] = np.nan if value is None else value
+        return cls(pa.array([r["artwork_id"] for r in arts], pa.string()), pa.array([r["title_id"] for r in tits], pa.string()),
+                   blocks, table)
+
+    def prior(self, day: str, segment: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(alpha, beta, n) of artwork rows on ``day`` for ``segment``: NaN where there is no posterior."""
+        found = self.priors.get((day, segment))
+        if found is None:
+            return tuple(np.full(len(rows), np.nan) for _ in range(3))
+        return tuple(a[rows] for a in found)
+
+
+def _index(values, ids) -> np.ndarray:
+    """Position of each string of ``values`` in ``ids``, ``len(ids)`` where absent."""
+    import pyarrow.compute as pc
+
+    if len(values) == 0:
+        return np.zeros(0, np.int64)
+    return pc.fill_null(pc.index_in(values, value_set=ids), len(ids)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def training_batch(batch: pa.RecordBatch, catalog: Catalog) -> Iterator[pa.RecordBatch]:
+    """Rows of :func:`impression_inputs` -> training rows (:func:`training_schema`), one per candidate.
+
+    Member lists are encoded once per impression; artwork, title and prior look-ups are
+    array gathers; the matrix is :func:`keyart.feature_spec.columnar_feature_matrix`, equal to
+    :func:`keyart.feature_spec.feature_matrix` of the same rows. An impression's candidates
+    stay together, so ``title_prior_mean`` is the mean over its candidates in candidate order.
+    """
+    import pyarrow.compute as pc
+
+    days = np.datetime_as_string(batch.column("known_ds").to_numpy(zero_copy_only=False).astype("datetime64[D]"), unit="D")
+    distinct = np.unique(days)
+    for day in distinct:
+        part = batch.take(pa.array(np.flatnonzero(days == day))) if len(distinct) > 1 else batch
+        cand = feature_spec.Ragged.of(part.column("candidates"))
+        row_imp = np.repeat(np.arange(part.num_rows, dtype=np.int64), cand.lengths)
+        pos = np.arange(len(row_imp), dtype=np.int64) - cand.offsets[row_imp]
+        artwork_id = cand.values
+        row_art = _index(artwork_id, catalog.artwork_ids)
+        row_title = _index(part.column("title_id"), catalog.title_ids)[row_imp]
+        # the 'all' posterior and the member segment's (NaN where none)
+        alpha, beta, n = catalog.prior(str(day), feature_spec.SEGMENT_ALL, row_art)
+        seg_alpha, seg_beta = np.full(len(row_imp), np.nan), np.full(len(row_imp), np.nan)
+        segment = part.column("segment").to_numpy(zero_copy_only=False)[row_imp]
+        for seg in np.unique(segment):
+            rows = np.flatnonzero(segment == seg)
+            sa, sb, _ = catalog.prior(str(day), str(seg), row_art[rows])
+            seg_alpha[rows], seg_beta[rows] = sa, sb
+        priors = feature_spec.prior_inputs_by_group(alpha, beta, n, seg_alpha, seg_beta, row_imp)
+        members = {name: part.column(name) for name in (*feature_spec.UNKNOWN_MEMBER, *CONTEXT_COLUMNS)}
+        blocks = catalog.blocks.get(str(day), catalog.blocks[""])
+        matrix = feature_spec.columnar_feature_matrix(blocks, members, row_imp, row_art, row_title, priors)
+        # the logging policy's probability of each candidate (null where not logged)
+        probs = feature_spec.Ragged.of(part.column("candidate_probabilities"))
+        logged = pos < probs.lengths[row_imp]
+        values = feature_spec.float_column(probs.values)
+        at = np.minimum(probs.offsets[row_imp] + pos, max(len(values) - 1, 0))
+        probability = np.where(logged, values[at] if len(values) else np.nan, np.nan)
+        missing = np.isnan(alpha) | np.isnan(beta)
+        taken = {name: part.column(name).take(pa.array(row_imp)) for name in (*IMPRESSION_COLUMNS, "segment")}
+        columns = {
+            **taken,
+            "artwork_id": artwork_id,
+            "is_logged": pc.equal(artwork_id, taken["logged_artwork_id"]),
+            "logging_probability": pa.array(probability, pa.float64(), mask=np.isnan(probability)),
+            "prior_alpha": pa.array(np.where(missing, feature_spec.DEFAULT_PRIOR[0], alpha)),
+            "prior_beta": pa.array(np.where(missing, feature_spec.DEFAULT_PRIOR[1], beta)),
+            "prior_n": pa.array(np.where(missing, 0.0, n)),
+        }
+        offsets = pa.array(np.arange(0, matrix.size + 1, feature_spec.N_FEATURES, dtype=np.int32))
+        features = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+        yield pa.RecordBatch.from_arrays([columns[c] for c in ROW_COLUMNS] + [features], names=[*ROW_COLUMNS, "features"])
 
 
 def training_schema(inputs_schema: T.StructType) -> T.StructType:
     fields = {f.name: f for f in inputs_schema.fields}
-    out = [T.StructField(c, fields[c].dataType, True) for c in ROW_COLUMNS]
+    types = {"artwork_id": T.StringType(), "is_logged": T.BooleanType(), "logging_probability": T.DoubleType(),
+             "prior_alpha": T.DoubleType(), "prior_beta": T.DoubleType(), "prior_n": T.DoubleType()}
+    out = [T.StructField(c, types[c] if c in types else fields[c].dataType, True) for c in ROW_COLUMNS]
     return T.StructType(out + [T.StructField("features", T.ArrayType(T.FloatType(), False), False)])
 
 
-def add_features(inputs: DataFrame, vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> DataFrame:
-    """Training rows: ``features`` computed by keyart.feature_spec through mapInPandas. Pure."""
-    grouped = inputs.withColumn("ts_us", F.unix_micros("ts")).drop("ts").repartition("event_id").sortWithinPartitions("event_id", "artwork_id")
-    schema = training_schema(inputs.schema)
-    py_schema = T.StructType([T.StructField("ts_us", T.LongType()) if f.name == "ts" else f for f in schema.fields])
+def add_features(impressions: DataFrame, catalog: Catalog) -> DataFrame:
+    """Training rows from :func:`impression_inputs`: candidates exploded and ``features`` computed
+    by keyart.feature_spec through mapInArrow, one batch of impressions at a time. Pure."""
+    schema = training_schema(impressions.schema)
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        pending: pd.DataFrame | None = None
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            if pending is not None:
-                batch = pd.concat([pending, batch], ignore_index=True)
-            if batch.empty:
-                continue
-            # Keep the last impression for the next batch: its candidates may continue there.
-            last = batch["event_id"].iloc[-1]
-            tail = (batch["event_id"] == last).to_numpy()
-            pending = batch[tail]
-            done = batch[~tail]
-            if len(done):
-                yield _with_ts(features_pandas(done.rename(columns={"ts_us": "ts"}), vocabularies))
-        if pending is not None and len(pending):
-            yield _with_ts(features_pandas(pending.rename(columns={"ts_us": "ts"}), vocabularies))
+            if batch.num_rows:
+                yield from training_batch(batch, catalog)
 
-    out = grouped.mapInPandas(run, py_schema)
-    return out.select(*[F.timestamp_micros("ts_us").alias("ts") if c == "ts" else F.col(c) for c in ROW_COLUMNS], "features")
-
-
-def _with_ts(df: pd.DataFrame) -> pd.DataFrame:
-    return df.rename(columns={"ts": "ts_us"}).astype({"ts_us": "int64"})
+    return impressions.mapInArrow(run, schema)
 
 
 def transform(rewards: DataFrame, snapshots: DataFrame, priors: DataFrame, artworks: DataFrame, titles: DataFrame,
               vocabularies: dict[str, feature_spec.Vocabulary] | None = None) -> DataFrame:
-    """Training rows (docs/architecture.md, features/training); ``vocabularies`` by known day. Pure."""
-    return add_features(feature_inputs(rewards, snapshots, priors, artworks, titles), vocabularies)
+    """Training rows (docs/architecture.md, features/training); ``vocabularies`` by known day.
+
+    Pure but for collecting the catalog side (artworks, titles, priors: small) to the driver."""
+    catalog = Catalog.collect(priors, artworks, titles, vocabularies)
+    return add_features(impression_inputs(rewards, snapshots), catalog)
 
 
 def catalog_counts(artworks: DataFrame, titles: DataFrame) -> tuple[dict[str, int], dict[str, int]]:

@@ -5,8 +5,10 @@ A model row is one (member, title, artwork, context). Its feature vector is buil
 serving assembles for a page, and from the day's :class:`Vocabulary` (data, not code: the
 features job learns it from the catalog, the bundle ships it in ``feature_spec.json``).
 The functions here turn inputs into the float32 matrix, in the fixed order of
-:data:`FEATURE_NAMES`; Spark calls :func:`feature_matrix` through ``mapInPandas`` and
-serving calls it (or its blocks, cached per artwork) directly, so the arithmetic exists once.
+:data:`FEATURE_NAMES`; serving calls :func:`feature_matrix` (or its blocks, cached per
+artwork) directly and Spark calls :func:`columnar_feature_matrix` through ``mapInArrow``: the
+same blocks and the same sums in the same order over many rows at once (tested bit for bit
+against :func:`feature_matrix`), so the arithmetic exists once.
 :data:`FEATURE_SPEC_VERSION` changes when this arithmetic changes, not when a catalog adds a tag.
 
 Feature inputs (:data:`INPUT_COLUMNS`):
@@ -356,6 +358,13 @@ def prior_inputs(all_alpha, all_beta, all_n, seg_alpha, seg_beta, title_ids) -> 
     ``title_prior_mean`` is the mean of ``art_prior_mean`` over each title's rows; callers
     pass one row per active artwork of the title (a page's candidates, or the catalog).
     """
+    _, inverse = np.unique(np.asarray(title_ids, dtype=object), return_inverse=True)
+    return prior_inputs_by_group(all_alpha, all_beta, all_n, seg_alpha, seg_beta, inverse)
+
+
+def prior_inputs_by_group(all_alpha, all_beta, all_n, seg_alpha, seg_beta, group) -> dict[str, np.ndarray]:
+    """:func:`prior_inputs` with the title groups given as integer ids [n] (any labels >= 0)
+    instead of title ids: no sort of strings, the same values."""
     a = np.asarray(all_alpha, dtype=np.float64)
     b = np.asarray(all_beta, dtype=np.float64)
     missing = ~(np.isfinite(a) & np.isfinite(b)) | (a + b <= 0)
@@ -367,15 +376,20 @@ def prior_inputs(all_alpha, all_beta, all_n, seg_alpha, seg_beta, title_ids) -> 
     sb = np.asarray(seg_beta, dtype=np.float64)
     seg_ok = np.isfinite(sa) & np.isfinite(sb) & (sa + sb > 0)
     seg_mean = np.where(seg_ok, sa / np.where(seg_ok, sa + sb, 1.0), mean)
-    titles = np.asarray(title_ids, dtype=object)
-    _, inverse = np.unique(titles, return_inverse=True)
-    title_mean = (np.bincount(inverse, weights=mean) / np.bincount(inverse))[inverse] if len(mean) else mean
     return {
         "art_prior_mean": mean,
         "art_prior_n": n,
         "art_prior_mean_seg": seg_mean,
-        "title_prior_mean": title_mean,
+        "title_prior_mean": group_mean(mean, np.asarray(group, dtype=np.int64)),
     }
+
+
+def group_mean(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Each row's mean of ``values`` over the rows of its ``group`` (ids >= 0), summed in row order: [n]."""
+    if not len(values):
+        return values
+    with np.errstate(invalid="ignore", divide="ignore"):  # ids that label no row divide 0 by 0, never read
+        return (np.bincount(group, weights=values) / np.bincount(group))[group]
 
 
 def affinity_map(tags: Sequence[str] | None, values: Sequence[float] | None) -> dict[str, float]:
@@ -430,4 +444,238 @@ def feature_matrix(inputs: Mapping[str, Any], vocabulary: Vocabulary | None = No
     seg = np.asarray(inputs["art_prior_mean_seg"], dtype=np.float32).reshape(n, 1)
     out = np.hstack([mem, ctx, static, pri, match, seg]).astype(np.float32)
     assert out.shape[1] == N_FEATURES
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Columnar entry point: many impressions' candidate rows at once, for the features job.
+# The same arithmetic as feature_matrix (tests/unit/test_feature_spec_columnar.py compares
+# both bit for bit): blocks are reused, per-row dict look-ups become one sorted-key search.
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ragged:
+    """A list column flattened: row ``i`` holds ``values[offsets[i]:offsets[i + 1]]``.
+
+    ``offsets`` is [n + 1] int64; ``values`` a numpy array or a pyarrow array (strings stay
+    in Arrow, so encoding them costs no Python object per element).
+    """
+
+    offsets: np.ndarray
+    values: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def of(cls, column: Any) -> Ragged:
+        """From a Ragged, a pyarrow list array (null = empty) or a sequence of sequences (None = empty)."""
+        if isinstance(column, Ragged):
+            return column
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if not isinstance(column, pa.Array):
+            column = pa.array([None if v is None else (v.tolist() if isinstance(v, np.ndarray) else list(v)) for v in column])
+        if pa.types.is_null(column.type):  # built from no rows or only None
+            return cls(np.zeros(len(column) + 1, np.int64), pa.nulls(0))
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls(offsets, pc.list_flatten(column))
+
+
+def float_column(values: Any) -> np.ndarray:
+    """float64 numpy view of a numeric column (pyarrow nulls become NaN)."""
+    if getattr(values, "null_count", 0) == len(values) and hasattr(values, "type"):  # pyarrow, all null
+        return np.full(len(values), np.nan)
+    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
+        try:
+            return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+        except TypeError:  # pandas
+            return np.asarray(values.to_numpy(), dtype=np.float64)
+    return np.asarray(values, dtype=np.float64)
+
+
+class _Keys:
+    """The strings an artwork-side look-up can ask a member for, numbered 0..K-1."""
+
+    def __init__(self, strings: set[str]):
+        import pyarrow as pa
+
+        self.names = sorted(strings)
+        self.index = {s: i for i, s in enumerate(self.names)}
+        self.arrow = pa.array(self.names, pa.string())
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def ids(self, strings: Any) -> np.ndarray:
+        """Key id of each string, -1 for strings no look-up asks for."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not isinstance(strings, (pa.Array, pa.ChunkedArray)):
+            strings = pa.array(strings.tolist() if isinstance(strings, np.ndarray) else list(strings), pa.string())
+        if len(strings) == 0 or strings.null_count == len(strings):
+            return np.full(len(strings), -1, np.int64)
+        found = pc.index_in(strings, value_set=self.arrow)
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def matrix(self, rows: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """([len(rows), width] key ids padded with -1, [len(rows)] count) of string lists, order kept."""
+        width = max([len(r) for r in rows] + [1])
+        out = np.full((len(rows), width), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = [self.index[s] for s in r]
+        return out, np.array([len(r) for r in rows], dtype=np.int64)
+
+
+class CatalogBlocks:
+    """Artworks and titles encoded once for :func:`columnar_feature_matrix` (one day's vocabulary).
+
+    ``art_tags[a]`` / ``art_is_default[a]`` describe artwork row ``a`` and ``title_genres[t]``
+    title row ``t``; callers add a row of no tags / no genres for ids the catalog lacks, as
+    the job's left joins do. Per artwork it holds :func:`artwork_static` and the key ids of
+    its cast tags, of the ``genre:<value>`` of its other ``key:value`` tags and of all its
+    tags (responses), each in tag order with repeats kept, as :func:`match_row` and
+    :func:`response_row` iterate them.
+    """
+
+    def __init__(self, art_tags: Sequence[Sequence[str]], art_is_default: Sequence[Any],
+                 title_genres: Sequence[Sequence[str]], vocabulary: Vocabulary | None = None):
+        self.vocabulary = vocabulary or Vocabulary()
+        tags = [[str(t) for t in (ts if ts is not None else ())] for ts in art_tags]
+        genres = [[str(g) for g in (gs if gs is not None else ())] for gs in title_genres]
+        cast = [[t for t in ts if t.startswith(CAST_PREFIX)] for ts in tags]
+        tag_genre = [[GENRE_PREFIX + t.split(":", 1)[1] for t in ts if ":" in t and not t.startswith(CAST_PREFIX)] for ts in tags]
+        title_keys = [[GENRE_PREFIX + g for g in gs] for gs in genres]
+        vocab_keys = [GENRE_PREFIX + g for g in self.vocabulary.genres]
+        self.keys = _Keys({s for rows in (tags, tag_genre, title_keys) for r in rows for s in r} | set(vocab_keys))
+        self.static = np.array([artwork_static(ts, bool(d), self.vocabulary) for ts, d in zip(tags, art_is_default, strict=True)],
+                               dtype=np.float32).reshape(len(tags), len(ARTWORK_STATIC_FEATURES))
+        self.cast, self.cast_count = self.keys.matrix(cast)
+        self.tag_genre, _ = self.keys.matrix(tag_genre)
+        self.tags, _ = self.keys.matrix(tags)
+        self.title_genres, self.title_genre_count = self.keys.matrix(title_keys)
+        self.vocab_genres = np.array([self.keys.index[k] for k in vocab_keys] + [-1] * (N_GENRE_SLOTS - len(vocab_keys)),
+                                     dtype=np.int64)
+
+
+class _MemberTable:
+    """One value per (member row, key): sorted codes ``row * K + key`` and their values."""
+
+    def __init__(self, codes: np.ndarray, values: list[np.ndarray], n_keys: int):
+        self.codes, self.values, self.n_keys = codes, values, n_keys
+
+    @classmethod
+    def build(cls, keys: _Keys, tags: Ragged, values: list[Ragged], keep=None) -> _MemberTable:
+        """From a member's (tag, value...) lists: entries ``keep`` passes, the last of a repeated tag winning."""
+        for v in values:
+            if not np.array_equal(v.lengths, tags.lengths):
+                raise ValueError("a member's tag and value lists differ in length")
+        rows = np.repeat(np.arange(len(tags), dtype=np.int64), tags.lengths)
+        key = keys.ids(tags.values)
+        vals = [float_column(v.values) for v in values]
+        ok = key >= 0
+        if keep is not None:
+            ok &= keep(*vals)
+        codes = rows[ok] * (len(keys) + 1) + key[ok]
+        vals = [v[ok] for v in vals]
+        # np.unique keeps the first occurrence: searching the reversed entries keeps the last
+        unique, first = np.unique(codes[::-1], return_index=True)
+        last = len(codes) - 1 - first
+        return cls(unique, [v[last] for v in vals], len(keys) + 1)
+
+    def gather(self, rows: np.ndarray, key_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(found [R, W], values [R, W] each, 0.0 where not found) for member ``rows`` [R] and keys [R, W] (-1: none)."""
+        codes = rows[:, None] * self.n_keys + key_ids
+        if len(self.codes) == 0:
+            found = np.zeros(codes.shape, dtype=bool)
+            return found, [np.zeros(codes.shape) for _ in self.values]
+        at = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        found = (self.codes[at] == codes) & (key_ids >= 0)
+        return found, [np.where(found, v[at], 0.0) for v in self.values]
+
+
+def _sum_in_order(values: np.ndarray) -> np.ndarray:
+    """Row sums added left to right from 0 as Python's ``sum`` does (zeros in padding change nothing): [R]."""
+    out = np.zeros(values.shape[0], dtype=np.float64)
+    for j in range(values.shape[1]):
+        out += values[:, j]
+    return out
+
+
+def _max_where(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row max over ``mask``, 0.0 for rows where nothing is masked: [R]."""
+    if values.shape[1] == 0:
+        return np.zeros(values.shape[0])
+    return np.where(mask.any(axis=1), np.where(mask, values, -np.inf).max(axis=1), 0.0)
+
+
+def columnar_feature_matrix(blocks: CatalogBlocks, members: Mapping[str, Any], row_member: np.ndarray,
+                            row_artwork: np.ndarray, row_title: np.ndarray, priors: Mapping[str, Any]) -> np.ndarray:
+    """The float32 matrix [R, N_FEATURES] of R candidate rows, equal to :func:`feature_matrix` of the same rows.
+
+    Parameters
+    ----------
+    blocks : the catalog and vocabulary (:class:`CatalogBlocks`).
+    members : [M] member-and-context inputs: ``member_known``, ``member_is_kids``,
+        ``member_log_plays_28d``, ``member_days_since_last_play``, the five member list columns
+        of :data:`INPUT_COLUMNS` (:meth:`Ragged.of` forms; None = empty) and the five context
+        columns. One row per impression in the features job: member work happens once per row.
+    row_member, row_artwork, row_title : [R] the member row, artwork row and title row of every
+        candidate row.
+    priors : [R] ``art_prior_mean``, ``art_prior_n``, ``art_prior_mean_seg``, ``title_prior_mean``.
+    """
+    row_member = np.asarray(row_member, dtype=np.int64)
+    row_artwork = np.asarray(row_artwork, dtype=np.int64)
+    row_title = np.asarray(row_title, dtype=np.int64)
+    n_members = len(members["member_known"])
+    keys = blocks.keys
+    affinity = _MemberTable.build(keys, Ragged.of(members["affinity_tags"]), [Ragged.of(members["affinity_values"])])
+    responses = _MemberTable.build(keys, Ragged.of(members["response_tags"]),
+                                   [Ragged.of(members["response_values"]), Ragged.of(members["response_n"])],
+                                   keep=lambda _, n: n > 0)
+    member_rows = np.arange(n_members, dtype=np.int64)
+    _, (genre_aff,) = affinity.gather(member_rows, np.broadcast_to(blocks.vocab_genres, (n_members, N_GENRE_SLOTS)))
+    mem = member_block(float_column(members["member_known"]), float_column(members["member_is_kids"]),
+                       float_column(members["member_log_plays_28d"]), float_column(members["member_days_since_last_play"]), genre_aff)
+    device = members["device"]
+    device = device.to_numpy(zero_copy_only=False) if hasattr(device, "to_numpy") and not isinstance(device, np.ndarray) else device
+    ctx = context_block(device, float_column(members["local_hour"]), float_column(members["day_of_week"]),
+                        float_column(members["page_row"]), float_column(members["position"]))
+
+    n = len(row_member)
+    out = np.empty((n, N_FEATURES), dtype=np.float32)
+    c = 0
+    for block in (mem[row_member], ctx[row_member], blocks.static[row_artwork],
+                  prior_block(float_column(priors["art_prior_mean"]), float_column(priors["art_prior_n"]),
+                              float_column(priors["title_prior_mean"]))):
+        out[:, c:c + block.shape[1]] = block
+        c += block.shape[1]
+    match = np.zeros((n, 7), dtype=np.float64)
+    cast_ids = blocks.cast[row_artwork]
+    _, (cast,) = affinity.gather(row_member, cast_ids)
+    match[:, 0] = _sum_in_order(cast)
+    real = np.arange(cast_ids.shape[1])[None, :] < blocks.cast_count[row_artwork][:, None]
+    match[:, 1] = _max_where(cast, real)
+    _, (tag_genre,) = affinity.gather(row_member, blocks.tag_genre[row_artwork])
+    match[:, 2] = _sum_in_order(tag_genre)
+    _, (genre,) = affinity.gather(row_member, blocks.title_genres[row_title])
+    count = blocks.title_genre_count[row_title]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        match[:, 3] = np.where(count > 0, _sum_in_order(genre) / np.maximum(count, 1), 0.0)
+    hit, (lift, imps) = responses.gather(row_member, blocks.tags[row_artwork])
+    match[:, 4] = _sum_in_order(lift)
+    match[:, 5] = _max_where(lift, hit)
+    match[:, 6] = np.log1p(_sum_in_order(imps))
+    out[:, c:c + 7] = match
+    out[:, c + 7] = np.asarray(float_column(priors["art_prior_mean_seg"]), dtype=np.float32)
+    assert c + 8 == N_FEATURES
     return out

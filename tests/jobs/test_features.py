@@ -116,6 +116,30 @@ def test_training_rows_and_feature_parity(spark):
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
 
+def test_training_rows_are_feature_matrix_of_the_candidate_inputs(spark):
+    # the job explodes candidates inside its Arrow step; feature_inputs explodes them in Spark:
+    # every training row must carry that row's inputs, and feature_matrix of them
+    inputs = training_inputs(spark)
+    rows = features.feature_inputs(*inputs).toPandas()
+    got = {(r["event_id"], r["artwork_id"]): r for r in features.transform(*inputs, VOCABULARIES).collect()}
+    assert set(got) == set(zip(rows["event_id"], rows["artwork_id"], strict=True))
+    priors = feature_spec.prior_inputs(*(rows[c].astype("float64") for c in ("prior_alpha", "prior_beta", "prior_n", "seg_alpha", "seg_beta")),
+                                       rows["event_id"])
+    matrix_inputs = rows.assign(**priors)
+    for day in rows["known_ds"].unique():
+        part = matrix_inputs[matrix_inputs["known_ds"] == day].reset_index(drop=True)
+        want = feature_spec.feature_matrix(part, VOCABULARIES.get(day.isoformat()))
+        for i, r in part.iterrows():
+            row = got[(r["event_id"], r["artwork_id"])]
+            np.testing.assert_array_equal(np.asarray(row["features"], np.float32), want[i])
+            missing = pd.isna(r["prior_alpha"]) or pd.isna(r["prior_beta"])
+            assert (row["prior_alpha"], row["prior_beta"], row["prior_n"]) == (
+                (*feature_spec.DEFAULT_PRIOR, 0.0) if missing else (r["prior_alpha"], r["prior_beta"], r["prior_n"]))
+            for name in ("is_logged", "segment", "logged_artwork_id", "member_id", "propensity", "reward"):
+                assert row[name] == r[name], name
+            assert row["logging_probability"] == (None if pd.isna(r["logging_probability"]) else r["logging_probability"])
+
+
 def test_impressions_split_across_arrow_batches_keep_their_title_mean(spark):
     inputs = training_inputs(spark)
     whole = features.transform(*inputs, VOCABULARIES)
