@@ -56,6 +56,8 @@ from typing import Any
 import httpx
 import orjson
 
+from keyart.net import stop_process
+
 DEFAULT_SECRET = "keyart-dev-secret-change-me"
 PROBES = ("bad_input", "kill9", "disk_full", "unwritable_log", "bundles", "registry", "ingest")
 
@@ -95,12 +97,7 @@ class Server:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        stop_process(self.proc, timeout=30)
 
 
 def page_body(world: Any, n_titles: int = 5, start: int = 0) -> dict[str, Any]:

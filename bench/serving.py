@@ -28,7 +28,6 @@ import gc
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from keyart.net import free_port
+from keyart.net import free_port, stop_process
 
 TARGET_DECISIONS_PER_CORE = 20_000
 TARGET_RATIO = 0.8
@@ -277,14 +276,20 @@ def _cpus(args: argparse.Namespace) -> tuple[int | None, int | None]:
     return server, client
 
 
-def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+def bench_bundle(args: argparse.Namespace, home: Path) -> tuple[Path, dict[str, Any]]:
+    """The bundle to serve (``--bundle``, or a synthetic one written under ``home``) and the
+    page every request sends."""
     from keyart.bench import synthetic
 
     bundle_dir = Path(args.bundle) if args.bundle else home / "bundle"
     if not args.bundle:
         synthetic.write_bundle(bundle_dir, seed=7, version="bench", n_titles=max(200, args.titles),
                                per_title=args.artworks, n_members=2000, n_trees=200)
-    page = _page(bundle_dir, args.titles, args.artworks)
+    return bundle_dir, _page(bundle_dir, args.titles, args.artworks)
+
+
+def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+    bundle_dir, page = bench_bundle(args, home)
     decisions = len(page["titles"])
     server_cpu, client_cpu = _cpus(args)
     own = os.sched_getaffinity(0)
@@ -333,11 +338,7 @@ def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
             result["half_saturation"] = half
     finally:
         os.sched_setaffinity(0, own)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     result["load_average"]["end"] = round(os.getloadavg()[0], 2)
     ratio = best["pages_per_s"] / result["floor"]["pages_per_s"]
     result["server_stages"] = best["server_stages"]

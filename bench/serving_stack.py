@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -36,9 +35,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from keyart.bench.serving import _page, _stats, closed_loop, open_loop, quiet_client, run_in_home
+from keyart.bench.serving import (
+    _stats,
+    bench_bundle,
+    closed_loop,
+    open_loop,
+    quiet_client,
+    run_in_home,
+)
 from keyart.demo import stack as stk
-from keyart.net import free_port
+from keyart.net import free_port, stop_process
 
 REDIS_URL = stk.REDIS_URL
 RUNS = (("1 replica, Redis state", 1, "redis"), ("2 replicas, Redis state", 2, "redis"),
@@ -59,18 +65,6 @@ def _wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120.0)
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} did not become ready in {timeout:.0f} s")
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @contextmanager
@@ -107,7 +101,7 @@ def serving_tier(home: Path, bundle_dir: Path, replicas: int, online: str, prefi
             time.sleep(0.2)
         yield int(env["STACK_PORT_BALANCER"])
     finally:
-        _stop(procs)
+        stop_process(*procs)
 
 
 def online_state_cost(page_size: int, prefix: str, pages: int = 2000) -> dict[str, float]:
@@ -147,15 +141,10 @@ def _purge(prefix: str) -> None:
 
 
 def measure(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    from keyart.bench import synthetic
 
     if not stk.redis_ping(REDIS_URL):
         raise SystemExit(f"keyart bench serving --stack needs the machine's Redis at {REDIS_URL}")
-    bundle_dir = Path(args.bundle) if args.bundle else home / "bundle"
-    if not args.bundle:
-        synthetic.write_bundle(bundle_dir, seed=7, version="bench", n_titles=max(200, args.titles),
-                               per_title=args.artworks, n_members=2000, n_trees=200)
-    page = _page(bundle_dir, args.titles, args.artworks)
+    bundle_dir, page = bench_bundle(args, home)
     decisions = len(page["titles"])
     body = orjson.dumps(page)
     request = (b"POST /v1/artwork HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"

@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import httpx
 
 from keyart.config import Settings
 from keyart.lake import Lake, shift_ds
-from keyart.net import free_port
+from keyart.net import free_port, stop_process
 
 DEFAULT_DAYS = 5
 DEFAULT_VISITS = 8000
@@ -170,12 +169,7 @@ class Endpoint:
         return HttpChooser(self.url)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -301,13 +301,12 @@ class Component:
 
 
 def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise StackError(f"{name} is neither next to {sys.executable} nor on PATH")
-    return found
+    from keyart.pipeline import venv_bin
+
+    try:
+        return venv_bin(name)
+    except FileNotFoundError as exc:
+        raise StackError(str(exc)) from exc
 
 
 def _haproxy_bin() -> str:

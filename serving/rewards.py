@@ -397,6 +397,23 @@ def _delay_cdf(h: np.ndarray) -> np.ndarray | None:
     return np.concatenate([(below + h / 2.0) / total, [1.0, 1.0]])
 
 
+def impression_batches(tail: LogTail, ds: str, size: int) -> Iterator[list[Impression]]:
+    """The impressions of one day's log in batches of ``size``, the last one possibly short
+    (or empty); lines that are not JSON or not an impression are passed over."""
+    batch: list[Impression] = []
+    for payload in tail.read(ds):
+        try:
+            ev = Impression.from_row(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            continue
+        if ev is not None:
+            batch.append(ev)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    yield batch
+
+
 class _Entry:
     """An impression younger than the reward age limit: matches its reward."""
 
@@ -406,7 +423,30 @@ class _Entry:
         self.ds, self.keys, self.bin, self.weight, self.ts_ms, self.reward_ts = ds, keys, b, weight, ts_ms, reward_ts
 
 
-class LocalState:
+class _StateReads:
+    """What both online-state stores answer the same way from their local copy: the current
+    day (the simulated clock's when one drives it), a key's counts, the delay CDF."""
+
+    clock_ms: int
+    _lock: Any  # an RLock
+    _counts: dict
+    _cdf: np.ndarray | None
+
+    def day(self) -> str:
+        return _utc_ds(self.clock_ms) if self.clock_ms > 0 else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+
+    def counts(self, key: Key) -> tuple[int, int]:
+        with self._lock:
+            c = self._counts.get(key, (0, 0))
+            return (c[0], c[1])
+
+    @property
+    def delay_cdf(self) -> np.ndarray | None:
+        """F by cohort age (in cohorts), or None while too few delays are known."""
+        return self._cdf
+
+
+class LocalState(_StateReads):
     """:class:`OnlineState` in this process, folding in the other workers' log files.
 
     Impressions are grouped in cohorts of ``window / DELAY_BINS`` by decision time. Per key
@@ -677,18 +717,8 @@ class LocalState:
                     if kind != "impressions":
                         continue
                     for ds in [d for d in t.days() if first <= d <= newest]:
-                        batch: list[Impression] = []
-                        for payload in t.read(ds):
-                            try:
-                                ev = Impression.from_row(orjson.loads(payload))
-                            except orjson.JSONDecodeError:
-                                continue
-                            if ev is not None:
-                                batch.append(ev)
-                            if len(batch) >= 20_000:
-                                self._fold_impressions(batch, changed)
-                                batch = []
-                        self._fold_impressions(batch, changed)
+                        for batch in impression_batches(t, ds, 20_000):
+                            self._fold_impressions(batch, changed)
             with self._lock:
                 if self.wall_clock:
                     self._advance(int(time.time() * 1000), changed)
@@ -734,18 +764,6 @@ class LocalState:
         with self._lock:
             return list(self._closed.keys() | self._young_keys.keys())
 
-    def day(self) -> str:
-        return _utc_ds(self.clock_ms) if self.clock_ms > 0 else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-
-    def counts(self, key: Key) -> tuple[int, int]:
-        with self._lock:
-            c = self._counts.get(key, (0, 0))
-            return (c[0], c[1])
-
-    @property
-    def delay_cdf(self) -> np.ndarray | None:
-        """F by cohort age (in cohorts), or None while too few delays are known."""
-        return self._cdf
 
 
 class OnlinePriors:
@@ -999,7 +1017,7 @@ class OnlineStateUnavailable(RuntimeError):
     """The shared online state does not answer at start-up."""
 
 
-class RedisState:
+class RedisState(_StateReads):
     """:class:`OnlineState` shared by every replica through Redis, by the rule of
     :class:`LocalState`: whatever replica a page or a reward reaches, every replica's
     evidence is what one process counting all of them holds.
@@ -1278,18 +1296,8 @@ class RedisState:
             if kind != "impressions":
                 continue
             for ds in [d for d in t.days() if first <= d <= days[-1]]:
-                batch: list[Impression] = []
-                for payload in t.read(ds):
-                    try:
-                        ev = Impression.from_row(orjson.loads(payload))
-                    except orjson.JSONDecodeError:
-                        continue
-                    if ev is not None:
-                        batch.append(ev)
-                    if len(batch) >= 500:
-                        self.add_impressions(batch)
-                        batch = []
-                self.add_impressions(batch)
+                for batch in impression_batches(t, ds, 500):
+                    self.add_impressions(batch)
         return True
 
     def sync(self) -> set[Key]:
@@ -1376,17 +1384,6 @@ class RedisState:
         with self._lock:
             return list(self._closed.keys() | self._young.keys())
 
-    def day(self) -> str:
-        return _utc_ds(self.clock_ms) if self.clock_ms > 0 else dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-
-    def counts(self, key: Key) -> tuple[int, int]:
-        with self._lock:
-            c = self._counts.get(key, (0, 0))
-            return (c[0], c[1])
-
-    @property
-    def delay_cdf(self) -> np.ndarray | None:
-        return self._cdf
 
 
 def online_state(settings: Any, window_s: float, max_age_s: float, logs: Sequence[tuple[LogTail, str]] = (),

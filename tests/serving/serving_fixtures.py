@@ -8,22 +8,61 @@ input ``features``, only the ``probabilities`` output kept).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from keyart import bundle, feature_spec
-from keyart.bench import synthetic
-from keyart.net import free_port
+from keyart.bench import faults, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def app_client(uri, secret: str, rng=None, **overrides):
+    """A TestClient on the endpoint app for the bundle at ``uri`` (None: cold start), its
+    event-signing secret ``secret`` unless the overrides set one; no bundle polling."""
+    from fastapi.testclient import TestClient
+
+    from keyart.config import Settings
+    from keyart.serving.app import create_app
+
+    overrides.setdefault("serve_event_secret", secret)
+    return TestClient(create_app(Settings(**overrides), model_uri=str(uri) if uri else None, rng=rng, poll=False))
+
+
+def served_page(path, req: dict, policy_name: str, secret: str, seed: int = 42):
+    """POST ``req`` to an app on the bundle at ``path`` under ``policy_name`` with a seeded
+    generator; return the answer, the prepared page and its bundle, and the policy's
+    probabilities recomputed from the same scores (the generator's first use)."""
+    from keyart import policy
+    from keyart.serving.schemas import ArtworkRequest
+
+    with app_client(path, secret, rng=np.random.default_rng(seed), policy=policy_name) as c:
+        got = c.post("/v1/artwork", json=req).json()
+        svc = c.app.state.runtime.service
+        p = svc.prepare(ArtworkRequest.model_validate(req))
+        b = p.bundle
+        scores = b.score(svc.features(p))
+    rng = np.random.default_rng(seed)
+    probs = policy.probabilities(b.policy, scores, p.offsets, b.artworks.policy_alpha[p.rows],
+                                 b.artworks.policy_beta[p.rows], b.artworks.policy_n[p.rows], rng=rng)
+    return got, p, b, probs, rng
+
+
+def log_rows(root: Path) -> list[dict]:
+    """Every row of the JSON-lines logs under ``root``, checksums verified."""
+    import orjson
+
+    from keyart.serving.event_log import read_lines
+
+    rows = []
+    for f in sorted(Path(root).rglob("*.jsonl")):
+        for payload in read_lines(f):
+            assert payload is not None, f"{f}: a line fails its checksum"
+            rows.append(orjson.loads(payload))
+    return rows
 
 
 def lightgbm_onnx(seed: int = 0, n_trees: int = 20) -> bytes:
@@ -81,39 +120,8 @@ def page(world: synthetic.SyntheticWorld, n_titles: int = 5, member: str | None 
             "titles": titles}
 
 
-class Server:
-    """A real ``keyart serve`` subprocess on 127.0.0.1."""
-
-    def __init__(self, env: dict[str, str], args: list[str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keyart.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not become ready")
-
-    def kill9(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+# A real ``keyart serve`` subprocess on 127.0.0.1: the one the fault benchmark starts.
+Server = faults.Server
 
 
 @pytest.fixture()

@@ -11,32 +11,18 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
-from serving_fixtures import make_bundle, page
+from serving_fixtures import app_client, log_rows, make_bundle, page, served_page
 
 from keyart import contracts, policy
 from keyart.bench import synthetic
-from keyart.config import Settings
 from keyart.lake import Lake
-from keyart.serving.app import create_app
-from keyart.serving.event_log import read_lines
 from keyart.serving.schemas import ArtworkResponse
 
 SECRET = "api-tests-event-secret-" + "0" * 40
 
 
 def client(uri, rng=None, **overrides) -> TestClient:
-    overrides.setdefault("serve_event_secret", SECRET)
-    return TestClient(create_app(Settings(**overrides), model_uri=str(uri) if uri else None, rng=rng, poll=False))
-
-
-def log_rows(root) -> list[dict]:
-    """Every row of the JSON-lines logs under ``root``, checksums verified."""
-    rows = []
-    for f in sorted(root.rglob("*.jsonl")):
-        for payload in read_lines(f):
-            assert payload is not None, f"{f}: a line fails its checksum"
-            rows.append(orjson.loads(payload))
-    return rows
+    return app_client(uri, SECRET, rng, **overrides)
 
 
 def impressions(settings_home) -> list[dict]:
@@ -65,18 +51,7 @@ def test_response_schema_and_log_rows(bundle_dir, _isolated_home):
 @pytest.mark.parametrize("policy_name", ["squarecb", "thompson", "egreedy"])
 def test_propensity_matches_policy_for_fixed_seed(bundle_dir, policy_name):
     path, world = bundle_dir
-    req = page(world, 8, explicit=False)
-    with client(path, rng=np.random.default_rng(42), policy=policy_name) as c:
-        got = c.post("/v1/artwork", json=req).json()
-        svc = c.app.state.runtime.service
-        from keyart.serving.schemas import ArtworkRequest
-
-        p = svc.prepare(ArtworkRequest.model_validate(req))
-        b = p.bundle
-        scores = b.score(svc.features(p))
-    rng = np.random.default_rng(42)
-    probs = policy.probabilities(b.policy, scores, p.offsets, b.artworks.policy_alpha[p.rows],
-                                 b.artworks.policy_beta[p.rows], b.artworks.policy_n[p.rows], rng=rng)
+    got, p, b, probs, rng = served_page(path, page(world, 8, explicit=False), policy_name, SECRET)
     chosen, propensity = policy.draw(probs, p.offsets, rng)
     assert [d["artwork_id"] for d in got["decisions"]] == [b.artworks.artwork_ids[p.rows[i]] for i in chosen]
     assert [d["propensity"] for d in got["decisions"]] == propensity.tolist()

@@ -12,14 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from serving_fixtures import REPO, page
+from serving_fixtures import REPO, log_rows, page
 
 from keyart.config import Settings
 from keyart.net import free_port
@@ -30,7 +29,6 @@ from keyart.serving.app import (
     StartupRefused,
     create_app,
 )
-from keyart.serving.event_log import read_lines
 from keyart.serving.metrics import Guard, GuardMiddleware
 
 SECRET = "hardening-tests-event-secret-" + "0" * 40
@@ -47,13 +45,6 @@ def client(uri, **overrides) -> TestClient:
     return TestClient(make_app(uri, **overrides))
 
 
-def log_rows(root: Path) -> list[dict]:
-    rows = []
-    for f in sorted(root.rglob("*.jsonl")):
-        for payload in read_lines(f):
-            assert payload is not None, f"{f}: a line fails its checksum"
-            rows.append(orjson.loads(payload))
-    return rows
 
 
 # --- 1. bad JSON: a 4xx that says what is wrong, never a 5xx -----------------------------

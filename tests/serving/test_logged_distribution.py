@@ -9,27 +9,19 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from serving_fixtures import page
+from serving_fixtures import app_client, log_rows, page, served_page
 
-from keyart import contracts, policy
-from keyart.config import Settings
-from keyart.serving.app import create_app
-from keyart.serving.event_log import read_lines
-from keyart.serving.schemas import ArtworkRequest
+from keyart import contracts
 
 SECRET = "logged-distribution-tests-secret-" + "0" * 40
 
 
 def client(uri, rng=None, **overrides) -> TestClient:
-    overrides.setdefault("serve_event_secret", SECRET)
-    return TestClient(create_app(Settings(**overrides), model_uri=str(uri) if uri else None, rng=rng, poll=False))
+    return app_client(uri, SECRET, rng, **overrides)
 
 
 def impression_rows(home) -> list[dict]:
-    rows = []
-    for f in sorted((home / "lake" / "raw" / "impressions").rglob("*.jsonl")):
-        rows += [orjson.loads(p) for p in read_lines(f)]
-    return rows
+    return log_rows(home / "lake" / "raw" / "impressions")
 
 
 def check_rows(rows: list[dict]) -> None:
@@ -44,16 +36,7 @@ def check_rows(rows: list[dict]) -> None:
 @pytest.mark.parametrize("policy_name", ["squarecb", "thompson", "egreedy"])
 def test_the_log_reproduces_the_served_distribution(bundle_dir, _isolated_home, policy_name):
     path, world = bundle_dir
-    req = page(world, 8, explicit=False)
-    with client(path, rng=np.random.default_rng(42), policy=policy_name) as c:
-        got = c.post("/v1/artwork", json=req).json()
-        svc = c.app.state.runtime.service
-        p = svc.prepare(ArtworkRequest.model_validate(req))
-        b = p.bundle
-        scores = b.score(svc.features(p))
-    probs = policy.probabilities(b.policy, scores, p.offsets, b.artworks.policy_alpha[p.rows],
-                                 b.artworks.policy_beta[p.rows], b.artworks.policy_n[p.rows],
-                                 rng=np.random.default_rng(42))
+    got, _, _, probs, _ = served_page(path, page(world, 8, explicit=False), policy_name, SECRET)
     rows = impression_rows(_isolated_home)
     check_rows(rows)
     assert [r["event_id"] for r in rows] == [d["event_id"] for d in got["decisions"]]

@@ -57,13 +57,7 @@ def test_page_matrix_equals_feature_matrix(bundle_dir, seed):
         member = world.member_ids[int(rng.integers(len(world.member_ids)))] if trial % 3 else "unknown-member"
         ctx = {"device": str(rng.choice(feature_spec.DEVICES)), "local_hour": int(rng.integers(24)),
                "day_of_week": int(rng.integers(7))}
-        titles = rng.choice(world.title_ids, size=int(rng.integers(1, 12)), replace=False)
-        slots = []
-        for i, t in enumerate(titles):
-            arts = world.artworks_of[str(t)]
-            k = int(rng.integers(1, len(arts) + 1))
-            slots.append({"title_id": str(t), "page_row": i // 4, "position": i % 4,
-                          "candidates": [str(a) for a in rng.choice(arts, size=k, replace=False)]})
+        slots = random_page(rng, world)
         rows = np.array([b.artworks.index[a] for s in slots for a in s["candidates"]])
         offsets = np.concatenate([[0], np.cumsum([len(s["candidates"]) for s in slots])])
         got = page_matrix(b.artworks, b.members.get(member), ctx["device"], ctx["local_hour"], ctx["day_of_week"],
