@@ -228,17 +228,16 @@ def _list_entries(table: pa.Table, names: Sequence[str], types: Sequence[pa.Data
     n = table.num_rows
     cols = [table.column(c).combine_chunks().cast(pa.list_(t)) if c in table.column_names else pa.nulls(n, pa.list_(t))
             for c, t in zip(names, types, strict=True)]
-    present = np.ones(n, bool)
-    for c in cols:
-        present &= c.is_valid().to_numpy(zero_copy_only=False)
+    valid = [c.is_valid().to_numpy(zero_copy_only=False) for c in cols]
+    present = np.logical_and.reduce(valid) if valid else np.ones(n, bool)
     lengths = [pc.fill_null(pc.list_value_length(c), 0).to_numpy().astype(np.int64) for c in cols]
     if any((ln != lengths[0])[present].any() for ln in lengths[1:]):
         raise ValueError(f"member rows whose {'/'.join(names)} lists differ in length")
     rows = np.repeat(np.arange(n), np.where(present, lengths[0], 0))
     flat = []
-    for c, ln in zip(cols, lengths, strict=True):
-        values = c.flatten()   # the elements of every present list, in row order
-        keep = np.repeat(present[c.is_valid().to_numpy(zero_copy_only=False)], ln[c.is_valid().to_numpy(zero_copy_only=False)])
+    for c, ok, ln in zip(cols, valid, lengths, strict=True):
+        values = c.flatten()   # the elements of every non-null list, in row order
+        keep = np.repeat(present[ok], ln[ok])
         flat.append(values.filter(pa.array(keep)) if not keep.all() else values)
     return rows, flat
 
