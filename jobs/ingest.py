@@ -119,19 +119,26 @@ def extract(spark: SparkSession, lake: Lake, log: str, days: list[str]) -> tuple
     """Raw rows of ``log`` for ``days`` as ``(ds, source_file, raw)`` text, and files per day."""
     frames: list[DataFrame] = []
     files_per_day: dict[str, int] = {}
+    text_files: list[str] = []
     for ds in days:
         folder = lake.raw(log, ds)
+        if folder.name != f"ds={ds}":
+            raise ValueError(f"raw partition {folder} of ds={ds} is not named ds={ds}")
         files = sorted(p for p in folder.glob("*") if p.is_file() and not p.name.startswith(("_", "."))) if folder.is_dir() else []
         text = [str(p) for p in files if p.name.endswith(TEXT_SUFFIXES)]
         parquet = [str(p) for p in files if p.name.endswith(".parquet")]
         files_per_day[ds] = len(text) + len(parquet)
-        if text:
-            df = spark.read.text(text).select(F.col("_metadata.file_path").alias("source_file"), F.col("value").alias("raw"))
-            frames.append(df.where(F.trim("raw") != "").select(F.lit(ds).alias("ds"), "source_file", "raw"))
+        text_files += text
         if parquet:
             df = spark.read.parquet(*parquet)
             as_json = F.to_json(F.struct(*[F.col(c) for c in df.columns]), {"timestampFormat": _TS_FORMAT})
             frames.append(df.select(F.lit(ds).alias("ds"), F.col("_metadata.file_path").alias("source_file"), as_json.alias("raw")))
+    if text_files:
+        # every day's text files in one read (a 90-day history is one scan, not a 90-way
+        # union to plan); each row's day is the ds= folder its file lies in
+        df = spark.read.text(text_files).select(F.col("_metadata.file_path").alias("source_file"), F.col("value").alias("raw"))
+        day = F.regexp_extract("source_file", r"/ds=(\d{4}-\d{2}-\d{2})/[^/]+$", 1)
+        frames.insert(0, df.where(F.trim("raw") != "").select(day.alias("ds"), "source_file", "raw"))
     if not frames:
         return spark.createDataFrame([], RAW_SCHEMA), files_per_day
     out = frames[0]
