@@ -289,3 +289,25 @@ def test_old_days_are_pruned_relative_to_the_newest_day_not_the_wall_clock(worke
 def test_cohorts_span_the_attribution_window():
     s = LocalState(WINDOW_S, MAX_AGE_S)
     assert s.bin_ms * DELAY_BINS == WINDOW_S * 1000
+
+
+def test_per_impression_state_is_invisible_to_the_cyclic_collector(worker):
+    """Every page leaves ~10 entries for the reward age limit: hundreds of thousands at a few
+    hundred pages/s. Held in containers the collector tracks, each full collection walked
+    them all and stalled every in-flight request (30-120 ms, growing with the traffic)."""
+    import gc
+
+    rewarded = [worker.show(T0 + j * 1000, f"t1-a{j % 3}", segment=(ADULT, KIDS)[j % 2]) for j in range(300)]
+    for j, eid in enumerate(rewarded[:100]):
+        assert worker.reward(eid, T0 + j * 1000 + 30_000) == 200
+    worker.show(T0 + 4 * HOUR + 60_000, "t1-a0")  # the first cohorts close: their entries are read back
+    gc.collect()
+    state = worker.state
+    assert len(state._entries) >= 300
+    assert not gc.is_tracked(state._entries)
+    assert not any(gc.is_tracked(ids) for ids in state._by_bin.values())
+    # what the entries carry still adds up: 300 impressions, 100 of them rewarded, both segments' keys
+    counts = {k: state.counts(k) for k in state.keys()}
+    assert sum(c[0] for k, c in counts.items() if k[2] == "all") == 301
+    assert sum(c[1] for k, c in counts.items() if k[2] == "all") == 100
+    assert sum(c[1] for k, c in counts.items() if k[2] != "all") == 100
