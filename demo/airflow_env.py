@@ -63,9 +63,17 @@ def airflow_environ(
     airflow_home: str | Path | None = None,
     base: Mapping[str, str] | None = None,
     dags_folder: str | Path | None = None,
+    database: str | None = None,
 ) -> dict[str, str]:
     """The environment for ``airflow`` commands: ``base`` (default os.environ) plus the project
-    settings. KEYART_* variables pass through, so the tasks see the same keyart settings."""
+    settings. KEYART_* variables pass through, so the tasks see the same keyart settings.
+
+    ``database`` is the metadata database's SQLAlchemy URI; by default SQLite in the Airflow
+    home (WAL mode, Airflow's own setting). SQLite serialises writers, and a transaction that
+    read before another process wrote fails with "database is locked" instead of waiting:
+    with an API server, a scheduler and a DAG processor writing at once, an API call
+    can fail now and then. Deployments and the tests of the running services use PostgreSQL
+    (``make up``; tests/airflow/test_dag_run.py)."""
     home = Path(airflow_home).resolve() if airflow_home else default_airflow_home()
     env = dict(os.environ if base is None else base)
     bin_dir = str(Path(sys.executable).parent)
@@ -74,7 +82,7 @@ def airflow_environ(
         {
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder or repo_dags_folder()).resolve()),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database or f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # Two cores and SQLite: one task at a time is all the box can take anyway.
@@ -409,8 +417,8 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
             "data_interval_end": end, "run_after": end, "conf": {"ds": ds}}
     if note:
         body["note"] = note
-    resp = client.post(f"/dags/{DAG_ID}/dagRuns", json=body)
-    if resp.status_code == 409:  # a run of this logical date (or this run id) exists: run it again
+    resp = _retry_5xx(lambda: client.post(f"/dags/{DAG_ID}/dagRuns", json=body))
+    if resp.status_code == 409:  # (also when a retried POST had gone through after all)  # a run of this logical date (or this run id) exists: run it again
         run_id = _existing_run(client, start, body["dag_run_id"])
         if run_id is None:
             raise RuntimeError(f"triggering {DAG_ID} for {ds} was refused (409) and no run of {start} is listed: "
@@ -420,15 +428,33 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
         raise RuntimeError(f"triggering {DAG_ID} for {ds} was refused ({resp.status_code}): {resp.text[:500]}")
     else:
         run_id = resp.json()["dag_run_id"]
-    client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
+    _retry_5xx(lambda: client.patch(f"/dags/{DAG_ID}", json={"is_paused": False})).raise_for_status()
     time.sleep(1)  # a cleared run is queued again on the scheduler's next loop
     while True:
-        run = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
+        resp = _retry_5xx(lambda: client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}"))
+        resp.raise_for_status()
+        run = resp.json()
         if run["state"] in ("success", "failed"):
             return run
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} still {run['state']} after {timeout:.0f}s")
         time.sleep(1)
+
+
+def _retry_5xx(call, attempts: int = 5, pause_s: float = 1.0):
+    """``call()`` (an HTTP request to the API server) again while it answers 5xx, at most
+    ``attempts`` times; the last answer. On the SQLite metadata database a request that lands
+    while the scheduler writes can fail with "database is locked" (500) and leave nothing
+    behind; the calls retried here are a trigger (a second one that finds the first's run
+    gets 409 and clears it instead), an unpause and a read."""
+    import time
+
+    for attempt in range(attempts):
+        resp = call()
+        if resp.status_code < 500 or attempt == attempts - 1:
+            return resp
+        time.sleep(pause_s)
+    return resp
 
 
 def _existing_run(client, logical_date: str, run_id: str) -> str | None:

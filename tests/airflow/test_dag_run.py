@@ -8,6 +8,8 @@ triggered through the REST API with a login, the LocalExecutor's workers reporti
 Execution API, the Spark tasks as clients of one Spark Connect server; the task logs are
 read back through the REST API. Then D1..D2 run again as a real backfill
 (``--reprocess-behavior completed``, run by the scheduler): the registry must end as it was.
+Airflow's metadata database is PostgreSQL, as deployed (``make up``): on SQLite a REST call
+that lands while the scheduler writes can fail with "database is locked".
 
     pytest tests/airflow/test_dag_run.py      # a few minutes on two cores
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from airflow_helpers import run_python
+from postgres_helpers import fresh_database
 
 from keyart import pipeline
 from keyart.config import Settings
@@ -106,21 +109,22 @@ def world(tmp_path_factory) -> dict:
     }
     for name in ("KEYART_CONFIG", "KEYART_SPARK_REMOTE", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"):
         env.pop(name, None)
-    server = ConnectServer(Settings(spark_master="local[2]", spark_driver_memory="1g", spark_shuffle_partitions=2),
-                           log_path=home / "spark-connect.log", env=env, cwd=home).launch()
-    try:
-        keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
-               "--history-days", "6", "--start", D1)  # fmt: skip
-        server.wait_ready()
-        remote = {**env, "KEYART_SPARK_REMOTE": server.url}
-        keyart(remote, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
-        for ds in (D1, D2):
-            keyart(env, "traffic", "--lake", str(lake), "--ds", ds, "--policy", "random",
-                   "--visits", str(VISITS))  # fmt: skip
-        af_env = airflow_env.prepared_environ(home / "airflow", base=env)
-        yield {"home": home, "lake": lake, "env": af_env, "logs": home, "spark_remote": server.url}
-    finally:
-        server.stop()
+    with fresh_database("tests/airflow/test_dag_run.py (Airflow's metadata database)", "postgresql+psycopg2") as airflow_db:
+        server = ConnectServer(Settings(spark_master="local[2]", spark_driver_memory="1g", spark_shuffle_partitions=2),
+                               log_path=home / "spark-connect.log", env=env, cwd=home).launch()
+        try:
+            keyart(env, "world", "--out", str(lake), "--seed", "7", "--titles", "30", "--members", "500",
+                   "--history-days", "6", "--start", D1)  # fmt: skip
+            server.wait_ready()
+            remote = {**env, "KEYART_SPARK_REMOTE": server.url}
+            keyart(remote, "job", "ingest", "--ds", HISTORY_START, "--through", HISTORY_END)
+            for ds in (D1, D2):
+                keyart(env, "traffic", "--lake", str(lake), "--ds", ds, "--policy", "random",
+                       "--visits", str(VISITS))  # fmt: skip
+            af_env = airflow_env.prepared_environ(home / "airflow", base=env, database=airflow_db)
+            yield {"home": home, "lake": lake, "env": af_env, "logs": home, "spark_remote": server.url}
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")

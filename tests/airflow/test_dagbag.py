@@ -123,3 +123,24 @@ def test_retries_with_backoff(parsed):
             assert t["backoff"] >= 2, task_id
     # days chain through yesterday's priors and the registry: a backfill must run in order
     assert {t for t, v in tasks.items() if v["depends_on_past"]} == {"priors", "promote"}
+
+
+def test_api_calls_are_retried_while_the_server_answers_5xx():
+    """A REST call that lands while the scheduler writes SQLite can fail with 500 ("database
+    is locked") and leave nothing behind: the demo's trigger, unpause and reads try again."""
+    from types import SimpleNamespace
+
+    from keyart.demo.airflow_env import _retry_5xx
+
+    answers = iter([500, 503, 200])
+    calls = []
+
+    def call():
+        calls.append(1)
+        return SimpleNamespace(status_code=next(answers))
+
+    assert _retry_5xx(call, pause_s=0).status_code == 200 and len(calls) == 3
+    assert _retry_5xx(lambda: SimpleNamespace(status_code=409), pause_s=0).status_code == 409  # not retried
+    failing = []
+    assert _retry_5xx(lambda: failing.append(1) or SimpleNamespace(status_code=500), attempts=4, pause_s=0).status_code == 500
+    assert len(failing) == 4

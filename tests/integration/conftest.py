@@ -7,45 +7,20 @@ skipped registry test would hide a broken deployment path.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_helpers import fresh_database
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 SERVER_START_TIMEOUT_S = 90.0
-
-
-def _pg_admin():
-    import psycopg2
-
-    try:
-        conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG['host']}:{PG['port']} as user {PG['user']} ({exc}). "
-            "The MLflow registry integration test needs it: start it (`.ci/run` does, or "
-            "`pg_ctlcluster <version> main start`).",
-            pytrace=False,
-        )
-    conn.autocommit = True
-    return conn
 
 
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
     """A fresh, empty database ``keyart_test_<random>``, dropped afterwards; yields its URI."""
-    name = f"keyart_test_{secrets.token_hex(4)}"
-    conn = _pg_admin()
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
+    with fresh_database("The MLflow registry integration test") as uri:
+        yield uri
 
 
 @pytest.fixture
