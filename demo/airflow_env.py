@@ -418,7 +418,7 @@ def trigger_and_wait(client, ds: str, timeout: float = 1800, run_id: str | None 
     if note:
         body["note"] = note
     resp = _retry_5xx(lambda: client.post(f"/dags/{DAG_ID}/dagRuns", json=body))
-    if resp.status_code == 409:  # (also when a retried POST had gone through after all)  # a run of this logical date (or this run id) exists: run it again
+    if resp.status_code == 409:  # a run of this logical date or run id exists (maybe a retried POST's): run it again
         run_id = _existing_run(client, start, body["dag_run_id"])
         if run_id is None:
             raise RuntimeError(f"triggering {DAG_ID} for {ds} was refused (409) and no run of {start} is listed: "
