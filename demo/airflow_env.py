@@ -449,12 +449,12 @@ def _retry_5xx(call, attempts: int = 5, pause_s: float = 1.0):
     gets 409 and clears it instead), an unpause and a read."""
     import time
 
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         resp = call()
-        if resp.status_code < 500 or attempt == attempts - 1:
+        if resp.status_code < 500:
             return resp
         time.sleep(pause_s)
-    return resp
+    return call()
 
 
 def _existing_run(client, logical_date: str, run_id: str) -> str | None:
