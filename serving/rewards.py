@@ -560,18 +560,30 @@ class LocalState(_StateReads):
             cohort = self._young.setdefault(b, {})
             f = self._f(b)
             young_keys, ycache = self._young_keys, self._ycache
+        if keep:
+            cohort_ids = self._by_bin.get(b)
+            if cohort_ids is None:
+                cohort_ids = self._by_bin[b] = bytearray()
+            pack = _ENTRY.pack
+            seg0 = f"{segment}\x00".encode()
         for ev in events:
-            if ev.digest in entries:
+            digest = ev.digest
+            if digest in entries:
                 continue
-            keys = ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL), (ds, ev.artwork_id, segment)) if both \
-                else ((ds, ev.artwork_id, feature_spec.SEGMENT_ALL),)
-            orphan = orphans.pop(ev.digest, None)
+            artwork_id = ev.artwork_id
+            keys = ((ds, artwork_id, feature_spec.SEGMENT_ALL), (ds, artwork_id, segment)) if both \
+                else ((ds, artwork_id, feature_spec.SEGMENT_ALL),)
+            orphan = orphans.pop(digest, None) if orphans else None
             reward_ts = orphan[1] if orphan is not None else None
-            w, ww, r = ev.weight, ev.weight * ev.weight, 0.0 if reward_ts is None else 1.0
+            w = ev.weight
+            ww, r = w * w, 0.0 if reward_ts is None else 1.0
             for k in keys:
-                c = counts.setdefault(k, [0, 0])
-                c[0] += 1
-                c[1] += int(r)
+                c = counts.get(k)
+                if c is None:
+                    counts[k] = [1, int(r)]
+                else:
+                    c[0] += 1
+                    c[1] += int(r)
             if closed:
                 for k in keys:
                     c = self._closed.setdefault(k, [0.0, 0.0, 0.0])
@@ -582,25 +594,31 @@ class LocalState(_StateReads):
                     self._count_delay(ds, reward_ts - ts_ms)
             else:
                 for k in keys:
-                    y = cohort.setdefault(k, [0.0, 0.0, 0.0, 0.0])
-                    y[0] += w
-                    y[1] += ww
-                    y[2] += w * r
-                    y[3] += ww * r
-                    young_keys.setdefault(k, set()).add(b)
+                    y = cohort.get(k)
+                    if y is None:
+                        cohort[k] = [w, ww, w * r, ww * r]
+                    else:
+                        y[0] += w
+                        y[1] += ww
+                        y[2] += w * r
+                        y[3] += ww * r
+                    bins = young_keys.get(k)
+                    if bins is None:
+                        young_keys[k] = {b}
+                    else:
+                        bins.add(b)
                     yc = ycache.get(k)
                     if yc is not None:
                         yc[0] += f * w
                         yc[1] += f * ww
                         yc[2] += w * r
                         yc[3] += ww * r
-            if keep and len(ev.digest) < 256:  # a signed digest is 16 bytes; a longer one matches no reward
-                entries[ev.digest] = _pack_entry(b, w, ts_ms, reward_ts, both, ev.artwork_id, segment)
-                cohort_ids = self._by_bin.get(b)
-                if cohort_ids is None:
-                    cohort_ids = self._by_bin[b] = bytearray()
-                cohort_ids.append(len(ev.digest))
-                cohort_ids += ev.digest
+            if keep and len(digest) < 256:  # a signed digest is 16 bytes; a longer one matches no reward
+                # _pack_entry, with the page's segment encoded once
+                entries[digest] = pack(b, w, ts_ms, -1 if reward_ts is None else reward_ts, both) + seg0 + \
+                    artwork_id.encode()
+                cohort_ids.append(len(digest))
+                cohort_ids += digest
             changed.update(keys)
 
     def _reward(self, digest: bytes, impression_ms: int, reward_ms: int, changed: set[Key]) -> None:
