@@ -27,6 +27,11 @@ from keyart.serving.tables import ArtworkTable, Member
 
 DEFAULT = "default"
 MAX_NAMED = 10
+LINE = (b'{"event_id":%s%s,"title_id":%s,"artwork_id":%s,"candidates":%s,"propensity":%s,'
+        b'"candidate_probabilities":%s%s,"page_row":%d,"position":%d}}')
+"""An impression-log line (contracts.IMPRESSIONS): event id, [ts, member], title, artwork,
+candidates, propensity, candidate probabilities, [model version, policy, context head],
+page row, position; the same bytes as ``orjson.dumps`` of the row's dict in that key order."""
 
 
 class PageRefused(Exception):
@@ -300,12 +305,16 @@ class Service:
         segment = p.member.segment
         event_ids, digests = self.signer.issue_page(ts_ms, segment, shown)
         member_id, model_version, policy_name = req.member_id, c.model_version, c.policy
-        context = {"device": ctx.device, "country": ctx.country, "local_hour": ctx.local_hour,
-                   "day_of_week": ctx.day_of_week}
+        dumps = orjson.dumps
+        # what every line of the page shares, serialized once; each line is then one bytes
+        # format of JSON-encoded pieces (the same bytes as dumping the row's dict)
+        head = b',"ts":%s,"member_id":%s' % (dumps(ts), dumps(member_id))
+        context = dumps({"device": ctx.device, "country": ctx.country, "local_hour": ctx.local_hour,
+                         "day_of_week": ctx.day_of_week})[:-1]
+        tail = b',"model_version":%s,"policy":%s,"context":%s' % (dumps(model_version), dumps(policy_name), context)
         decisions = []
         lines = []
         events = []
-        dumps = orjson.dumps
         for t, slot in enumerate(req.titles):
             lo, hi = offsets[t], offsets[t + 1]
             artwork_id, event_id, propensity = shown[t], event_ids[t], propensities[t]
@@ -315,12 +324,8 @@ class Service:
             decisions.append({"title_id": slot.title_id, "artwork_id": artwork_id, "propensity": propensity,
                               "event_id": event_id, "model_version": model_version})
             candidates = slot.candidates if slot.candidates is not None else [ids[r] for r in rows[lo:hi]]
-            lines.append(dumps({
-                "event_id": event_id, "ts": ts, "member_id": member_id, "title_id": slot.title_id,
-                "artwork_id": artwork_id, "candidates": candidates, "propensity": propensity,
-                "candidate_probabilities": logged[lo:hi], "model_version": model_version, "policy": policy_name,
-                "context": {**context, "page_row": slot.page_row, "position": slot.position},
-            }))
+            lines.append(LINE % (dumps(event_id), head, dumps(slot.title_id), dumps(artwork_id), dumps(candidates),
+                                 dumps(propensity), dumps(logged[lo:hi]), tail, slot.page_row, slot.position))
         body = {"model_version": c.model_version, "registry_version": c.registry_version, "policy": c.policy,
                 "fallback": c.fallback, "decisions": decisions}
         inference_s = c.inference_s or 0.0
