@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 
 from keyart import bundle as kbundle
 from keyart import config
@@ -83,6 +85,10 @@ MIN_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 16
 DEFAULT_EVENT_SECRET = config.Settings.model_fields["serve_event_secret"].default
 MAX_ERRORS = 20
+REPLAYED = (b"idempotent-replayed", b"true")
+_ID_RE = re.compile(ID_SCHEMA_PATTERN.removeprefix("^").removesuffix("$"))
+Answer = tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]
+"""An answer of ``POST /v1/artwork``: status, JSON body, extra headers."""
 
 
 def log_event(event: str, fields: dict[str, Any]) -> None:
@@ -390,6 +396,29 @@ REWARD_ERRORS = {400: {"model": Problem, "description": "Body is not parseable"}
                  503: {"model": Problem, "description": "Reward log unavailable"}}
 
 
+def with_edge(app: FastAPI, metrics: Metrics, guard: Guard) -> FastAPI:
+    """Put keyart's ASGI edge in front of the app's whole middleware stack. Every HTTP request
+    passes :class:`MetricsMiddleware` (counted and timed, whatever answers it), then
+    :class:`GuardMiddleware` (API key, body read under its limit), then either the fast path
+    of ``POST /v1/artwork`` (``guard.fast_routes``: a well-formed page is answered without
+    Starlette's middleware stack, routing and dependency solving) or the app as built by
+    Starlette (error handling, routing). ``app.state.guard`` is the :class:`Guard`."""
+    build = app.build_middleware_stack
+
+    def build_with_edge() -> Any:
+        stack = build()
+        edge = MetricsMiddleware(GuardMiddleware(stack, guard), metrics)
+
+        async def route(scope: Any, receive: Any, send: Any) -> None:
+            await (edge if scope["type"] == "http" else stack)(scope, receive, send)
+
+        return route
+
+    app.build_middleware_stack = build_with_edge  # type: ignore[method-assign]
+    app.state.guard = guard
+    return app
+
+
 def create_app(settings: config.Settings | None = None, model_uri: str | None = None,
                rng: np.random.Generator | None = None, poll: bool = True) -> FastAPI:
     """The ASGI app. ``settings`` default to :func:`keyart.config.settings`."""
@@ -417,30 +446,28 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
             rt.reward_log.close()
 
     # /docs and /redoc with Swagger UI and ReDoc served from the fastapi-offline wheel (no CDN)
-    app = FastAPIOffline(title="keyart serving", version="1", lifespan=lifespan, static_url=DOCS_ASSETS,
-                         description="Personalized artwork selection with exploration, durable impression "
-                                     "logging and online priors. See docs/serving.md.")
+    app = with_edge(FastAPIOffline(title="keyart serving", version="1", lifespan=lifespan, static_url=DOCS_ASSETS,
+                                   description="Personalized artwork selection with exploration, durable impression "
+                                               "logging and online priors. See docs/serving.md."), metrics, guard)
     app.router.route_class = StrictJsonRoute
-    app.add_middleware(GuardMiddleware, guard=guard)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401/413 too
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return _json(validation_problem(list(exc.errors())), 422)
 
-    async def decide(rt: Runtime, page: ArtworkRequest, scope: dict[str, Any], handler_at: float) -> Response:
+    async def decide(rt: Runtime, page: ArtworkRequest, scope: dict[str, Any], handler_at: float) -> Answer:
         decide_start = time.perf_counter()
         try:
             decided = rt.service.decide(page)
         except PageRefused as exc:
-            return _problem(exc.status, exc.message)
+            return exc.status, orjson.dumps({"detail": exc.message}), ()
         body = decided.body
         start = time.perf_counter()
         try:
             await rt.impressions.append(decided.ds, decided.lines)
         except Exception as exc:  # not logged = not decided: never acknowledge it
             log_event("impression_log_failed", {"error": str(exc)})
-            return _problem(503, "impression log unavailable; the decision was not made")
+            return 503, orjson.dumps({"detail": "impression log unavailable; the decision was not made"}), ()
         logged = time.perf_counter()
         rt.rewards.priors.record_impressions(decided.events)
         counted = time.perf_counter()
@@ -458,7 +485,39 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         end = time.perf_counter()
         scope[STAGES_KEY] = (scope.get(STAGES_KEY_BODY, handler_at), handler_at, *decided.stages, logged - start,
                              counted - logged, end - counted, end)
-        return _json(body)
+        return 200, orjson.dumps(body), ()
+
+    async def answer_page(rt: Runtime, page: ArtworkRequest, idempotency_key: str | None, scope: dict[str, Any],
+                          handler_at: float) -> Answer:
+        """``POST /v1/artwork`` once the page is valid: (status, JSON body, extra headers).
+        Both the route and the fast path (:func:`fast_artwork`) answer through it."""
+        key = page.request_id
+        if idempotency_key is not None:
+            if key is not None and key != idempotency_key:
+                return 422, orjson.dumps({"detail": "request_id and the Idempotency-Key header differ; send one, "
+                                                    "or the same in both"}), ()
+            key = idempotency_key
+        if key is None or not rt.replays.enabled:
+            return await decide(rt, page, scope, handler_at)
+        ck = (scope.get(CLIENT_KEY), key)
+        fingerprint = _fingerprint(page)
+        try:
+            hit = rt.replays.find(ck, fingerprint)
+        except IdempotencyConflict:
+            return 422, orjson.dumps({"detail": f"request_id {key!r} was already used for a different request; "
+                                                "use a new one"}), ()
+        if hit is not None:
+            status, body = (200, hit) if isinstance(hit, bytes) else await asyncio.shield(hit)
+            if status == 200:
+                rt.metrics.replays.inc()
+            return status, body, (REPLAYED,) if status == 200 else ()
+        rt.replays.start(ck, fingerprint)
+        status, body = 503, orjson.dumps({"detail": "the first request with this request_id failed; retry"})
+        try:
+            status, body, extra = await decide(rt, page, scope, handler_at)
+            return status, body, extra
+        finally:
+            rt.replays.finish(ck, status, body)
 
     @app.post("/v1/artwork", response_model=ArtworkResponse, responses=ERRORS)
     async def choose_artwork(page: ArtworkRequest, request: Request,
@@ -471,34 +530,54 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         ``serve_idempotency_ttl_seconds`` gets the first answer again (same event ids) and
         logs nothing new."""
         handler_at = time.perf_counter()
-        rt: Runtime = request.app.state.runtime
-        key = page.request_id
-        if idempotency_key is not None:
-            if key is not None and key != idempotency_key:
-                return _problem(422, "request_id and the Idempotency-Key header differ; send one, or the same in both")
-            key = idempotency_key
-        if key is None or not rt.replays.enabled:
-            return await decide(rt, page, request.scope, handler_at)
-        ck = (request.scope.get(CLIENT_KEY), key)
-        fingerprint = _fingerprint(page)
+        status, body, extra = await answer_page(request.app.state.runtime, page, idempotency_key, request.scope,
+                                                handler_at)
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={k.decode(): v.decode() for k, v in extra} or None)
+
+    async def fast_artwork(scope: dict[str, Any], body: bytes, send: Callable[[Any], Coroutine[Any, Any, None]]) -> bool:
+        """``POST /v1/artwork`` straight from the ASGI edge when the request is well formed:
+        a JSON content type, a body orjson parses, a page the request model validates in one
+        call, an ``Idempotency-Key`` (if any) of the id pattern. It answers exactly as the
+        route does (:func:`answer_page`). Anything else returns False and the FastAPI route
+        handles the request from the start, so every 4xx body stays the route's own."""
+        rt: Runtime | None = getattr(app.state, "runtime", None)
+        if rt is None:
+            return False
+        ctype = idem = None
+        for k, v in scope["headers"]:
+            if k == b"content-type":
+                if ctype is not None:
+                    return False
+                ctype = v
+            elif k == b"idempotency-key":
+                if idem is not None:
+                    return False
+                idem = v
+        if ctype is None or ctype.split(b";", 1)[0].strip().lower() != b"application/json":
+            return False
+        if idem is not None:
+            try:
+                idem_key = idem.decode("ascii")
+            except UnicodeDecodeError:
+                return False
+            if not _ID_RE.fullmatch(idem_key):
+                return False
+        else:
+            idem_key = None
         try:
-            hit = rt.replays.find(ck, fingerprint)
-        except IdempotencyConflict:
-            return _problem(422, f"request_id {key!r} was already used for a different request; use a new one")
-        if hit is not None:
-            status, body = (200, hit) if isinstance(hit, bytes) else await asyncio.shield(hit)
-            if status == 200:
-                rt.metrics.replays.inc()
-            return Response(body, status_code=status, media_type="application/json",
-                            headers={"Idempotent-Replayed": "true"} if status == 200 else None)
-        rt.replays.start(ck, fingerprint)
-        status, body = 503, orjson.dumps({"detail": "the first request with this request_id failed; retry"})
-        try:
-            response = await decide(rt, page, request.scope, handler_at)
-            status, body = response.status_code, bytes(response.body)
-            return response
-        finally:
-            rt.replays.finish(ck, status, body)
+            page = ArtworkRequest.model_validate(orjson.loads(body))
+        except (orjson.JSONDecodeError, ValidationError):
+            return False
+        handler_at = time.perf_counter()
+        status, out, extra = await answer_page(rt, page, idem_key, scope, handler_at)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(out)).encode()), (b"content-type", b"application/json"),
+                                *extra]})
+        await send({"type": "http.response.body", "body": out})
+        return True
+
+    guard.fast_routes[("POST", "/v1/artwork")] = fast_artwork
 
     @app.post("/v1/reward", response_model=RewardResponse, responses=REWARD_ERRORS)
     async def reward(outcome: RewardRequest, request: Request) -> Response:

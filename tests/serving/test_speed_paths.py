@@ -6,6 +6,10 @@
 * ``EventSigner.issue_page`` digests and ``Impression.issued`` equal what parsing the ids
   gives (``Impression.of``), so the online priors count the same impressions.
 * The stage timers cover every decided page, and only those.
+* Each impression-log line, written as one bytes format of JSON pieces, is the bytes
+  ``orjson.dumps`` gives for the row's dict (same keys, same order).
+* The ASGI fast path of ``POST /v1/artwork`` answers well-formed pages exactly as the
+  FastAPI route does, and hands everything else to the route, so every 4xx is the route's.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import copy
 import datetime as dt
 
 import numpy as np
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from serving_fixtures import page
 
 from keyart.config import Settings
+from keyart.serving import app as serving_app
 from keyart.serving.app import create_app
 from keyart.serving.bundle_store import BundleStore
 from keyart.serving.event_log import frame_lines, unframe
@@ -161,3 +167,88 @@ def test_stage_timers_cover_decided_pages_only(bundle_dir, _isolated_home):
     assert pages == 3
     assert list(seconds) == list(STAGES)
     assert all(v >= 0 for v in seconds.values()) and seconds["inference"] > 0 and seconds["log_append"] > 0
+
+
+def test_log_lines_are_the_bytes_of_the_rows_dict(service):
+    svc, world = service
+    body = page(world, 6, explicit=True)
+    body["titles"][1].pop("candidates")  # a title without candidates logs its active artworks
+    body["context"]["country"] = "GB-x"
+    d = svc.decide(ArtworkRequest.model_validate(body))
+    assert len(d.lines) == 6
+    for line, slot, decision in zip(d.lines, body["titles"], d.body["decisions"], strict=True):
+        row = orjson.loads(line)
+        assert list(row) == ["event_id", "ts", "member_id", "title_id", "artwork_id", "candidates", "propensity",
+                             "candidate_probabilities", "model_version", "policy", "context"]
+        assert line == orjson.dumps(row)  # what dumping the dict in this key order gives, byte for byte
+        assert row["event_id"] == decision["event_id"] and row["artwork_id"] == decision["artwork_id"]
+        assert row["propensity"] == decision["propensity"] and row["title_id"] == slot["title_id"]
+        assert row["context"] == {**body["context"], "page_row": slot["page_row"], "position": slot["position"]}
+        assert row["member_id"] == body["member_id"] and row["policy"] == d.body["policy"]
+        if "candidates" in slot:
+            assert row["candidates"] == slot["candidates"]
+        assert len(row["candidate_probabilities"]) == len(row["candidates"])
+
+
+def _answers(bundle_dir, fast: bool, requests: list[tuple[bytes, dict[str, str]]]):
+    """(status, headers that matter, JSON body) of each request, with the fast path on or off."""
+    path, _ = bundle_dir
+    used = []
+    app = create_app(Settings(serve_event_secret=SECRET), model_uri=str(path), poll=False,
+                     rng=np.random.default_rng(0))
+    out = []
+    with TestClient(app) as c:
+        guard_routes = app.state.guard.fast_routes
+        assert ("POST", "/v1/artwork") in guard_routes
+        original = guard_routes[("POST", "/v1/artwork")]
+
+        async def spy(scope, body, send):
+            answered = await original(scope, body, send)
+            used.append(answered)
+            return answered
+
+        if fast:
+            guard_routes[("POST", "/v1/artwork")] = spy
+        else:  # the route alone, as before the fast path existed
+            del guard_routes[("POST", "/v1/artwork")]
+        for body, headers in requests:
+            r = c.post("/v1/artwork", content=body, headers=headers)
+            out.append((r.status_code, r.headers.get("content-type"), r.headers.get("idempotent-replayed"),
+                        r.json()))
+    return out, used
+
+
+def test_asgi_fast_path_answers_as_the_route(bundle_dir, _isolated_home):
+    _, world = bundle_dir
+    good = orjson.dumps(page(world, 5))
+    keyed = page(world, 3)
+    keyed["request_id"] = "req-1"
+    bad_title = page(world, 2)
+    bad_title["titles"][0]["title_id"] = "no-such-title"
+    json_ct = {"content-type": "application/json"}
+    requests = [
+        (good, json_ct),                                                     # fast
+        (good, {"content-type": "application/json; charset=utf-8"}),         # fast
+        (orjson.dumps(keyed), json_ct),                                      # fast, kept for replay
+        (orjson.dumps(keyed), json_ct),                                      # fast, replayed
+        (good, {**json_ct, "idempotency-key": "key-2"}),                     # fast, header key
+        (good, {**json_ct, "idempotency-key": "key-2"}),                     # fast, replayed
+        (good, {**json_ct, "idempotency-key": "bad key!"}),                  # route: header pattern 422
+        (orjson.dumps(bad_title), json_ct),                                  # fast: service refuses (422)
+        (good[:-3], json_ct),                                                # route: invalid JSON 422
+        (b'{"member_id": "m1", "context": {}, "titles": []}', json_ct),      # route: validation 422
+        (b'{"member_id": NaN}', json_ct),                                    # route: orjson refuses NaN
+        (good, {"content-type": "text/plain"}),                              # route
+    ]
+    fast, used = _answers(bundle_dir, True, requests)
+    slow, _ = _answers(bundle_dir, False, requests)
+    assert used == [True] * 6 + [False, True, False, False, False, False]
+    for (fs, fct, frep, fbody), (ss, sct, srep, sbody) in zip(fast, slow, strict=True):
+        assert (fs, fct, frep) == (ss, sct, srep)
+        if fs == 200:  # event ids are signed afresh per app; the rest of the answer is the same
+            for d in fbody["decisions"] + sbody["decisions"]:
+                d.pop("event_id")
+        assert fbody == sbody
+    assert [s for s, *_ in fast] == [200, 200, 200, 200, 200, 200, 422, 422, 422, 422, 422, 422]
+    assert fast[3][2] == "true" and fast[5][2] == "true"
+    assert serving_app.REPLAYED == (b"idempotent-replayed", b"true")
