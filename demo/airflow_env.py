@@ -16,6 +16,7 @@ environment in a subprocess.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -248,17 +249,27 @@ def airflow_bin() -> str:
 
 
 def migrate(env: Mapping[str, str]) -> None:
-    """``airflow db migrate`` once per AIRFLOW_HOME (a marker file records it)."""
+    """``airflow db migrate`` once per AIRFLOW_HOME and metadata database: a marker file in the
+    home records the connection it migrated, so a second call for the same database (the
+    set-up, then the services' launch) does not migrate again, and another database does."""
     home = Path(env["AIRFLOW_HOME"])
     write_local_settings(home)
     marker = home / _MIGRATED_MARKER
-    if marker.exists() and (home / "airflow.db").exists():
+    conn = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
+    sqlite_file = conn.removeprefix("sqlite:///") if conn.startswith("sqlite:///") else None
+    done = marker.exists() and marker.read_text().strip() == _marker_text(conn)
+    if done and (sqlite_file is None or Path(sqlite_file).exists()):
         return
     home.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [airflow_bin(), "db", "migrate"], env=dict(env), check=True, stdout=subprocess.DEVNULL
     )
-    marker.write_text("airflow db migrate done\n")
+    marker.write_text(_marker_text(conn) + "\n")
+
+
+def _marker_text(conn: str) -> str:
+    """What the marker says for a connection: its digest, so no password is written to disk."""
+    return "airflow db migrate done: " + hashlib.sha256(conn.encode()).hexdigest()
 
 
 def prepared_environ(airflow_home: str | Path | None = None, **kwargs) -> dict[str, str]:

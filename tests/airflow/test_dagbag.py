@@ -144,3 +144,31 @@ def test_api_calls_are_retried_while_the_server_answers_5xx():
     failing = []
     assert _retry_5xx(lambda: failing.append(1) or SimpleNamespace(status_code=500), attempts=4, pause_s=0).status_code == 500
     assert len(failing) == 4
+
+
+def test_the_metadata_database_is_migrated_once_per_connection(tmp_path, monkeypatch):
+    """``migrate`` runs ``airflow db migrate`` once per home and database: the set-up and the
+    services' launch share one migration; another database, or a deleted SQLite file, migrates
+    again; the marker holds no password."""
+    from keyart.demo import airflow_env
+
+    runs = []
+    monkeypatch.setattr(airflow_env.subprocess, "run", lambda argv, env, **kw: runs.append(
+        (argv[1:], env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])))
+    home = tmp_path / "airflow"
+    pg = {"AIRFLOW_HOME": str(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://u:secret@h/db1"}
+    airflow_env.migrate(pg)
+    airflow_env.migrate(pg)
+    assert runs == [(["db", "migrate"], pg["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])]
+    assert "secret" not in (home / airflow_env._MIGRATED_MARKER).read_text()
+    other = {**pg, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://u:secret@h/db2"}
+    airflow_env.migrate(other)
+    assert len(runs) == 2
+    lite = {"AIRFLOW_HOME": str(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}"}
+    airflow_env.migrate(lite)
+    (home / "airflow.db").write_bytes(b"")  # what the real migrate would have created
+    airflow_env.migrate(lite)
+    assert len(runs) == 3
+    (home / "airflow.db").unlink()
+    airflow_env.migrate(lite)
+    assert len(runs) == 4
