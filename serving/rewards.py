@@ -564,8 +564,6 @@ class LocalState(_StateReads):
             cohort_ids = self._by_bin.get(b)
             if cohort_ids is None:
                 cohort_ids = self._by_bin[b] = bytearray()
-            pack = _ENTRY.pack
-            seg0 = f"{segment}\x00".encode()
         for ev in events:
             digest = ev.digest
             if digest in entries:
@@ -614,9 +612,7 @@ class LocalState(_StateReads):
                         yc[2] += w * r
                         yc[3] += ww * r
             if keep and len(digest) < 256:  # a signed digest is 16 bytes; a longer one matches no reward
-                # _pack_entry, with the page's segment encoded once
-                entries[digest] = pack(b, w, ts_ms, -1 if reward_ts is None else reward_ts, both) + seg0 + \
-                    artwork_id.encode()
+                entries[digest] = _pack_entry(b, w, ts_ms, reward_ts, both, artwork_id, segment)
                 cohort_ids.append(len(digest))
                 cohort_ids += digest
             changed.update(keys)
