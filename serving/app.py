@@ -330,8 +330,13 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+def _detail(message: str) -> bytes:
+    """The JSON body of an error: ``{"detail": message}``."""
+    return orjson.dumps({"detail": message})
+
+
 def _problem(status: int, detail: str) -> Response:
-    return _json({"detail": detail}, status)
+    return Response(_detail(detail), status_code=status, media_type="application/json")
 
 
 def _safe(value: Any, limit: int = 300) -> str:
@@ -460,14 +465,14 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         try:
             decided = rt.service.decide(page)
         except PageRefused as exc:
-            return exc.status, orjson.dumps({"detail": exc.message}), ()
+            return exc.status, _detail(exc.message), ()
         body = decided.body
         start = time.perf_counter()
         try:
             await rt.impressions.append(decided.ds, decided.lines)
         except Exception as exc:  # not logged = not decided: never acknowledge it
             log_event("impression_log_failed", {"error": str(exc)})
-            return 503, orjson.dumps({"detail": "impression log unavailable; the decision was not made"}), ()
+            return 503, _detail("impression log unavailable; the decision was not made"), ()
         logged = time.perf_counter()
         rt.rewards.priors.record_impressions(decided.events)
         counted = time.perf_counter()
@@ -494,8 +499,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         key = page.request_id
         if idempotency_key is not None:
             if key is not None and key != idempotency_key:
-                return 422, orjson.dumps({"detail": "request_id and the Idempotency-Key header differ; send one, "
-                                                    "or the same in both"}), ()
+                return 422, _detail("request_id and the Idempotency-Key header differ; send one, or the same in both"), ()
             key = idempotency_key
         if key is None or not rt.replays.enabled:
             return await decide(rt, page, scope, handler_at)
@@ -504,15 +508,14 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         try:
             hit = rt.replays.find(ck, fingerprint)
         except IdempotencyConflict:
-            return 422, orjson.dumps({"detail": f"request_id {key!r} was already used for a different request; "
-                                                "use a new one"}), ()
+            return 422, _detail(f"request_id {key!r} was already used for a different request; use a new one"), ()
         if hit is not None:
             status, body = (200, hit) if isinstance(hit, bytes) else await asyncio.shield(hit)
             if status == 200:
                 rt.metrics.replays.inc()
             return status, body, (REPLAYED,) if status == 200 else ()
         rt.replays.start(ck, fingerprint)
-        status, body = 503, orjson.dumps({"detail": "the first request with this request_id failed; retry"})
+        status, body = 503, _detail("the first request with this request_id failed; retry")
         try:
             status, body, extra = await decide(rt, page, scope, handler_at)
             return status, body, extra
