@@ -83,7 +83,7 @@ def airflow_environ(
         {
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder or repo_dags_folder()).resolve()),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database or f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database or sqlite_uri(home),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # Two cores and SQLite: one task at a time is all the box can take anyway.
@@ -248,6 +248,11 @@ def airflow_bin() -> str:
     return str(local) if local.exists() else "airflow"
 
 
+def sqlite_uri(home: Path) -> str:
+    """The default metadata database: SQLite in the Airflow home."""
+    return f"sqlite:///{home / 'airflow.db'}"
+
+
 def migrate(env: Mapping[str, str]) -> None:
     """``airflow db migrate`` once per AIRFLOW_HOME and metadata database: a marker file in the
     home records the connection it migrated, so a second call for the same database (the
@@ -255,7 +260,7 @@ def migrate(env: Mapping[str, str]) -> None:
     home = Path(env["AIRFLOW_HOME"])
     write_local_settings(home)
     marker = home / _MIGRATED_MARKER
-    conn = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
+    conn = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", sqlite_uri(home))
     sqlite_file = conn.removeprefix("sqlite:///") if conn.startswith("sqlite:///") else None
     done = marker.exists() and marker.read_text().strip() == _marker_text(conn)
     if done and (sqlite_file is None or Path(sqlite_file).exists()):
