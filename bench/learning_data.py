@@ -130,13 +130,14 @@ def visit_rows(world, visits, lake: Lake, ds: str) -> SlotRows:
         "affinity_tags": member_col("affinity_tags", []),
         "affinity_values": member_col("affinity_values", []),
         **{c: member_col(c, []) if c in snap.columns else [[]] * len(art)
-           for c in ("response_tags", "response_values", "response_n")},
+           for c in ("response_tags", "response_values", "response_n", "member_factors")},
         "device": np.asarray(DEVICES, dtype=object)[ctx["device"]],
         "local_hour": ctx["local_hour"], "day_of_week": ctx["day_of_week"],
         "page_row": ctx["page_row"], "position": ctx["position"],
         "art_tags": [cat.art_tags[i] for i in art],
         "art_is_default": cat.art_is_default[art].astype(int),
         "title_genres": [cat.title_genres[t] for t in cat.art_title[art]],
+        "title_id": title_ids,
         **prior,
     }
     missing = ~np.isfinite(a_all)

@@ -32,6 +32,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,13 @@ class KeyartPipeline:
         from keyart.config import settings
         from keyart.contracts import MEMBERS, PLAYS, TITLES
         from keyart.jobs.common import read_range, read_table
-        from keyart.jobs.features import SnapshotParams, member_snapshot
+        from keyart.jobs.features import EmbeddingParams, SnapshotParams, member_snapshot
 
-        params = SnapshotParams.from_settings(ds, settings())
+        # affinities only: no embedding fit
+        params = replace(SnapshotParams.from_settings(ds, settings()), embeddings=EmbeddingParams(rank=0))
         plays = read_range(self.spark, self.lake.clean("plays"), shift_ds(ds, -params.history_days), ds, PLAYS.spark_schema())
-        snap = member_snapshot(plays, read_table(self.spark, self.lake.titles, TITLES),
-                               read_table(self.spark, self.lake.members, MEMBERS), params)
+        snap, _ = member_snapshot(plays, read_table(self.spark, self.lake.titles, TITLES),
+                                  read_table(self.spark, self.lake.members, MEMBERS), params)
         frame = snap.select("member_id", "affinity_tags", "affinity_values").toPandas()
         pos = {m: i for i, m in enumerate(member_ids)}
         return {pos[m]: list(zip(t, v, strict=True)) for m, t, v in

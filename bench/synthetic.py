@@ -50,8 +50,9 @@ def artwork_rows(rng: np.random.Generator, n_titles: int, per_title: int) -> lis
     return rows
 
 
-def member_rows(rng: np.random.Generator, n_members: int, arts: list[dict]) -> list[dict]:
-    """Member snapshot rows with affinities over the catalog's genre and cast tags."""
+def member_rows(rng: np.random.Generator, n_members: int, arts: list[dict], embedding_rank: int = 0) -> list[dict]:
+    """Member snapshot rows with affinities over the catalog's genre and cast tags, and (90% of them)
+    factors of ``embedding_rank``."""
     vocab = sorted({"genre:" + g for a in arts for g in a["title_genres"]}
                    | {t for a in arts for t in a["tags"] if t.startswith("cast:")})
     rows = []
@@ -64,8 +65,19 @@ def member_rows(rng: np.random.Generator, n_members: int, arts: list[dict]) -> l
             "member_log_plays_28d": float(np.log1p(rng.poisson(6))),
             "member_days_since_last_play": float(rng.integers(0, 400)),
             "affinity_tags": tags, "affinity_values": vals,
+            "member_factors": (0.3 * rng.normal(size=embedding_rank)).tolist() if rng.random() < 0.9 else [],
         })
     return rows
+
+
+def embeddings(rng: np.random.Generator, arts: list[dict], rank: int) -> feature_spec.Embeddings:
+    """Random title factors, tag directions and title means of ``rank`` for the catalog (rank 0: none)."""
+    if rank == 0:
+        return feature_spec.Embeddings()
+    titles = sorted({a["title_id"] for a in arts})
+    tags = sorted({t for a in arts for t in a["tags"]})
+    vec = lambda: tuple((0.3 * rng.normal(size=rank)).tolist())  # noqa: E731
+    return feature_spec.Embeddings(rank, {t: vec() for t in titles}, {t: vec() for t in tags}, {t: vec() for t in titles})
 
 
 def prior_rows(rng: np.random.Generator, arts: list[dict], coverage: float = 0.8) -> list[dict]:
@@ -91,26 +103,28 @@ ARTWORK_SCHEMA = pa.schema([
 MEMBER_SCHEMA = pa.schema([
     ("member_id", pa.string()), ("member_is_kids", pa.int32()), ("member_log_plays_28d", pa.float64()),
     ("member_days_since_last_play", pa.float64()), ("affinity_tags", pa.list_(pa.string())),
-    ("affinity_values", pa.list_(pa.float64())),
+    ("affinity_values", pa.list_(pa.float64())), ("member_factors", pa.list_(pa.float64())),
 ])
 
 
 def write_tables(bundle_dir: Path, *, seed: int = 0, n_titles: int = 60, per_title: int = 8,
-                 n_members: int = 500) -> tuple[SyntheticWorld, list[dict]]:
-    """Write artworks/members/priors parquet and feature_spec.json into ``bundle_dir``."""
+                 n_members: int = 500, embedding_rank: int = 16) -> tuple[SyntheticWorld, list[dict]]:
+    """Write artworks/members/priors parquet and feature_spec.json (with embeddings of ``embedding_rank``,
+    the default setting's) into ``bundle_dir``."""
     import json
 
     rng = np.random.default_rng(seed)
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     arts = artwork_rows(rng, n_titles, per_title)
-    members = member_rows(rng, n_members, arts)
+    members = member_rows(rng, n_members, arts, embedding_rank)
     pq.write_table(pa.Table.from_pylist([{k: a[k] for k in ARTWORK_SCHEMA.names} for a in arts],
                                         schema=ARTWORK_SCHEMA), bundle_dir / bundle.ARTWORKS_FILE)
     pq.write_table(pa.Table.from_pylist(members, schema=MEMBER_SCHEMA), bundle_dir / bundle.MEMBERS_FILE)
     pq.write_table(pa.Table.from_pylist(prior_rows(rng, arts), schema=contracts.PRIORS.arrow_schema()),
                    bundle_dir / bundle.PRIORS_FILE)
-    (bundle_dir / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(), indent=2))
+    vocabulary = feature_spec.Vocabulary(embeddings=embeddings(rng, arts, embedding_rank))
+    (bundle_dir / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(vocabulary), indent=2))
     artworks_of: dict[str, list[str]] = {}
     for a in arts:
         artworks_of.setdefault(a["title_id"], []).append(a["artwork_id"])
@@ -179,11 +193,11 @@ def probe_block(model_bytes: bytes, seed: int = 0, n: int = 16) -> dict:
 
 def write_bundle(bundle_dir: Path, *, seed: int = 0, version: str = "synthetic-1",
                  model_bytes: bytes | None = None, n_titles: int = 60, per_title: int = 8,
-                 n_members: int = 500, n_trees: int = 200) -> SyntheticWorld:
+                 n_members: int = 500, n_trees: int = 200, embedding_rank: int = 16) -> SyntheticWorld:
     """A complete, verified bundle at ``bundle_dir`` (model synthetic unless given)."""
     bundle_dir = Path(bundle_dir)
     world, _ = write_tables(bundle_dir, seed=seed, n_titles=n_titles, per_title=per_title,
-                            n_members=n_members)
+                            n_members=n_members, embedding_rank=embedding_rank)
     if model_bytes is None:
         model_bytes = tree_ensemble_onnx(seed, n_trees=n_trees)
     (bundle_dir / bundle.MODEL_FILE).write_bytes(model_bytes)

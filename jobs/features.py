@@ -37,7 +37,7 @@ import argparse
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,7 @@ from keyart.jobs.common import (
 from keyart.lake import Lake, parse_ds, shift_ds
 
 MEMBER_COLUMNS = ("member_id", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play", "affinity_tags", "affinity_values",
-                  "response_tags", "response_values", "response_n")
+                  "response_tags", "response_values", "response_n", "member_factors")
 RESPONSE_DAYS = 28
 """Days of labelled impressions behind a member's tag responses."""
 SNAPSHOT_SCHEMA = T.StructType([
@@ -74,6 +74,7 @@ SNAPSHOT_SCHEMA = T.StructType([
     T.StructField("response_tags", T.ArrayType(T.StringType(), False), False),
     T.StructField("response_values", T.ArrayType(T.DoubleType(), False), False),
     T.StructField("response_n", T.ArrayType(T.DoubleType(), False), False),
+    T.StructField("member_factors", T.ArrayType(T.DoubleType(), False), False),
 ])
 ROW_COLUMNS = (
     "event_id", "impression_ds", "ts", "member_id", "title_id", "artwork_id", "is_logged",
@@ -84,18 +85,36 @@ _DAY_US = 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
+class EmbeddingParams:
+    """ALS and tag-direction settings (keyart.config: ``embedding_*``); rank 0 = no embeddings."""
+
+    rank: int = 16
+    regularization: float = 0.1
+    alpha: float = 1.0
+    iterations: int = 10
+    tag_ridge: float = 100.0
+    seed: int = 7
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddingParams:
+        return cls(settings.embedding_rank, settings.embedding_regularization, settings.embedding_alpha,
+                   settings.embedding_iterations, settings.embedding_tag_ridge)
+
+
+@dataclass(frozen=True)
 class SnapshotParams:
     ds: str
     history_days: int
     affinity_half_life_days: float
     response_days: int = RESPONSE_DAYS
+    embeddings: EmbeddingParams = EmbeddingParams()
 
     @classmethod
     def from_settings(cls, ds: str, settings: Settings) -> SnapshotParams:
-        return cls(ds, settings.history_days, settings.affinity_half_life_days)
+        return cls(ds, settings.history_days, settings.affinity_half_life_days, embeddings=EmbeddingParams.from_settings(settings))
 
     def on(self, ds: str) -> SnapshotParams:
-        return SnapshotParams(ds, self.history_days, self.affinity_half_life_days, self.response_days)
+        return replace(self, ds=ds)
 
 
 def _end_us(ds: str) -> Column:
@@ -111,8 +130,9 @@ def _segment(is_kids: Column) -> Column:
 # member snapshot
 # ----------------------------------------------------------------------------------------
 
-def member_responses(labelled: DataFrame, artworks: DataFrame, params: SnapshotParams) -> DataFrame:
-    """Per member: ``resp`` = sorted array of (tag, value, n) as of the end of ``params.ds``. Pure.
+def tag_responses(labelled: DataFrame, artworks: DataFrame, params: SnapshotParams) -> DataFrame:
+    """Per (member, artwork tag shown): quality plays ``q``, impressions ``n`` and the tag's population
+    rate ``p``, as of the end of ``params.ds``. Pure.
 
     ``labelled`` holds REWARDS rows with their partition day as ``labelled_ds``; only
     partitions up to ``params.ds`` and impressions of the ``response_days`` ending it count,
@@ -131,24 +151,151 @@ def member_responses(labelled: DataFrame, artworks: DataFrame, params: SnapshotP
            .join(F.broadcast(tags), "artwork_id")
            .groupBy("member_id", "tag").agg(F.sum("r").alias("q"), F.count(F.lit(1)).cast("double").alias("n")))
     population = per.groupBy("tag").agg((F.sum("q") / F.sum("n")).alias("p"))
+    return per.join(F.broadcast(population), "tag")
+
+
+def member_responses(responses: DataFrame) -> DataFrame:
+    """Per member: ``resp`` = sorted array of (tag, value, n) from :func:`tag_responses`. Pure."""
     lift = feature_spec.response_lift(F.col("q"), F.col("n"), F.col("p"))
-    return (per.join(F.broadcast(population), "tag")
-            .groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", lift.alias("value"), "n"))).alias("resp")))
+    return responses.groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", lift.alias("value"), "n"))).alias("resp"))
 
 
-def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams,
-                    labelled: DataFrame | None = None, artworks: DataFrame | None = None) -> DataFrame:
-    """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``. Pure.
-
-    ``labelled`` (REWARDS rows with ``labelled_ds``) and ``artworks`` give the responses;
-    without them every member's are empty.
-    """
+def weighted_plays(plays: DataFrame, params: SnapshotParams) -> DataFrame:
+    """Plays of the ``history_days`` ending ``params.ds`` with their age and weight
+    ``w = minutes_played * 0.5 ** (age_days / affinity_half_life_days)``. Pure."""
     end = _end_us(params.ds)
     age_days = (end - F.unix_micros("ts")) / F.lit(float(_DAY_US))
     recent = plays.where((age_days > 0) & (age_days <= params.history_days)).select(
         "member_id", "title_id", "minutes_played", age_days.alias("age_days")
     )
-    weighted = recent.withColumn("w", F.col("minutes_played") * F.pow(F.lit(0.5), F.col("age_days") / F.lit(params.affinity_half_life_days)))
+    return recent.withColumn("w", F.col("minutes_played") * F.pow(F.lit(0.5), F.col("age_days") / F.lit(params.affinity_half_life_days)))
+
+
+# ----------------------------------------------------------------------------------------
+# embeddings
+# ----------------------------------------------------------------------------------------
+
+def member_title_factors(weighted: DataFrame, params: EmbeddingParams) -> tuple[DataFrame, dict[str, tuple[float, ...]]] | None:
+    """Spark ML ALS on the implicit (member, title) matrix: rating ``log1p(sum of w)`` per pair, confidence
+    ``1 + alpha * rating``. Returns (member_id, member_factors array<double>) and title -> factors, or
+    None when there is nothing to fit (rank 0, no plays). Deterministic for a seed and input."""
+    from pyspark.ml.feature import IndexToString, StringIndexer
+    from pyspark.ml.recommendation import ALS
+
+    if params.rank == 0:
+        return None
+    # read by both indexers, the fit and its checks: computed once
+    pairs = weighted.groupBy("member_id", "title_id").agg(F.log1p(F.sum("w")).alias("rating")).where(F.col("rating") > 0).cache()
+    if pairs.isEmpty():
+        pairs.unpersist()
+        return None
+    members = StringIndexer(inputCol="member_id", outputCol="u", stringOrderType="alphabetAsc").fit(pairs)
+    titles = StringIndexer(inputCol="title_id", outputCol="i", stringOrderType="alphabetAsc").fit(pairs)
+    data = titles.transform(members.transform(pairs)).select(
+        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
+    model = ALS(rank=params.rank, maxIter=params.iterations, regParam=params.regularization, alpha=params.alpha,
+                implicitPrefs=True, userCol="u", itemCol="i", ratingCol="rating", seed=params.seed,
+                nonnegative=False, coldStartStrategy="drop").fit(data)
+    to_member = IndexToString(inputCol="idx", outputCol="member_id", labels=members.labelsArray[0])
+    factors = to_member.transform(model.userFactors.select(F.col("id").cast("double").alias("idx"), "features")).select(
+        "member_id", F.transform("features", lambda x: x.cast("double")).alias("member_factors"))
+    labels = titles.labelsArray[0]
+    title_factors = {labels[r["id"]]: tuple(float(x) for x in r["features"]) for r in model.itemFactors.collect()}
+    return factors, title_factors
+
+
+def _tag_moments(batches: Iterator[pa.RecordBatch], rank: int) -> Iterator[pa.RecordBatch]:
+    """Per tag of a partition: sum n, sum n u u^T (row-major), sum (q - n p) u, sum u u^T per row."""
+    sums: dict[str, np.ndarray] = {}
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        import pyarrow.compute as pc
+
+        encoded = pc.dictionary_encode(batch.column("tag"))
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        q = feature_spec.float_column(batch.column("q"))
+        n = feature_spec.float_column(batch.column("n"))
+        p = feature_spec.float_column(batch.column("p"))
+        u = feature_spec.member_factor_matrix(batch.column("member_factors"), rank)
+        resid = q - n * p
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
+        for k, tag in enumerate(encoded.dictionary.to_pylist()):
+            rows = order[bounds[k]:bounds[k + 1]]
+            if not len(rows):
+                continue
+            ur = u[rows]
+            stats = np.concatenate([[n[rows].sum()], ((ur * n[rows, None]).T @ ur).ravel(), ur.T @ resid[rows]])
+            sums[tag] = sums[tag] + stats if tag in sums else stats
+    if sums:
+        names = sorted(sums)
+        values = [sums[t].tolist() for t in names]
+        yield pa.RecordBatch.from_arrays([pa.array(names, pa.string()), pa.array(values, pa.list_(pa.float64()))],
+                                         names=["tag", "stats"])
+
+
+def tag_directions(responses: DataFrame, factors: DataFrame, params: EmbeddingParams) -> dict[str, tuple[float, ...]]:
+    """Each tag's response direction: the ridge regression of the residual ``q - n p`` on the member factors,
+    rows weighted by ``n`` (one row per impression), penalty ``tag_ridge`` pseudo-impressions of an
+    average member (the mean of ``u u^T`` over impressions): ``v = (sum n u u^T + lambda I)^-1 sum (q - n p) u``."""
+    rank = params.rank
+    joined = responses.join(factors, "member_id").select("tag", "q", "n", "p", "member_factors")
+    schema = T.StructType([T.StructField("tag", T.StringType()), T.StructField("stats", T.ArrayType(T.DoubleType()))])
+    parts = joined.mapInArrow(lambda it: _tag_moments(it, rank), schema).collect()
+    sums: dict[str, np.ndarray] = {}
+    for r in parts:
+        stats = np.asarray(r["stats"], dtype=np.float64)
+        sums[r["tag"]] = sums[r["tag"]] + stats if r["tag"] in sums else stats
+    if not sums:
+        return {}
+    total_n = sum(s[0] for s in sums.values())
+    gram = sum(s[1:1 + rank * rank] for s in sums.values()).reshape(rank, rank)
+    scale = float(np.trace(gram)) / rank / max(total_n, 1.0)  # an average impression's mean diagonal of u u^T
+    lam = params.tag_ridge * max(scale, 1e-12)
+    out = {}
+    for tag in sorted(sums):
+        s = sums[tag]
+        a = s[1:1 + rank * rank].reshape(rank, rank) + lam * np.eye(rank)
+        out[tag] = tuple(float(x) for x in np.linalg.solve(a, s[1 + rank * rank:]))
+    return out
+
+
+def title_artwork_means(artworks: DataFrame, embeddings: feature_spec.Embeddings) -> dict[str, tuple[float, ...]]:
+    """Each title's mean artwork vector (:meth:`keyart.feature_spec.Embeddings.artwork_vector`) over its catalog artworks."""
+    vectors: dict[str, list[np.ndarray]] = {}
+    for r in artworks.select("title_id", "tags").collect():
+        vectors.setdefault(r["title_id"], []).append(embeddings.artwork_vector(r["tags"] or []))
+    return {t: tuple(float(x) for x in np.mean(vs, axis=0)) for t, vs in sorted(vectors.items())}
+
+
+def fit_embeddings(weighted: DataFrame, responses: DataFrame | None, artworks: DataFrame | None,
+                   params: EmbeddingParams) -> tuple[DataFrame | None, feature_spec.Embeddings]:
+    """The day's member factors (member_id, member_factors) and :class:`keyart.feature_spec.Embeddings`:
+    ALS title factors, tag response directions and title means. (None, empty) when there is nothing to fit."""
+    fitted = member_title_factors(weighted, params)
+    if fitted is None:
+        return None, feature_spec.Embeddings()
+    factors, titles = fitted
+    factors = factors.cache()
+    tags = tag_directions(responses, factors, params) if responses is not None else {}
+    emb = feature_spec.Embeddings(params.rank, titles, tags)
+    if artworks is not None:
+        emb = replace(emb, title_artworks=title_artwork_means(artworks, emb))
+    return factors, emb
+
+
+def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams,
+                    labelled: DataFrame | None = None, artworks: DataFrame | None = None,
+                    ) -> tuple[DataFrame, feature_spec.Embeddings]:
+    """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``, and the day's embeddings
+    (:func:`fit_embeddings`: the members' factors are in the snapshot, the catalog side goes in the
+    vocabulary). Pure but for the fit, which runs when called.
+
+    ``labelled`` (REWARDS rows with ``labelled_ds``) and ``artworks`` give the responses and the
+    tag directions; without them every member's responses are empty and no tag has a direction.
+    """
+    weighted = weighted_plays(plays, params)
     activity = weighted.groupBy("member_id").agg(
         F.sum(F.when(F.col("age_days") <= 28, 1).otherwise(0)).alias("plays_28d"),
         F.min("age_days").alias("days_since"),
@@ -172,10 +319,17 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
     empty_str = F.array().cast("array<string>")
     empty_dbl = F.array().cast("array<double>")
     snap = members.select("member_id", (F.col("profile") == "kids").cast("int").alias("member_is_kids")).join(activity, "member_id", "left").join(per_tag, "member_id", "left")
-    if labelled is not None and artworks is not None:
-        snap = snap.join(member_responses(labelled, artworks, params), "member_id", "left")
+    # read by the snapshot and the tag directions: computed once
+    responses = tag_responses(labelled, artworks, params).cache() if labelled is not None and artworks is not None else None
+    if responses is not None:
+        snap = snap.join(member_responses(responses), "member_id", "left")
     else:
         snap = snap.withColumn("resp", F.lit(None).cast("array<struct<tag:string,value:double,n:double>>"))
+    factors, embeddings = fit_embeddings(weighted, responses, artworks, params.embeddings)
+    if factors is not None:
+        snap = snap.join(factors, "member_id", "left")
+    else:
+        snap = snap.withColumn("member_factors", F.lit(None).cast("array<double>"))
     return snap.select(
         "member_id",
         F.coalesce("member_is_kids", F.lit(0)).alias("member_is_kids"),
@@ -186,7 +340,8 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
         F.coalesce(F.col("resp.tag"), empty_str).alias("response_tags"),
         F.coalesce(F.col("resp.value"), empty_dbl).alias("response_values"),
         F.coalesce(F.col("resp.n"), empty_dbl).alias("response_n"),
-    )
+        F.coalesce(F.col("member_factors"), empty_dbl).alias("member_factors"),
+    ), embeddings
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,8 +371,8 @@ def impression_inputs(rewards: DataFrame, snapshots: DataFrame) -> DataFrame:
     rows = base.join(snap, ["member_id", "known_ds"], "left")
     unknown = feature_spec.UNKNOWN_MEMBER
     kinds = {"affinity_tags": "array<string>", "affinity_values": "array<double>", "response_tags": "array<string>",
-             "response_values": "array<double>", "response_n": "array<double>"}
-    # snapshots written before responses existed read them as null
+             "response_values": "array<double>", "response_n": "array<double>", "member_factors": "array<double>"}
+    # snapshots written before responses (factors) existed read them as null
     member = [F.coalesce(name, F.array().cast(kind)).alias(name) for name, kind in kinds.items()]
     return rows.select(
         *IMPRESSION_COLUMNS, "candidates", "candidate_probabilities", *CONTEXT_COLUMNS, "known_ds",
@@ -288,7 +443,8 @@ class Catalog:
         defaults = [r["is_default"] or 0 for r in arts] + [0]
         genres = [r["genres"] or [] for r in tits] + [[]]
         vocabularies = vocabularies or {}
-        blocks = {day: feature_spec.CatalogBlocks(tags, defaults, genres, vocabulary)
+        title_ids = [r["title_id"] for r in tits] + [None]
+        blocks = {day: feature_spec.CatalogBlocks(tags, defaults, genres, vocabulary, title_ids)
                   for day, vocabulary in [("", None), *vocabularies.items()]}
         table: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for r in priors.select("prior_ds", "artwork_id", "segment", "alpha", "beta", "n_impressions").collect():
@@ -462,14 +618,19 @@ def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, respons
     )
 
 
-def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: SnapshotParams) -> DataFrame:
-    """Snapshots of ``inputs.snapshot_days``: the written one, else computed from the plays."""
+def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: SnapshotParams,
+                  vocabularies: dict[str, feature_spec.Vocabulary]) -> DataFrame:
+    """Snapshots of ``inputs.snapshot_days``: the written one, else computed from the plays (its
+    embeddings then go into that day's entry of ``vocabularies``, which is updated in place)."""
     frames = []
     for day in inputs.snapshot_days:
         if has_data(lake.member_features(day)):
+            # a snapshot written before a column existed reads it as null (impression_inputs fills it)
             snap = spark.read.schema(SNAPSHOT_SCHEMA).parquet(str(lake.member_features(day)))
         else:
-            snap = member_snapshot(inputs.plays, inputs.titles, inputs.members, params.on(day), inputs.labelled, inputs.artworks)
+            snap, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params.on(day), inputs.labelled,
+                                               inputs.artworks)
+            vocabularies[day] = replace(vocabularies[day], embeddings=embeddings)
         frames.append(snap.withColumn("snapshot_ds", F.lit(day).cast("date")))
     if not frames:
         return spark.createDataFrame([], T.StructType(SNAPSHOT_SCHEMA.fields + [T.StructField("snapshot_ds", T.DateType())]))
@@ -491,10 +652,10 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     counts = catalog_counts(inputs.artworks, inputs.titles)
     vocabularies = {day: vocabulary_for(lake, day, counts) for day in inputs.snapshot_days}
     # today's is learned afresh from today's catalog on top of the slots before it (a rerun gives the same)
-    vocabulary = vocabulary_for(lake, args.ds, counts, reuse=False)
-    snapshot = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks)
-    training = transform(inputs.rewards, snapshots_for(spark, lake, inputs, params), inputs.priors, inputs.artworks, inputs.titles,
-                         vocabularies)
+    snapshot, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks)
+    vocabulary = replace(vocabulary_for(lake, args.ds, counts, reuse=False), embeddings=embeddings)
+    snapshots = snapshots_for(spark, lake, inputs, params, vocabularies)
+    training = transform(inputs.rewards, snapshots, inputs.priors, inputs.artworks, inputs.titles, vocabularies)
     load(snapshot, training, lake, args.ds)
     write_vocabulary(vocabulary, lake, args.ds)
     written = spark.read.parquet(str(lake.training(args.ds)))
@@ -511,6 +672,9 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
         "vocabulary_tags": sum(1 for t in vocabulary.tags if t),
         "vocabulary_genres": len(vocabulary.genres),
         "catalog_tags": len(counts[0]),
+        "embedding_rank": embeddings.rank,
+        "embedding_titles": len(embeddings.titles),
+        "embedding_tags": len(embeddings.tags),
     }
     write_metrics(lake, "features", args.ds, figures)
     return figures

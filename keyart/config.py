@@ -101,6 +101,21 @@ class Settings(BaseSettings):
         "and never labelled if they stay missing (never a negative for missing plays).")
     affinity_half_life_days: float = Field(default=30.0, gt=0, description="Half-life of member taste affinities.")
     history_days: int = Field(default=90, ge=1, description="How far back member features read the play log.")
+    embedding_rank: int = Field(
+        default=16, ge=0, le=128,
+        description="Rank of the member and title factors Spark ML's ALS learns daily from the play log (implicit "
+        "feedback on minutes played); 0 = no embeddings (their features are 0).")
+    embedding_regularization: float = Field(default=0.1, gt=0, description="ALS regParam of the member/title factors.")
+    embedding_alpha: float = Field(
+        default=1.0, gt=0,
+        description="ALS implicit-feedback alpha: the confidence of a (member, title) pair is 1 + alpha * log1p(minutes), "
+        "minutes time-decayed as the affinities are.")
+    embedding_iterations: int = Field(default=10, ge=1, le=100, description="ALS iterations (maxIter).")
+    embedding_tag_ridge: float = Field(
+        default=100.0, gt=0,
+        description="Ridge penalty of each artwork tag's response direction (the regression of the quality-play residual "
+        "on the member factors over the response window), in pseudo-impressions of an average member: a tag shown "
+        "this many times is shrunk halfway towards no direction.")
     training_window_days: int = Field(default=7, ge=1, description="Labelled days used to train the reward model.")
     training_exploration_horizon_days: int = Field(
         default=30, ge=0,

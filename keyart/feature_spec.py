@@ -23,10 +23,12 @@ affinity_values             time-decayed share of minutes watched per tag, in [0
 response_tags               artwork tags the member was shown in the response window
 response_values             the member's shrunk quality-play lift on them (:func:`response_lift`)
 response_n                  impressions behind each value
+member_factors              the member's ALS factors of the snapshot day ([] = none: unknown or no plays)
 device, local_hour, day_of_week, page_row, position      request context
 art_tags                    the artwork's tags (any 'key:value' or bare flag; 'cast:<c>')
 art_is_default              1 if it is the title's default artwork
 title_genres                the title's genres
+title_id                    the title (its ALS factors and mean artwork vector, from :class:`Embeddings`)
 art_prior_mean              posterior mean quality-play rate of the artwork (segment 'all')
 art_prior_n                 its effective number of impressions
 art_prior_mean_seg          posterior mean for the member's segment (falls back to 'all')
@@ -49,7 +51,7 @@ import numpy as np
 # The data contract's devices, in the order of the ctx_device_* one-hot columns.
 from keyart.contracts import DEVICES
 
-FEATURE_SPEC_VERSION = "2"
+FEATURE_SPEC_VERSION = "3"
 
 DAYS_SINCE_CAP = 365.0
 SEGMENT_ALL = "all"
@@ -111,14 +113,19 @@ MATCH_FEATURES = (
     "resp_log_n",
     "art_prior_mean_seg",
 )
-FEATURE_NAMES: tuple[str, ...] = MEMBER_FEATURES + CONTEXT_FEATURES + ARTWORK_FEATURES + MATCH_FEATURES
+EMBEDDING_FEATURES = (
+    "emb_member_title",
+    "emb_member_artwork",
+    "emb_artwork_lift",
+)
+FEATURE_NAMES: tuple[str, ...] = MEMBER_FEATURES + CONTEXT_FEATURES + ARTWORK_FEATURES + MATCH_FEATURES + EMBEDDING_FEATURES
 N_FEATURES = len(FEATURE_NAMES)
 
 INPUT_COLUMNS = (
     "member_known", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play",
-    "affinity_tags", "affinity_values", "response_tags", "response_values", "response_n",
+    "affinity_tags", "affinity_values", "response_tags", "response_values", "response_n", "member_factors",
     "device", "local_hour", "day_of_week", "page_row", "position",
-    "art_tags", "art_is_default", "title_genres",
+    "art_tags", "art_is_default", "title_genres", "title_id",
     "art_prior_mean", "art_prior_n", "art_prior_mean_seg", "title_prior_mean",
 )
 
@@ -132,12 +139,114 @@ UNKNOWN_MEMBER = {
     "response_tags": [],
     "response_values": [],
     "response_n": [],
+    "member_factors": [],
 }
 
 
 def tag_bucket(tag: str) -> int:
     """The column of a tag outside the vocabulary's slots: stable across processes and machines."""
     return N_TAG_SLOTS + zlib.crc32(tag.encode("utf-8")) % N_TAG_BUCKETS
+
+
+def _vectors(data: Any, rank: int, what: str) -> dict[str, tuple[float, ...]]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"embeddings: {what} is a mapping of name -> vector")
+    out = {}
+    for k, v in data.items():
+        if not isinstance(v, (list, tuple)) or len(v) != rank:
+            raise ValueError(f"embeddings: {what}[{k!r}] is not a vector of rank {rank}")
+        out[str(k)] = tuple(float(x) for x in v)
+    return out
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The catalog side of the day's embeddings, in the space of the members' ALS factors.
+
+    ``titles``: each title's ALS factors (implicit feedback on minutes played, the same fit as
+    the snapshot's ``member_factors``). ``tags``: each artwork tag's *response direction*, the
+    ridge regression of the quality-play residual (reward minus the tag's population rate) on
+    the member's factors over the response window's impressions of artworks carrying it, so
+    ``member . tags[t]`` is the member's predicted lift on that tag, for any vocabulary
+    (cast tags included). An artwork's vector is the sum of its distinct tags' directions in
+    tag order (:meth:`artwork_vector`); ``title_artworks`` is the mean of those vectors over
+    each title's artworks, so ``member . (artwork - title_artworks)`` ranks the artworks of
+    one title. Learned by the features job, shipped inside the :class:`Vocabulary`.
+    """
+
+    rank: int = 0
+    titles: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    tags: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    title_artworks: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def title_vector(self, title_id: str | None) -> np.ndarray:
+        """The title's ALS factors, zeros when it has none: [rank] float64."""
+        v = self.titles.get(title_id) if title_id is not None else None
+        return np.zeros(self.rank) if v is None else np.asarray(v, dtype=np.float64)
+
+    def artwork_vector(self, art_tags: Sequence[str]) -> np.ndarray:
+        """Sum of the directions of the artwork's distinct tags, added in tag order: [rank] float64."""
+        out = np.zeros(self.rank)
+        seen: set[str] = set()
+        for t in art_tags:
+            if t in seen:
+                continue
+            seen.add(t)
+            v = self.tags.get(t)
+            if v is not None:
+                out = out + np.asarray(v, dtype=np.float64)
+        return out
+
+    def lift_vector(self, art_tags: Sequence[str], title_id: str | None) -> np.ndarray:
+        """The artwork's vector minus its title's mean artwork vector: [rank] float64."""
+        mean = self.title_artworks.get(title_id) if title_id is not None else None
+        v = self.artwork_vector(art_tags)
+        return v if mean is None else v - np.asarray(mean, dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank,
+                "titles": {k: list(v) for k, v in sorted(self.titles.items())},
+                "tags": {k: list(v) for k, v in sorted(self.tags.items())},
+                "title_artworks": {k: list(v) for k, v in sorted(self.title_artworks.items())}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Embeddings:
+        if not data:
+            return cls()
+        if not isinstance(data, Mapping) or not isinstance(data.get("rank", 0), int) or data.get("rank", 0) < 0:
+            raise ValueError("embeddings are a mapping with an integer 'rank' >= 0")
+        rank = int(data.get("rank", 0))
+        return cls(rank, *(_vectors(data.get(k) or {}, rank, k) for k in ("titles", "tags", "title_artworks")))
+
+
+def member_factor_matrix(factors: Any, rank: int) -> np.ndarray:
+    """[n, rank] float64 of a member_factors column (:meth:`Ragged.of` forms): a row whose length is
+    not ``rank`` (no factors, another fit) is zeros, as an unknown member's."""
+    col = Ragged.of(factors)
+    out = np.zeros((len(col), rank))
+    if rank == 0 or len(col) == 0:
+        return out
+    ok = col.lengths == rank
+    if ok.any():
+        values = float_column(col.values)
+        starts = col.offsets[:-1][ok]
+        out[ok] = values[starts[:, None] + np.arange(rank)[None, :]]
+    return out
+
+
+def embedding_block(member_factors: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """[n, len(EMBEDDING_FEATURES)] float32: the member's factors ([n, k], or [k] for every row) dotted with
+    ``vectors`` [n, 3, k]: per row the title factors, the artwork vector and the artwork minus its
+    title's mean artwork vector. float64 products added left to right over k from 0, so every
+    path (this one function) gets the same bits."""
+    u = np.asarray(member_factors, dtype=np.float64)
+    v = np.asarray(vectors, dtype=np.float64)
+    out = np.zeros(v.shape[:2])
+    step = np.empty_like(out)
+    for j in range(v.shape[2]):
+        np.multiply(v[:, :, j], u[:, j, None] if u.ndim == 2 else u[j], out=step)
+        out += step
+    return out.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -153,6 +262,7 @@ class Vocabulary:
     genres: tuple[str, ...] = ()
     tag_artworks: Mapping[str, int] = field(default_factory=dict)
     genre_titles: Mapping[str, int] = field(default_factory=dict)
+    embeddings: Embeddings = field(default_factory=Embeddings)
 
     def __post_init__(self) -> None:
         if len(self.tags) > N_TAG_SLOTS or len(self.genres) > N_GENRE_SLOTS:
@@ -171,7 +281,8 @@ class Vocabulary:
     def to_dict(self) -> dict[str, Any]:
         return {"tags": list(self.tags), "genres": list(self.genres),
                 "tag_artworks": dict(sorted(self.tag_artworks.items())),
-                "genre_titles": dict(sorted(self.genre_titles.items()))}
+                "genre_titles": dict(sorted(self.genre_titles.items())),
+                "embeddings": self.embeddings.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Vocabulary:
@@ -183,7 +294,8 @@ class Vocabulary:
             raise ValueError("a vocabulary is a mapping with 'tags' and 'genres' lists")
         return cls(tuple(map(str, data.get("tags", []))), tuple(map(str, data.get("genres", []))),
                    {str(k): int(v) for k, v in (data.get("tag_artworks") or {}).items()},
-                   {str(k): int(v) for k, v in (data.get("genre_titles") or {}).items()})
+                   {str(k): int(v) for k, v in (data.get("genre_titles") or {}).items()},
+                   Embeddings.from_dict(data.get("embeddings")))
 
 
 def learn_vocabulary(tag_artworks: Mapping[str, int], genre_titles: Mapping[str, int],
@@ -442,7 +554,20 @@ def feature_matrix(inputs: Mapping[str, Any], vocabulary: Vocabulary | None = No
         match[i, 4:] = response_row(response_map(r_tags[i], r_vals[i], r_n[i]), tags_i)
     match[:, 6] = np.log1p(match[:, 6])
     seg = np.asarray(inputs["art_prior_mean_seg"], dtype=np.float32).reshape(n, 1)
-    out = np.hstack([mem, ctx, static, pri, match, seg]).astype(np.float32)
+    emb = vocabulary.embeddings
+    factors = member_factor_matrix(inputs["member_factors"], emb.rank)
+    title_ids = list(inputs["title_id"])
+    vectors = np.zeros((n, 3, emb.rank))
+    vectors_of: dict[tuple, np.ndarray] = {}
+    for i in range(n):
+        tags_i = art_tags[i].tolist() if isinstance(art_tags[i], np.ndarray) else art_tags[i]
+        key = (tuple(tags_i), title_ids[i])
+        row = vectors_of.get(key)
+        if row is None:
+            row = vectors_of[key] = np.array([emb.title_vector(title_ids[i]), emb.artwork_vector(tags_i),
+                                              emb.lift_vector(tags_i, title_ids[i])]).reshape(3, emb.rank)
+        vectors[i] = row
+    out = np.hstack([mem, ctx, static, pri, match, seg, embedding_block(factors, vectors)]).astype(np.float32)
     assert out.shape[1] == N_FEATURES
     return out
 
@@ -548,7 +673,8 @@ class CatalogBlocks:
     """
 
     def __init__(self, art_tags: Sequence[Sequence[str]], art_is_default: Sequence[Any],
-                 title_genres: Sequence[Sequence[str]], vocabulary: Vocabulary | None = None):
+                 title_genres: Sequence[Sequence[str]], vocabulary: Vocabulary | None = None,
+                 title_ids: Sequence[str | None] | None = None):
         self.vocabulary = vocabulary or Vocabulary()
         tags = [[str(t) for t in (ts if ts is not None else ())] for ts in art_tags]
         genres = [[str(g) for g in (gs if gs is not None else ())] for gs in title_genres]
@@ -565,6 +691,15 @@ class CatalogBlocks:
         self.title_genres, self.title_genre_count = self.keys.matrix(title_keys)
         self.vocab_genres = np.array([self.keys.index[k] for k in vocab_keys] + [-1] * (N_GENRE_SLOTS - len(vocab_keys)),
                                      dtype=np.int64)
+        # embeddings: each artwork's vector, each title's factors and mean artwork vector
+        emb = self.vocabulary.embeddings
+        self.rank = emb.rank
+        ids = list(title_ids) if title_ids is not None else [None] * len(genres)
+        self.title_vectors = np.array([emb.title_vector(t) for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
+        self.title_art_mean = np.array([emb.title_artworks.get(t, (0.0,) * emb.rank) if t is not None else (0.0,) * emb.rank
+                                        for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
+        self.title_has_mean = np.array([t is not None and t in emb.title_artworks for t in ids], dtype=bool)
+        self.art_vectors = np.array([emb.artwork_vector(ts) for ts in tags], dtype=np.float64).reshape(len(tags), emb.rank)
 
 
 class _MemberTable:
@@ -626,7 +761,7 @@ def columnar_feature_matrix(blocks: CatalogBlocks, members: Mapping[str, Any], r
     ----------
     blocks : the catalog and vocabulary (:class:`CatalogBlocks`).
     members : [M] member-and-context inputs: ``member_known``, ``member_is_kids``,
-        ``member_log_plays_28d``, ``member_days_since_last_play``, the five member list columns
+        ``member_log_plays_28d``, ``member_days_since_last_play``, the six member list columns
         of :data:`INPUT_COLUMNS` (:meth:`Ragged.of` forms; None = empty) and the five context
         columns. One row per impression in the features job: member work happens once per row.
     row_member, row_artwork, row_title : [R] the member row, artwork row and title row of every
@@ -677,5 +812,11 @@ def columnar_feature_matrix(blocks: CatalogBlocks, members: Mapping[str, Any], r
     match[:, 6] = np.log1p(_sum_in_order(imps))
     out[:, c:c + 7] = match
     out[:, c + 7] = np.asarray(float_column(priors["art_prior_mean_seg"]), dtype=np.float32)
-    assert c + 8 == N_FEATURES
+    c += 8
+    factors = member_factor_matrix(members["member_factors"], blocks.rank)[row_member]
+    arts = blocks.art_vectors[row_artwork]
+    # the artwork's vector minus its title's mean (as Embeddings.lift_vector: unchanged where the title has none)
+    lifts = np.where(blocks.title_has_mean[row_title][:, None], arts - blocks.title_art_mean[row_title], arts)
+    out[:, c:] = embedding_block(factors, np.stack([blocks.title_vectors[row_title], arts, lifts], axis=1))
+    assert c + len(EMBEDDING_FEATURES) == N_FEATURES
     return out

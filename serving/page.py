@@ -27,9 +27,10 @@ C_PRIOR = C_STATIC + N_STATIC
 C_MATCH = C_PRIOR + 3
 C_RESP = C_MATCH + 4
 C_SEG = C_RESP + 3
+C_EMB = C_SEG + 1
 C_PAGE_ROW = C_CONTEXT + feature_spec.CONTEXT_FEATURES.index("ctx_page_row")
 C_POSITION = C_CONTEXT + feature_spec.CONTEXT_FEATURES.index("ctx_position")
-assert C_SEG + 1 == feature_spec.N_FEATURES
+assert C_EMB + len(feature_spec.EMBEDDING_FEATURES) == feature_spec.N_FEATURES
 assert feature_spec.FEATURE_NAMES[C_RESP] == "resp_lift_sum" and feature_spec.FEATURE_NAMES[C_SEG] == "art_prior_mean_seg"
 
 
@@ -108,4 +109,9 @@ def page_matrix(table: ArtworkTable, member: Member, device: str, local_hour: in
     x[:, C_RESP + 1] = np.where(hit.any(axis=1), np.where(hit, lift[idx], -np.inf).max(axis=1), 0.0)
     x[:, C_RESP + 2] = np.log1p(_sequential_sum(imps[idx]))
     x[:, C_SEG] = table.prior_mean_seg[member.segment][rows]
+    # embeddings: 0 without factors (as feature_matrix's dot products of zeros)
+    if member.factors is None or table.emb_vectors.shape[2] == 0:
+        x[:, C_EMB:] = 0.0
+    else:
+        x[:, C_EMB:] = feature_spec.embedding_block(member.factors, np.take(table.emb_vectors, rows, axis=0))
     return x

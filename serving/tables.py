@@ -71,6 +71,8 @@ class ArtworkTable:
     vocabulary : the bundle's feature vocabulary (tag and genre columns)
     resp_vocab : artwork tag -> column of the member response vectors (column W is padding)
     resp_idx, resp_count : [N, *] each artwork's tags as response columns, in tag order; [N] how many
+    emb_vectors : [N, 3, k] float64 each artwork's title factors, artwork vector and artwork minus its
+        title's mean artwork vector (:class:`keyart.feature_spec.Embeddings`, k = its rank)
     """
 
     artwork_ids: list[str]
@@ -97,6 +99,7 @@ class ArtworkTable:
     resp_vocab: dict[str, int]
     resp_idx: np.ndarray
     resp_count: np.ndarray
+    emb_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 0)))
     # [N] first and last day (date ordinals, keyart.catalog) each artwork may be shown. A bundle
     # carries the artworks that start within its export horizon and a server runs for days, so
     # activity is resolved per request.
@@ -185,6 +188,9 @@ class ArtworkTable:
         pad = len(vocab)
         resp_vocab: dict[str, int] = {}
         resp = [[resp_vocab.setdefault(t, len(resp_vocab)) for t in ts] for ts in tags]
+        emb = vocabulary.embeddings
+        emb_vectors = np.array([(emb.title_vector(str(a["title_id"])), emb.artwork_vector(ts), emb.lift_vector(ts, str(a["title_id"])))
+                                for ts, a in zip(tags, arts, strict=True)], dtype=np.float64).reshape(len(arts), 3, emb.rank)
         return cls(
             artwork_ids=ids, index=index, title_of=title_of, title_ids=title_ids, title_index=title_index,
             title_rows=title_rows, default_row=default_row, static=static,
@@ -194,7 +200,7 @@ class ArtworkTable:
             tag_genre_idx=_padded(tag_genre, pad), genre_idx=_padded(genre, pad),
             genre_count=np.array([len(g) for g in genres], np.int64),
             vocabulary=vocabulary, resp_vocab=resp_vocab, resp_idx=_padded(resp, len(resp_vocab)),
-            resp_count=np.array([len(r) for r in resp], np.int64),
+            resp_count=np.array([len(r) for r in resp], np.int64), emb_vectors=emb_vectors,
             active_from_day=catalog.ordinals((a.get("active_from") for a in arts), catalog.ALWAYS),
             active_to_day=catalog.ordinals((a.get("active_to") for a in arts), catalog.OPEN_ENDED),
         )
@@ -219,6 +225,7 @@ class Member:
     resp_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # response columns (n > 0)
     resp_vals: np.ndarray = field(default_factory=lambda: np.zeros(0))           # their lifts (float64)
     resp_n: np.ndarray = field(default_factory=lambda: np.zeros(0))              # their impressions
+    factors: np.ndarray | None = None  # [k] float64 ALS factors (None: unknown, or none in the snapshot)
 
 
 def _list_entries(table: pa.Table, names: Sequence[str], types: Sequence[pa.DataType]) -> tuple[np.ndarray, list[pa.Array]]:
@@ -313,6 +320,15 @@ class MemberTable:
         shown = rcol >= 0
         self._resp = _csr(n, r_rows[shown], rcol[shown], r_vals[shown], r_nv[shown])
         self._kids = kids.astype(bool)
+        # ALS factors of the bundle's rank (a row of another length, or none, has no factors)
+        rank = vocabulary.embeddings.rank
+        if rank and "member_factors" in table.column_names:
+            factors = table.column("member_factors").combine_chunks()
+            self._has_factors = (pc.fill_null(pc.list_value_length(factors), 0).to_numpy(zero_copy_only=False) == rank)
+            self._factors = feature_spec.member_factor_matrix(factors, rank)
+        else:
+            self._has_factors = np.zeros(n, bool)
+            self._factors = np.zeros((n, rank))
         ids = table.column("member_id").to_pylist() if n else []
         self._rows: dict[str, int] = {str(m): i for i, m in enumerate(ids)}
         u = feature_spec.UNKNOWN_MEMBER
@@ -334,4 +350,4 @@ class MemberTable:
         rptr, rcols, rvals, rn = self._resp
         c, d = rptr[i], rptr[i + 1]
         return Member(self._block[i], feature_spec.member_segment(self._kids[i]), cols[a:b], vals[a:b],
-                      rcols[c:d], rvals[c:d], rn[c:d])
+                      rcols[c:d], rvals[c:d], rn[c:d], self._factors[i] if self._has_factors[i] else None)

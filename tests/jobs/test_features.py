@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 from jobs_fixtures import args, artwork, frame, impression, member, play, prior, reward_row, title
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
@@ -39,7 +40,7 @@ def test_member_snapshot_time_decayed_shares(spark):
         play("m3", "t1", "2026-03-02 12:00", 10),   # not a member
     ])
     members = frame(spark, "members", [member("m1"), member("m2", "kids")])
-    got = {r["member_id"]: r for r in features.member_snapshot(plays, titles, members, PARAMS).collect()}
+    got = {r["member_id"]: r for r in features.member_snapshot(plays, titles, members, PARAMS)[0].collect()}
     assert set(got) == {"m1", "m2"}
     w1, w2 = 60 * 0.5 ** (0.5 / 30), 20.0
     m1 = got["m1"]
@@ -60,7 +61,7 @@ def training_inputs(spark):
     snap = pd.DataFrame([{"member_id": "m1", "member_is_kids": 0, "member_log_plays_28d": 1.5, "member_days_since_last_play": 2.0,
                           "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5],
                           "response_tags": ["cast:a", "closeup", "tone:comedy"], "response_values": [0.04, -0.01, 0.03],
-                          "response_n": [3.0, 2.0, 4.0]}])
+                          "response_n": [3.0, 2.0, 4.0], "member_factors": [0.5, -1.0]}])
     snapshots = spark.createDataFrame(snap, features.SNAPSHOT_SCHEMA).withColumn("snapshot_ds", F.lit("2026-03-01").cast("date"))
     priors = frame(spark, "priors", [prior("t1", "t1-a0", 2, 8, 10), prior("t1", "t1-a1", 5, 5, 10),
                                      prior("t1", "t1-a1", 6, 4, 10, "profile=adult")])
@@ -70,7 +71,11 @@ def training_inputs(spark):
 
 
 # the vocabulary of the day before the impressions: one tag column, the rest hashed
-VOCABULARIES = {"2026-03-01": feature_spec.Vocabulary(tags=("tone:drama",), genres=("comedy", "drama"))}
+# and its embeddings (rank 2): t1 has factors and a mean artwork vector, t2 neither
+EMBEDDINGS = feature_spec.Embeddings(2, titles={"t1": (0.3, 0.1)}, tags={"tone:drama": (0.2, -0.1), "cast:a": (0.05, 0.0),
+                                                                         "tone:comedy": (-0.1, 0.3)},
+                                     title_artworks={"t1": (0.1, 0.1)})
+VOCABULARIES = {"2026-03-01": feature_spec.Vocabulary(tags=("tone:drama",), genres=("comedy", "drama"), embeddings=EMBEDDINGS)}
 
 
 def expected_features() -> dict[tuple[str, str], np.ndarray]:
@@ -79,11 +84,11 @@ def expected_features() -> dict[tuple[str, str], np.ndarray]:
     known = {"member_known": 1, "member_is_kids": 0, "member_log_plays_28d": 1.5, "member_days_since_last_play": 2.0,
              "affinity_tags": ["cast:a", "genre:drama"], "affinity_values": [0.8, 0.5],
              "response_tags": ["cast:a", "closeup", "tone:comedy"], "response_values": [0.04, -0.01, 0.03],
-             "response_n": [3.0, 2.0, 4.0]}
+             "response_n": [3.0, 2.0, 4.0], "member_factors": [0.5, -1.0]}
     rows = [
-        {**known, **ctx, "art_tags": ["cast:a", "tone:drama", "closeup"], "art_is_default": 1, "title_genres": ["drama"]},
-        {**known, **ctx, "art_tags": ["tone:comedy"], "art_is_default": 0, "title_genres": ["drama"]},
-        {**feature_spec.UNKNOWN_MEMBER, **ctx, "art_tags": [], "art_is_default": 1, "title_genres": ["comedy"]},
+        {**known, **ctx, "art_tags": ["cast:a", "tone:drama", "closeup"], "art_is_default": 1, "title_genres": ["drama"], "title_id": "t1"},
+        {**known, **ctx, "art_tags": ["tone:comedy"], "art_is_default": 0, "title_genres": ["drama"], "title_id": "t1"},
+        {**feature_spec.UNKNOWN_MEMBER, **ctx, "art_tags": [], "art_is_default": 1, "title_genres": ["comedy"], "title_id": "t2"},
     ]
     nan = float("nan")
     pri = feature_spec.prior_inputs([2, 5, nan], [8, 5, nan], [10, 10, nan], [nan, 6, nan], [nan, 4, nan], ["e1", "e1", "e2"])
@@ -113,6 +118,11 @@ def test_training_rows_and_feature_parity(spark):
     assert f0[col[f"art_tag_bucket_{feature_spec.tag_bucket('closeup') - feature_spec.N_TAG_SLOTS}"]] == 1.0
     assert f0[col["resp_lift_sum"]] == np.float32(0.04 + -0.01) and f0[col["resp_lift_max"]] == np.float32(0.04)
     assert f0[col["resp_log_n"]] == np.float32(math.log1p(5.0))
+    # member (0.5, -1) . t1 (0.3, 0.1); . (cast:a + tone:drama); minus t1's mean artwork vector (0.1, 0.1)
+    assert f0[col["emb_member_title"]] == np.float32(0.5 * 0.3 - 0.1)
+    assert f0[col["emb_member_artwork"]] == pytest.approx(0.5 * 0.25 + 0.1, abs=1e-7)
+    assert f0[col["emb_artwork_lift"]] == pytest.approx(0.5 * 0.15 + 0.2, abs=1e-7)
+    assert other["features"][col["emb_member_title"]:] == [0.0] * len(feature_spec.EMBEDDING_FEATURES)
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
 
@@ -197,7 +207,7 @@ def test_member_responses_are_the_spec_formula_on_data_before_the_day(spark):
     labelled = day1.unionByName(day2).unionByName(later)
     members = frame(spark, "members", [member("m1"), member("m2"), member("m3")])
     snap = {r["member_id"]: r for r in features.member_snapshot(
-        frame(spark, "plays", []), titles, members, PARAMS, labelled, artworks).collect()}
+        frame(spark, "plays", []), titles, members, PARAMS, labelled, artworks)[0].collect()}
     lift = feature_spec.response_lift
     # population over the window: the t1-a0 tags 3 of 4, tone:comedy 1 of 2
     m1, m2 = snap["m1"], snap["m2"]
@@ -223,3 +233,59 @@ def test_vocabulary_is_learned_sticky_and_written(spark, lake, settings, tmp_pat
     later = features.vocabulary_for(lake, "2026-03-02", ({"mood:dark": 9, "text": 5, "shot:wide": 7}, {"comedy": 4, "drama": 3}))
     assert later.tags == ("mood:dark", "text", "shot:wide") and later.genres == ("drama", "comedy")
     assert features.vocabulary_for(lake, "2026-03-01", ({}, {})) == first
+
+
+def test_embeddings_separate_tastes_and_learn_which_members_a_tag_speaks_to(spark):
+    """Two groups of members play two disjoint sets of titles; group A responds to artworks tagged
+    ``mood:warm``, group B does not. ALS factors and the tag's response direction recover both,
+    whatever the tag is called: member . title and member . artwork rank the right group first."""
+    rng = np.random.default_rng(3)
+    group = {f"m{i:02d}": "A" if i < 12 else "B" for i in range(24)}
+    titles = frame(spark, "titles", [title(f"{g}{j}", ["drama"]) for g in "AB" for j in range(4)])
+    artworks = frame(spark, "artworks", [
+        artwork(f"{g}{j}-warm", f"{g}{j}", ["mood:warm"], is_default=True) for g in "AB" for j in range(4)
+    ] + [artwork(f"{g}{j}-cold", f"{g}{j}", ["mood:cold"]) for g in "AB" for j in range(4)])
+    plays = frame(spark, "plays", [
+        play(m, f"{g}{int(rng.integers(4))}", f"2026-02-{int(rng.integers(1, 28)):02d} 20:00", float(rng.uniform(20, 90)))
+        for m, g in group.items() for _ in range(8)])
+    shown_rows = []
+    for m, g in group.items():
+        for k in range(30):
+            t = f"{'AB'[k % 2]}{k % 4}"
+            art = f"{t}-{'warm' if k % 3 else 'cold'}"
+            warm = art.endswith("warm")
+            reward = int(rng.random() < (0.6 if warm and g == "A" else 0.15))
+            shown_rows.append(reward_row(impression(f"{m}-{k}", "2026-03-01 10:00", member=m, title=t, artwork=art,
+                                                    candidates=[f"{t}-warm", f"{t}-cold"]), reward))
+    labelled = frame(spark, "rewards", shown_rows).withColumn("labelled_ds", F.lit("2026-03-01").cast("date"))
+    members = frame(spark, "members", [member(m) for m in group])
+    params = features.SnapshotParams(DS, 90, 30.0, embeddings=features.EmbeddingParams(rank=4, iterations=15, tag_ridge=10.0))
+    snap, emb = features.member_snapshot(plays, titles, members, params, labelled, artworks)
+    factors = {r["member_id"]: np.asarray(r["member_factors"]) for r in snap.collect()}
+    assert emb.rank == 4 and all(len(f) == 4 for f in factors.values())
+    assert set(emb.titles) == {f"{g}{j}" for g in "AB" for j in range(4)} and set(emb.tags) == {"mood:warm", "mood:cold"}
+    # ALS: a member's own group's titles score higher than the other group's
+    for m, g in group.items():
+        own = np.mean([factors[m] @ emb.title_vector(f"{g}{j}") for j in range(4)])
+        other = np.mean([factors[m] @ emb.title_vector(f"{'B' if g == 'A' else 'A'}{j}") for j in range(4)])
+        assert own > other, m
+    # the warm tag's direction: A's members are predicted to respond to it more than B's
+    warm = emb.artwork_vector(["mood:warm"])
+    a = np.mean([factors[m] @ warm for m, g in group.items() if g == "A"])
+    b = np.mean([factors[m] @ warm for m, g in group.items() if g == "B"])
+    assert a > b + 0.05
+    # title means: the mean of the title's two artwork vectors, so warm - mean = (warm - cold) / 2
+    np.testing.assert_allclose(emb.lift_vector(["mood:warm"], "A0"),
+                               (emb.artwork_vector(["mood:warm"]) - emb.artwork_vector(["mood:cold"])) / 2)
+    # a rerun gives the same fit (seeded)
+    _, again = features.member_snapshot(plays, titles, members, params, labelled, artworks)
+    assert again == emb
+
+
+def test_no_embeddings_at_rank_zero(spark):
+    titles, artworks = catalog(spark)
+    plays = frame(spark, "plays", [play("m1", "t1", "2026-03-02 12:00", 60)])
+    members = frame(spark, "members", [member("m1")])
+    params = features.SnapshotParams(DS, 90, 30.0, embeddings=features.EmbeddingParams(rank=0))
+    snap, emb = features.member_snapshot(plays, titles, members, params)
+    assert emb == feature_spec.Embeddings() and snap.first()["member_factors"] == []

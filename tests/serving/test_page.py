@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,8 +18,10 @@ from keyart.serving.page import page_matrix
 
 
 def reference_matrix(bundle_path, member_id, ctx, slots, vocabulary=None, members=None):
-    """feature_matrix over inputs built straight from the bundle's Parquet files (``members``:
-    member rows to use instead of members.parquet)."""
+    """feature_matrix over inputs built straight from the bundle's Parquet files and its vocabulary
+    (``vocabulary``, ``members``: a vocabulary and member rows to use instead)."""
+    if vocabulary is None:
+        vocabulary = feature_spec.Vocabulary.from_dict(json.loads((bundle_path / "feature_spec.json").read_text())["vocabulary"])
     arts = {r["artwork_id"]: r for r in pq.read_table(bundle_path / "artworks.parquet").to_pylist()}
     if members is None:
         members = {r["member_id"]: r for r in pq.read_table(bundle_path / "members.parquet").to_pylist()}
@@ -44,7 +48,7 @@ def reference_matrix(bundle_path, member_id, ctx, slots, vocabulary=None, member
         day_of_week=[ctx["day_of_week"]] * len(rows),
         page_row=[s["page_row"] for s, _ in rows], position=[s["position"] for s, _ in rows],
         art_tags=[arts[a]["tags"] for _, a in rows], art_is_default=[arts[a]["is_default"] for _, a in rows],
-        title_genres=[arts[a]["title_genres"] for _, a in rows], **pri)
+        title_genres=[arts[a]["title_genres"] for _, a in rows], title_id=[slot["title_id"] for slot, _ in rows], **pri)
     return feature_spec.feature_matrix(inputs, vocabulary)
 
 
@@ -66,6 +70,9 @@ def test_page_matrix_equals_feature_matrix(bundle_dir, seed):
         want = reference_matrix(path, member, ctx, slots)
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+        if trial % 3:  # a known member: the bundle's embeddings reach the page (or the member has no factors)
+            emb = want[:, feature_spec.FEATURE_NAMES.index("emb_member_artwork")]
+            assert (emb != 0).any() or b.members.get(member).factors is None
 
 
 def random_page(rng, world):
@@ -94,14 +101,22 @@ def test_page_matrix_with_learned_vocabulary_and_responses_equals_feature_matrix
     genres = Counter(g for r in art_rows for g in set(r["title_genres"]))
     vocabulary = feature_spec.learn_vocabulary(dict(counts), dict(genres))
     assert vocabulary.tags and vocabulary.genres
+    # embeddings of rank 4: every tag but one and every title a vector, half the titles a mean artwork vector
+    titles = sorted({r["title_id"] for r in art_rows})
+    vec = lambda: tuple(rng.normal(size=4).tolist())  # noqa: E731
+    vocabulary = replace(vocabulary, embeddings=feature_spec.Embeddings(
+        4, titles={t: vec() for t in titles}, tags={t: vec() for t in sorted(counts)[1:]},
+        title_artworks={t: vec() for t in titles[::2]}))
     all_tags = sorted(counts) + ["never:shown"]
     members = {}
     for r in pq.read_table(path / "members.parquet").to_pylist():
         k = int(rng.integers(0, 12))
         tags = [str(t) for t in rng.choice(all_tags, size=k, replace=False)]
         n = rng.integers(0, 6, size=k).astype(float)  # n = 0 entries must not count
+        rank = int(rng.choice([4, 4, 4, 0, 3]))  # factors of another rank count as none
         members[r["member_id"]] = {**r, "response_tags": tags, "response_n": n.tolist(),
-                                   "response_values": feature_spec.response_lift(rng.binomial(n.astype(int), 0.3), n, 0.2).tolist()}
+                                   "response_values": feature_spec.response_lift(rng.binomial(n.astype(int), 0.3), n, 0.2).tolist(),
+                                   "member_factors": rng.normal(size=rank).tolist()}
     table = ArtworkTable.build(art_rows, pq.read_table(path / "priors.parquet").to_pylist(), vocabulary)
     member_table = MemberTable(list(members.values()), table.vocab, table.vocabulary, table.resp_vocab)
     col = {name: i for i, name in enumerate(feature_spec.FEATURE_NAMES)}
@@ -120,6 +135,7 @@ def test_page_matrix_with_learned_vocabulary_and_responses_equals_feature_matrix
         nonzero |= (want != 0).any(axis=0)
     genre_cols = [col[f"member_genre_{j}"] for j in range(feature_spec.N_GENRE_SLOTS)]
     assert nonzero[[col["art_tag_0"], col["resp_lift_sum"], col["resp_lift_max"], col["resp_log_n"]]].all()
+    assert nonzero[[col[name] for name in feature_spec.EMBEDDING_FEATURES]].all()
     assert nonzero[genre_cols].any()
 
 

@@ -25,6 +25,8 @@ def _inputs(n=2):
         "art_tags": [["cast:robin_williams", "tone:comedy", "closeup"], ["tone:family"]][:n],
         "art_is_default": [False, True][:n],
         "title_genres": [["drama", "comedy"], ["family"]][:n],
+        "title_id": ["t1", "t2"][:n],
+        "member_factors": [[1.0, 2.0], []][:n],
         "art_prior_mean": [0.2, 0.1][:n],
         "art_prior_n": [100.0, 0.0][:n],
         "art_prior_mean_seg": [0.25, 0.1][:n],
@@ -32,7 +34,10 @@ def _inputs(n=2):
     }
 
 
-VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy"))
+EMB = F.Embeddings(2, titles={"t1": (0.5, 0.1)},
+                   tags={"tone:comedy": (0.1, 0.2), "closeup": (0.0, -0.1), "cast:robin_williams": (0.3, 0.0)},
+                   title_artworks={"t1": (0.05, 0.05)})
+VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy"), embeddings=EMB)
 
 
 def test_matrix_shape_order_and_values():
@@ -54,6 +59,36 @@ def test_matrix_shape_order_and_values():
     assert x[0, col["art_prior_lift"]] == pytest.approx(0.05)
     assert x[1, col["member_days_since_last_play"]] == F.DAYS_SINCE_CAP
     assert x[1, col["match_cast_max"]] == 0 and x[1, col["art_is_default"]] == 1
+
+
+def test_embedding_features_are_dot_products_with_the_members_factors():
+    x = F.feature_matrix(_inputs(), VOCAB)
+    col = {name: i for i, name in enumerate(F.FEATURE_NAMES)}
+    art = np.array([0.3, 0.0]) + np.array([0.1, 0.2]) + np.array([0.0, -0.1])  # cast, tone, closeup in tag order
+    u = np.array([1.0, 2.0])
+    assert x[0, col["emb_member_title"]] == pytest.approx(0.5 + 0.2)
+    assert x[0, col["emb_member_artwork"]] == pytest.approx(u @ art)
+    assert x[0, col["emb_artwork_lift"]] == pytest.approx(u @ (art - 0.05))
+    # no factors (unknown member), a title without factors, an artwork with no tag direction: 0
+    assert (x[1, col["emb_member_title"]:] == 0).all()
+    other = _inputs()
+    other["member_factors"] = [[1.0, 2.0, 3.0], [1.0, 1.0]]  # another rank: no factors
+    y = F.feature_matrix(other, VOCAB)
+    assert y[0, col["emb_member_title"]] == 0 and y[0, col["emb_member_artwork"]] == 0
+    assert y[1, col["emb_member_title"]] == 0 and y[1, col["emb_member_artwork"]] == 0  # t2, tone:family: none
+    # a repeated tag counts once
+    assert (EMB.artwork_vector(["closeup", "closeup"]) == EMB.artwork_vector(["closeup"])).all()
+    assert (F.feature_matrix(_inputs(), F.Vocabulary())[:, col["emb_member_title"]:] == 0).all()
+
+
+def test_embeddings_round_trip_and_bad_ones_are_refused():
+    assert F.Embeddings.from_dict(EMB.to_dict()) == EMB
+    assert F.Vocabulary.from_dict(VOCAB.to_dict()).embeddings == EMB
+    assert F.Embeddings.from_dict(None) == F.Embeddings()
+    with pytest.raises(ValueError, match="rank 2"):
+        F.Embeddings.from_dict({"rank": 2, "tags": {"a": [1.0]}})
+    with pytest.raises(ValueError, match="rank"):
+        F.Embeddings.from_dict({"rank": -1})
 
 
 def test_names_unique_and_spec_dict_matches():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ from keyart import feature_spec as F
 def columnar(inputs, vocabulary=None, arrow=False):
     """columnar_feature_matrix of feature_matrix's inputs: every row its own member, artwork and title."""
     n = len(inputs["art_tags"])
-    blocks = F.CatalogBlocks(inputs["art_tags"], inputs["art_is_default"], inputs["title_genres"], vocabulary)
+    blocks = F.CatalogBlocks(inputs["art_tags"], inputs["art_is_default"], inputs["title_genres"], vocabulary, inputs["title_id"])
     members = {k: inputs[k] for k in (*F.UNKNOWN_MEMBER, "device", "local_hour", "day_of_week", "page_row", "position")}
     if arrow:
         members = {k: pa.array(v) for k, v in members.items()}
@@ -53,12 +54,20 @@ EDGES = {
                  [], ["tone:", "cast:b", "genre:drama"]],
     "art_is_default": [False, True, 0, 1, True],
     "title_genres": [["drama", "comedy", "drama"], ["family"], [], ["x"], [""]],
+    # a title with factors and a mean artwork vector, one with factors only, unknown ones
+    "title_id": ["t1", "t2", "t9", "t1", "t3"],
+    # factors of the vocabulary's rank, none, another rank (none), negative zero
+    "member_factors": [[0.5, -1.25, 2.0], [], [1.0, 2.0], [-0.0, 0.3, 1e-3], [3.0, 0.0, -2.5]],
     "art_prior_mean": [0.2, 0.1, 0.3, 0.05, 0.1],
     "art_prior_n": [100.0, 0.0, 3.0, 1.0, 0.0],
     "art_prior_mean_seg": [0.25, 0.1, 0.3, 0.07, 0.1],
     "title_prior_mean": [0.15, 0.1, 0.3, 0.05, 0.1],
 }
-VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy", "x"))
+EMB = F.Embeddings(3, titles={"t1": (0.1, -0.2, 0.3), "t2": (1e-8, 0.5, -0.5), "t3": (0.25, 0.25, 0.25)},
+                   tags={"cast:a": (0.01, 0.02, -0.03), "tone:comedy": (0.3, 0.1, 0.7), "closeup": (-0.2, 0.05, 0.0),
+                         "mood:dark": (0.1, 0.1, 0.1), "genre:drama": (0.4, -0.4, 0.2), "tone:": (0.0, 0.9, -0.1)},
+                   title_artworks={"t1": (0.05, 0.15, -0.25), "t3": (0.2, 0.2, 0.2)})
+VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy", "x"), embeddings=EMB)
 
 
 @pytest.mark.parametrize("vocabulary", [None, VOCAB])
@@ -71,7 +80,7 @@ def test_edge_rows_exercise_every_match_feature():
     # a parity test that cannot fail on zeros: the edge rows reach every match and member column
     x = columnar(EDGES, VOCAB)
     col = {name: i for i, name in enumerate(F.FEATURE_NAMES)}
-    for name in (*F.MATCH_FEATURES, "member_genre_0", "member_genre_1", "member_genre_2"):
+    for name in (*F.MATCH_FEATURES, *F.EMBEDDING_FEATURES, "member_genre_0", "member_genre_1", "member_genre_2"):
         assert np.any(x[:, col[name]] != 0), name
     # in tag order cast:a, tone:comedy (its n > 0 entry), closeup (its last), cast:a again
     assert x[0, col["resp_lift_sum"]] == np.float32(0.02 + 0.07 + -0.03 + 0.02)
@@ -108,6 +117,9 @@ def random_inputs(rng, n):
         rows["art_tags"].append(pick(tags, int(rng.integers(0, 7))))
         rows["art_is_default"].append(int(rng.random() < 0.2))
         rows["title_genres"].append(pick(genres, int(rng.integers(0, 4))))
+        rows["title_id"].append(str(rng.choice(["t1", "t2", "t3", "t4"])))
+        k = int(rng.choice([3, 3, 3, 0, 2]))
+        rows["member_factors"].append((rng.normal(size=k) if known else np.zeros(0)).tolist())
         for k in ("art_prior_mean", "art_prior_n", "art_prior_mean_seg", "title_prior_mean"):
             rows[k].append(float(rng.random()))
     return rows
@@ -117,7 +129,8 @@ def random_inputs(rng, n):
 def test_random_rows_equal_feature_matrix(seed):
     rng = np.random.default_rng(seed)
     inputs = random_inputs(rng, 300)
-    vocabulary = F.learn_vocabulary({"tone:comedy": 9, "closeup": 7, "text": 5, "mood:dark": 2}, {"drama": 4, "comedy": 3})
+    vocabulary = replace(F.learn_vocabulary({"tone:comedy": 9, "closeup": 7, "text": 5, "mood:dark": 2}, {"drama": 4, "comedy": 3}),
+                         embeddings=EMB)
     for vocab in (None, vocabulary):
         assert_same_bits(columnar(inputs, vocab, arrow=bool(seed % 2)), F.feature_matrix(inputs, vocab))
 
@@ -131,13 +144,14 @@ def test_shared_members_and_artworks_equal_per_row_inputs():
     row_artwork = rng.integers(0, 5, 60)
     row_title = rng.integers(0, 5, 60)
     priors = {k: rng.random(60) for k in ("art_prior_mean", "art_prior_n", "art_prior_mean_seg", "title_prior_mean")}
-    blocks = F.CatalogBlocks(catalog["art_tags"], catalog["art_is_default"], catalog["title_genres"], VOCAB)
+    blocks = F.CatalogBlocks(catalog["art_tags"], catalog["art_is_default"], catalog["title_genres"], VOCAB, catalog["title_id"])
     member_cols = {k: members[k] for k in (*F.UNKNOWN_MEMBER, "device", "local_hour", "day_of_week", "page_row", "position")}
     got = F.columnar_feature_matrix(blocks, member_cols, row_member, row_artwork, row_title, priors)
     flat = {k: [member_cols[k][i] for i in row_member] for k in member_cols}
     flat.update(art_tags=[catalog["art_tags"][a] for a in row_artwork],
                 art_is_default=[catalog["art_is_default"][a] for a in row_artwork],
-                title_genres=[catalog["title_genres"][t] for t in row_title], **priors)
+                title_genres=[catalog["title_genres"][t] for t in row_title],
+                title_id=[catalog["title_id"][t] for t in row_title], **priors)
     assert_same_bits(got, F.feature_matrix(flat, VOCAB))
 
 
