@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -269,28 +269,58 @@ def title_artwork_means(artworks: DataFrame, embeddings: feature_spec.Embeddings
     return {t: tuple(float(x) for x in np.mean(vs, axis=0)) for t, vs in sorted(vectors.items())}
 
 
-def fit_embeddings(weighted: DataFrame, responses: DataFrame | None, artworks: DataFrame | None,
+def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, genres: Sequence[str],
+                   responses: DataFrame | None, artworks: DataFrame | None,
                    params: EmbeddingParams) -> tuple[DataFrame | None, feature_spec.Embeddings]:
-    """The day's member factors (member_id, member_factors) and :class:`keyart.feature_spec.Embeddings`:
-    ALS title factors, tag response directions and title means. (None, empty) when there is nothing to fit."""
+    """The day's member vectors (member_id, member_factors) and :class:`keyart.feature_spec.Embeddings`.
+
+    A member's vector is their ALS factors (:func:`member_title_factors`, ``params.rank``) followed by
+    their minute share on each of ``genres`` (the day's vocabulary genres, from ``shares``: member_id,
+    tag, value); a title's is its ALS factors followed by ``1 / len(genres of the title)`` on its
+    genres. Tag directions (:func:`tag_directions`) are fitted on the whole vector, so a tag learns
+    both which members' plays and which genre tastes it speaks to, under any tag name. (None,
+    empty) when there is nothing to fit: rank 0 and no genres, or no plays.
+    """
+    genres = list(genres) if params.rank else []
     fitted = member_title_factors(weighted, params)
-    if fitted is None:
+    if fitted is None and not genres:
         return None, feature_spec.Embeddings()
-    factors, titles = fitted
-    factors = factors.cache()
-    tags = tag_directions(responses, factors, params) if responses is not None else {}
-    emb = feature_spec.Embeddings(params.rank, titles, tags)
+    k = params.rank if fitted is not None else 0
+    dim = k + len(genres)
+    if dim == 0:
+        return None, feature_spec.Embeddings()
+    zeros = lambda n: F.array_repeat(F.lit(0.0), n)  # noqa: E731
+    genre_vec = (shares.where(F.col("tag").isin([feature_spec.GENRE_PREFIX + g for g in genres]))
+                 .groupBy("member_id").agg(F.map_from_entries(F.collect_list(F.struct("tag", "value"))).alias("gm"))
+                 .select("member_id", F.array(*[F.coalesce(F.col("gm")[feature_spec.GENRE_PREFIX + g], F.lit(0.0))
+                                                for g in genres]).alias("g")))
+    if fitted is not None:
+        als, title_als = fitted
+        vectors = als.join(genre_vec, "member_id", "full_outer").select(
+            "member_id", F.concat(F.coalesce("member_factors", zeros(k)), F.coalesce("g", zeros(len(genres)))).alias("member_factors"))
+    else:
+        title_als = {}
+        vectors = genre_vec.select("member_id", F.col("g").alias("member_factors"))
+    vectors = vectors.cache()
+    title_vectors = {}
+    for r in titles.select("title_id", "genres").collect():
+        own = [g for g in dict.fromkeys(r["genres"] or [])]
+        tail = [1.0 / len(own) if g in own else 0.0 for g in genres] if own else [0.0] * len(genres)
+        title_vectors[r["title_id"]] = tuple(title_als.get(r["title_id"], (0.0,) * k)) + tuple(tail)
+    rank_params = replace(params, rank=dim)
+    tags = tag_directions(responses, vectors, rank_params) if responses is not None else {}
+    emb = feature_spec.Embeddings(dim, title_vectors, tags)
     if artworks is not None:
         emb = replace(emb, title_artworks=title_artwork_means(artworks, emb))
-    return factors, emb
+    return vectors, emb
 
 
 def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams,
                     labelled: DataFrame | None = None, artworks: DataFrame | None = None,
-                    ) -> tuple[DataFrame, feature_spec.Embeddings]:
+                    genres: Sequence[str] = ()) -> tuple[DataFrame, feature_spec.Embeddings]:
     """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``, and the day's embeddings
-    (:func:`fit_embeddings`: the members' factors are in the snapshot, the catalog side goes in the
-    vocabulary). Pure but for the fit, which runs when called.
+    (:func:`fit_embeddings` with ``genres``, the day's vocabulary genres: the members' vectors are in
+    the snapshot, the catalog side goes in the vocabulary). Pure but for the fit, which runs when called.
 
     ``labelled`` (REWARDS rows with ``labelled_ds``) and ``artworks`` give the responses and the
     tag directions; without them every member's responses are empty and no tag has a direction.
@@ -308,14 +338,14 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
             F.transform(F.coalesce("cast", F.array().cast("array<string>")), lambda c: F.concat(F.lit("cast:"), c)),
         )).alias("tags"),
     )
-    per_tag = (
+    shares = (
         weighted.join(F.broadcast(tags), "title_id")
         .select("member_id", F.explode("tags").alias("tag"), "w")
         .groupBy("member_id", "tag").agg(F.sum("w").alias("w"))
         .join(activity.select("member_id", "w_total"), "member_id")
         .select("member_id", "tag", F.when(F.col("w_total") > 0, F.col("w") / F.col("w_total")).otherwise(0.0).alias("value"))
-        .groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", "value"))).alias("aff"))
     )
+    per_tag = shares.groupBy("member_id").agg(F.array_sort(F.collect_list(F.struct("tag", "value"))).alias("aff"))
     empty_str = F.array().cast("array<string>")
     empty_dbl = F.array().cast("array<double>")
     snap = members.select("member_id", (F.col("profile") == "kids").cast("int").alias("member_is_kids")).join(activity, "member_id", "left").join(per_tag, "member_id", "left")
@@ -325,7 +355,7 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
         snap = snap.join(member_responses(responses), "member_id", "left")
     else:
         snap = snap.withColumn("resp", F.lit(None).cast("array<struct<tag:string,value:double,n:double>>"))
-    factors, embeddings = fit_embeddings(weighted, responses, artworks, params.embeddings)
+    factors, embeddings = fit_embeddings(weighted, shares, titles, genres, responses, artworks, params.embeddings)
     if factors is not None:
         snap = snap.join(factors, "member_id", "left")
     else:
@@ -629,7 +659,7 @@ def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: Snaps
             snap = spark.read.schema(SNAPSHOT_SCHEMA).parquet(str(lake.member_features(day)))
         else:
             snap, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params.on(day), inputs.labelled,
-                                               inputs.artworks)
+                                               inputs.artworks, vocabularies[day].genres)
             vocabularies[day] = replace(vocabularies[day], embeddings=embeddings)
         frames.append(snap.withColumn("snapshot_ds", F.lit(day).cast("date")))
     if not frames:
@@ -652,8 +682,10 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     counts = catalog_counts(inputs.artworks, inputs.titles)
     vocabularies = {day: vocabulary_for(lake, day, counts) for day in inputs.snapshot_days}
     # today's is learned afresh from today's catalog on top of the slots before it (a rerun gives the same)
-    snapshot, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks)
-    vocabulary = replace(vocabulary_for(lake, args.ds, counts, reuse=False), embeddings=embeddings)
+    vocabulary = vocabulary_for(lake, args.ds, counts, reuse=False)
+    snapshot, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks,
+                                           vocabulary.genres)
+    vocabulary = replace(vocabulary, embeddings=embeddings)
     snapshots = snapshots_for(spark, lake, inputs, params, vocabularies)
     training = transform(inputs.rewards, snapshots, inputs.priors, inputs.artworks, inputs.titles, vocabularies)
     load(snapshot, training, lake, args.ds)

@@ -23,7 +23,7 @@ affinity_values             time-decayed share of minutes watched per tag, in [0
 response_tags               artwork tags the member was shown in the response window
 response_values             the member's shrunk quality-play lift on them (:func:`response_lift`)
 response_n                  impressions behind each value
-member_factors              the member's ALS factors of the snapshot day ([] = none: unknown or no plays)
+member_factors              the member's vector of the snapshot day: ALS factors, then genre shares ([] = none)
 device, local_hour, day_of_week, page_row, position      request context
 art_tags                    the artwork's tags (any 'key:value' or bare flag; 'cast:<c>')
 art_is_default              1 if it is the title's default artwork
@@ -161,10 +161,12 @@ def _vectors(data: Any, rank: int, what: str) -> dict[str, tuple[float, ...]]:
 
 @dataclass(frozen=True)
 class Embeddings:
-    """The catalog side of the day's embeddings, in the space of the members' ALS factors.
+    """The catalog side of the day's embeddings, in the space of the members' vectors.
 
-    ``titles``: each title's ALS factors (implicit feedback on minutes played, the same fit as
-    the snapshot's ``member_factors``). ``tags``: each artwork tag's *response direction*, the
+    A member's vector (the snapshot's ``member_factors``) is their ALS factors (implicit feedback on
+    minutes played) followed by their minute share on each of the vocabulary's genres; ``rank`` is
+    its length. ``titles``: each title's vector in that space (its ALS factors, then 1 / its number
+    of genres on each of its genres). ``tags``: each artwork tag's *response direction*, the
     ridge regression of the quality-play residual (reward minus the tag's population rate) on
     the member's factors over the response window's impressions of artworks carrying it, so
     ``member . tags[t]`` is the member's predicted lift on that tag, for any vocabulary

@@ -280,6 +280,12 @@ def test_embeddings_separate_tastes_and_learn_which_members_a_tag_speaks_to(spar
     # a rerun gives the same fit (seeded)
     _, again = features.member_snapshot(plays, titles, members, params, labelled, artworks)
     assert again == emb
+    # with the vocabulary's genres, each vector ends with the member's minute shares on them
+    # (every play here is a drama: 1.0) and a title's with 1 / its genres on its own
+    snap, with_genres = features.member_snapshot(plays, titles, members, params, labelled, artworks, ["drama", "comedy"])
+    assert with_genres.rank == 6 and with_genres.titles["A0"][4:] == (1.0, 0.0)
+    assert all(list(r["member_factors"][4:]) == [1.0, 0.0] for r in snap.collect())
+    assert set(with_genres.tags) == {"mood:warm", "mood:cold"}
 
 
 def test_no_embeddings_at_rank_zero(spark):
