@@ -200,10 +200,12 @@ def test_shipped_model_is_refit_on_every_row_with_the_chosen_tree_count():
 
 
 def test_noisy_small_day_still_gets_the_floor_of_trees():
-    rng = np.random.default_rng(3)
-    X, y, ts = _day(rng, 1500, 0, effect=0.0)  # no signal beyond feature 0: early stopping turns at once
+    # no signal beyond feature 0: early stopping turns at once (on this seed's noise; the draw depends on
+    # N_FEATURES, so the seed is one where the curve turns early, which the assertion checks)
+    rng = np.random.default_rng(2)
+    X, y, ts = _day(rng, 1500, 0, effect=0.0)
     res = train_reward_model(X, y, ts, np.full(len(y), 0.5), np.full(len(y), 2))
-    assert res.info["early_stopping_iteration"] <= res.info["best_iteration"] == TrainConfig().trees_floor()
+    assert res.info["early_stopping_iteration"] < res.info["best_iteration"] == TrainConfig().trees_floor()
 
 
 def test_adding_a_day_of_data_does_not_make_the_model_worse_on_average():
