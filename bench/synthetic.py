@@ -77,7 +77,8 @@ def embeddings(rng: np.random.Generator, arts: list[dict], rank: int) -> feature
     titles = sorted({a["title_id"] for a in arts})
     tags = sorted({t for a in arts for t in a["tags"]})
     vec = lambda: tuple((0.3 * rng.normal(size=rank)).tolist())  # noqa: E731
-    return feature_spec.Embeddings(rank, {t: vec() for t in titles}, {t: vec() for t in tags}, {t: vec() for t in titles})
+    return feature_spec.Embeddings(rank, {t: vec() for t in titles}, {t: vec() for t in tags}, {t: vec() for t in titles},
+                                   {t: vec() for t in tags})
 
 
 def prior_rows(rng: np.random.Generator, arts: list[dict], coverage: float = 0.8) -> list[dict]:

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -59,6 +61,8 @@ from keyart.jobs.common import (
     write_metrics,
 )
 from keyart.lake import Lake, parse_ds, shift_ds
+
+log = logging.getLogger(__name__)
 
 MEMBER_COLUMNS = ("member_id", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play", "affinity_tags", "affinity_values",
                   "response_tags", "response_values", "response_n", "member_factors")
@@ -261,12 +265,25 @@ def tag_directions(responses: DataFrame, factors: DataFrame, params: EmbeddingPa
     return out
 
 
-def title_artwork_means(artworks: DataFrame, embeddings: feature_spec.Embeddings) -> dict[str, tuple[float, ...]]:
-    """Each title's mean artwork vector (:meth:`keyart.feature_spec.Embeddings.artwork_vector`) over its catalog artworks."""
+def title_artwork_means(artworks: list[Any], embeddings: feature_spec.Embeddings) -> dict[str, tuple[float, ...]]:
+    """Each title's mean artwork vector (:meth:`keyart.feature_spec.Embeddings.artwork_vector`) over its
+    catalog artworks (rows with ``title_id`` and ``tags``)."""
     vectors: dict[str, list[np.ndarray]] = {}
-    for r in artworks.select("title_id", "tags").collect():
+    for r in artworks:
         vectors.setdefault(r["title_id"], []).append(embeddings.artwork_vector(r["tags"] or []))
     return {t: tuple(float(x) for x in np.mean(vs, axis=0)) for t, vs in sorted(vectors.items())}
+
+
+def tag_genre_profiles(artworks: list[Any], embeddings: feature_spec.Embeddings, als_rank: int) -> dict[str, tuple[float, ...]]:
+    """Each tag's catalog genre profile: the mean genre part of the title vectors of the artworks carrying
+    it (0 on the ``als_rank`` ALS dimensions); rows with ``title_id`` and ``tags``."""
+    found: dict[str, list[np.ndarray]] = {}
+    for r in artworks:
+        v = embeddings.title_vector(r["title_id"])
+        v[:als_rank] = 0.0
+        for tag in dict.fromkeys(r["tags"] or []):
+            found.setdefault(tag, []).append(v)
+    return {t: tuple(float(x) for x in np.mean(vs, axis=0)) for t, vs in sorted(found.items())}
 
 
 def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, genres: Sequence[str],
@@ -282,7 +299,9 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
     empty) when there is nothing to fit: rank 0 and no genres, or no plays.
     """
     genres = list(genres) if params.rank else []
+    t0 = time.perf_counter()
     fitted = member_title_factors(weighted, params)
+    t_als = time.perf_counter() - t0
     if fitted is None and not genres:
         return None, feature_spec.Embeddings()
     k = params.rank if fitted is not None else 0
@@ -308,10 +327,15 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
         tail = [1.0 / len(own) if g in own else 0.0 for g in genres] if own else [0.0] * len(genres)
         title_vectors[r["title_id"]] = tuple(title_als.get(r["title_id"], (0.0,) * k)) + tuple(tail)
     rank_params = replace(params, rank=dim)
+    t0 = time.perf_counter()
     tags = tag_directions(responses, vectors, rank_params) if responses is not None else {}
+    log.info("embeddings: ALS rank %d in %.1fs, %d tag directions (rank %d) in %.1fs",
+             k, t_als, len(tags), dim, time.perf_counter() - t0)
     emb = feature_spec.Embeddings(dim, title_vectors, tags)
     if artworks is not None:
-        emb = replace(emb, title_artworks=title_artwork_means(artworks, emb))
+        rows = artworks.select("title_id", "tags").collect()
+        emb = replace(emb, title_artworks=title_artwork_means(rows, emb),
+                      tag_profiles=tag_genre_profiles(rows, emb, k) if genres else {})
     return vectors, emb
 
 

@@ -117,6 +117,7 @@ EMBEDDING_FEATURES = (
     "emb_member_title",
     "emb_member_artwork",
     "emb_artwork_lift",
+    "emb_artwork_genres",
 )
 FEATURE_NAMES: tuple[str, ...] = MEMBER_FEATURES + CONTEXT_FEATURES + ARTWORK_FEATURES + MATCH_FEATURES + EMBEDDING_FEATURES
 N_FEATURES = len(FEATURE_NAMES)
@@ -173,13 +174,17 @@ class Embeddings:
     (cast tags included). An artwork's vector is the sum of its distinct tags' directions in
     tag order (:meth:`artwork_vector`); ``title_artworks`` is the mean of those vectors over
     each title's artworks, so ``member . (artwork - title_artworks)`` ranks the artworks of
-    one title. Learned by the features job, shipped inside the :class:`Vocabulary`.
+    one title. ``tag_profiles``: each tag's *catalog genre profile*, the mean genre part of the
+    title vectors of the artworks carrying it (0 on the ALS part), so ``member . profile`` is the
+    member's taste for the genres a tag goes with in this catalog, whatever the tag is called
+    (:meth:`artwork_profile`). Learned by the features job, shipped inside the :class:`Vocabulary`.
     """
 
     rank: int = 0
     titles: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     tags: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     title_artworks: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    tag_profiles: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def title_vector(self, title_id: str | None) -> np.ndarray:
         """The title's ALS factors, zeros when it has none: [rank] float64."""
@@ -188,13 +193,20 @@ class Embeddings:
 
     def artwork_vector(self, art_tags: Sequence[str]) -> np.ndarray:
         """Sum of the directions of the artwork's distinct tags, added in tag order: [rank] float64."""
+        return self._tag_sum(self.tags, art_tags)
+
+    def artwork_profile(self, art_tags: Sequence[str]) -> np.ndarray:
+        """Sum of the catalog genre profiles of the artwork's distinct tags, in tag order: [rank] float64."""
+        return self._tag_sum(self.tag_profiles, art_tags)
+
+    def _tag_sum(self, vectors: Mapping[str, tuple[float, ...]], art_tags: Sequence[str]) -> np.ndarray:
         out = np.zeros(self.rank)
         seen: set[str] = set()
         for t in art_tags:
             if t in seen:
                 continue
             seen.add(t)
-            v = self.tags.get(t)
+            v = vectors.get(t)
             if v is not None:
                 out = out + np.asarray(v, dtype=np.float64)
         return out
@@ -209,7 +221,8 @@ class Embeddings:
         return {"rank": self.rank,
                 "titles": {k: list(v) for k, v in sorted(self.titles.items())},
                 "tags": {k: list(v) for k, v in sorted(self.tags.items())},
-                "title_artworks": {k: list(v) for k, v in sorted(self.title_artworks.items())}}
+                "title_artworks": {k: list(v) for k, v in sorted(self.title_artworks.items())},
+                "tag_profiles": {k: list(v) for k, v in sorted(self.tag_profiles.items())}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Embeddings:
@@ -218,7 +231,7 @@ class Embeddings:
         if not isinstance(data, Mapping) or not isinstance(data.get("rank", 0), int) or data.get("rank", 0) < 0:
             raise ValueError("embeddings are a mapping with an integer 'rank' >= 0")
         rank = int(data.get("rank", 0))
-        return cls(rank, *(_vectors(data.get(k) or {}, rank, k) for k in ("titles", "tags", "title_artworks")))
+        return cls(rank, *(_vectors(data.get(k) or {}, rank, k) for k in ("titles", "tags", "title_artworks", "tag_profiles")))
 
 
 def member_factor_matrix(factors: Any, rank: int) -> np.ndarray:
@@ -238,8 +251,8 @@ def member_factor_matrix(factors: Any, rank: int) -> np.ndarray:
 
 def embedding_block(member_factors: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """[n, len(EMBEDDING_FEATURES)] float32: the member's factors ([n, k], or [k] for every row) dotted with
-    ``vectors`` [n, 3, k]: per row the title factors, the artwork vector and the artwork minus its
-    title's mean artwork vector. float64 products added left to right over k from 0, so every
+    ``vectors`` [n, 4, k]: per row the title vector, the artwork vector, the artwork minus its
+    title's mean artwork vector and the artwork's catalog genre profile. float64 products added left to right over k from 0, so every
     path (this one function) gets the same bits."""
     u = np.asarray(member_factors, dtype=np.float64)
     v = np.asarray(vectors, dtype=np.float64)
@@ -559,7 +572,7 @@ def feature_matrix(inputs: Mapping[str, Any], vocabulary: Vocabulary | None = No
     emb = vocabulary.embeddings
     factors = member_factor_matrix(inputs["member_factors"], emb.rank)
     title_ids = list(inputs["title_id"])
-    vectors = np.zeros((n, 3, emb.rank))
+    vectors = np.zeros((n, 4, emb.rank))
     vectors_of: dict[tuple, np.ndarray] = {}
     for i in range(n):
         tags_i = art_tags[i].tolist() if isinstance(art_tags[i], np.ndarray) else art_tags[i]
@@ -567,7 +580,7 @@ def feature_matrix(inputs: Mapping[str, Any], vocabulary: Vocabulary | None = No
         row = vectors_of.get(key)
         if row is None:
             row = vectors_of[key] = np.array([emb.title_vector(title_ids[i]), emb.artwork_vector(tags_i),
-                                              emb.lift_vector(tags_i, title_ids[i])]).reshape(3, emb.rank)
+                                              emb.lift_vector(tags_i, title_ids[i]), emb.artwork_profile(tags_i)]).reshape(4, emb.rank)
         vectors[i] = row
     out = np.hstack([mem, ctx, static, pri, match, seg, embedding_block(factors, vectors)]).astype(np.float32)
     assert out.shape[1] == N_FEATURES
@@ -702,6 +715,7 @@ class CatalogBlocks:
                                         for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
         self.title_has_mean = np.array([t is not None and t in emb.title_artworks for t in ids], dtype=bool)
         self.art_vectors = np.array([emb.artwork_vector(ts) for ts in tags], dtype=np.float64).reshape(len(tags), emb.rank)
+        self.art_profiles = np.array([emb.artwork_profile(ts) for ts in tags], dtype=np.float64).reshape(len(tags), emb.rank)
 
 
 class _MemberTable:
@@ -819,6 +833,7 @@ def columnar_feature_matrix(blocks: CatalogBlocks, members: Mapping[str, Any], r
     arts = blocks.art_vectors[row_artwork]
     # the artwork's vector minus its title's mean (as Embeddings.lift_vector: unchanged where the title has none)
     lifts = np.where(blocks.title_has_mean[row_title][:, None], arts - blocks.title_art_mean[row_title], arts)
-    out[:, c:] = embedding_block(factors, np.stack([blocks.title_vectors[row_title], arts, lifts], axis=1))
+    out[:, c:] = embedding_block(factors, np.stack([blocks.title_vectors[row_title], arts, lifts,
+                                                    blocks.art_profiles[row_artwork]], axis=1))
     assert c + len(EMBEDDING_FEATURES) == N_FEATURES
     return out

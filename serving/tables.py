@@ -71,8 +71,8 @@ class ArtworkTable:
     vocabulary : the bundle's feature vocabulary (tag and genre columns)
     resp_vocab : artwork tag -> column of the member response vectors (column W is padding)
     resp_idx, resp_count : [N, *] each artwork's tags as response columns, in tag order; [N] how many
-    emb_vectors : [N, 3, k] float64 each artwork's title factors, artwork vector and artwork minus its
-        title's mean artwork vector (:class:`keyart.feature_spec.Embeddings`, k = its rank)
+    emb_vectors : [N, 4, k] float64 each artwork's title vector, artwork vector, artwork minus its
+        title's mean artwork vector and catalog genre profile (:class:`keyart.feature_spec.Embeddings`, k = its rank)
     """
 
     artwork_ids: list[str]
@@ -99,7 +99,7 @@ class ArtworkTable:
     resp_vocab: dict[str, int]
     resp_idx: np.ndarray
     resp_count: np.ndarray
-    emb_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 0)))
+    emb_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 0)))
     # [N] first and last day (date ordinals, keyart.catalog) each artwork may be shown. A bundle
     # carries the artworks that start within its export horizon and a server runs for days, so
     # activity is resolved per request.
@@ -189,8 +189,9 @@ class ArtworkTable:
         resp_vocab: dict[str, int] = {}
         resp = [[resp_vocab.setdefault(t, len(resp_vocab)) for t in ts] for ts in tags]
         emb = vocabulary.embeddings
-        emb_vectors = np.array([(emb.title_vector(str(a["title_id"])), emb.artwork_vector(ts), emb.lift_vector(ts, str(a["title_id"])))
-                                for ts, a in zip(tags, arts, strict=True)], dtype=np.float64).reshape(len(arts), 3, emb.rank)
+        emb_vectors = np.array([(emb.title_vector(str(a["title_id"])), emb.artwork_vector(ts), emb.lift_vector(ts, str(a["title_id"])),
+                                 emb.artwork_profile(ts))
+                                for ts, a in zip(tags, arts, strict=True)], dtype=np.float64).reshape(len(arts), 4, emb.rank)
         return cls(
             artwork_ids=ids, index=index, title_of=title_of, title_ids=title_ids, title_index=title_index,
             title_rows=title_rows, default_row=default_row, static=static,

@@ -74,7 +74,7 @@ def training_inputs(spark):
 # and its embeddings (rank 2): t1 has factors and a mean artwork vector, t2 neither
 EMBEDDINGS = feature_spec.Embeddings(2, titles={"t1": (0.3, 0.1)}, tags={"tone:drama": (0.2, -0.1), "cast:a": (0.05, 0.0),
                                                                          "tone:comedy": (-0.1, 0.3)},
-                                     title_artworks={"t1": (0.1, 0.1)})
+                                     title_artworks={"t1": (0.1, 0.1)}, tag_profiles={"tone:drama": (0.0, 1.0)})
 VOCABULARIES = {"2026-03-01": feature_spec.Vocabulary(tags=("tone:drama",), genres=("comedy", "drama"), embeddings=EMBEDDINGS)}
 
 
@@ -122,6 +122,7 @@ def test_training_rows_and_feature_parity(spark):
     assert f0[col["emb_member_title"]] == np.float32(0.5 * 0.3 - 0.1)
     assert f0[col["emb_member_artwork"]] == pytest.approx(0.5 * 0.25 + 0.1, abs=1e-7)
     assert f0[col["emb_artwork_lift"]] == pytest.approx(0.5 * 0.15 + 0.2, abs=1e-7)
+    assert f0[col["emb_artwork_genres"]] == np.float32(-1.0)
     assert other["features"][col["emb_member_title"]:] == [0.0] * len(feature_spec.EMBEDDING_FEATURES)
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
@@ -286,6 +287,9 @@ def test_embeddings_separate_tastes_and_learn_which_members_a_tag_speaks_to(spar
     assert with_genres.rank == 6 and with_genres.titles["A0"][4:] == (1.0, 0.0)
     assert all(list(r["member_factors"][4:]) == [1.0, 0.0] for r in snap.collect())
     assert set(with_genres.tags) == {"mood:warm", "mood:cold"}
+    # each tag's catalog genre profile: both moods are on dramas only
+    assert with_genres.tag_profiles["mood:warm"] == (0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert np.asarray(with_genres.artwork_profile(["mood:warm", "mood:cold"]))[4] == 2.0
 
 
 def test_no_embeddings_at_rank_zero(spark):

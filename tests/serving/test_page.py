@@ -106,7 +106,7 @@ def test_page_matrix_with_learned_vocabulary_and_responses_equals_feature_matrix
     vec = lambda: tuple(rng.normal(size=4).tolist())  # noqa: E731
     vocabulary = replace(vocabulary, embeddings=feature_spec.Embeddings(
         4, titles={t: vec() for t in titles}, tags={t: vec() for t in sorted(counts)[1:]},
-        title_artworks={t: vec() for t in titles[::2]}))
+        title_artworks={t: vec() for t in titles[::2]}, tag_profiles={t: vec() for t in sorted(counts)[::2]}))
     all_tags = sorted(counts) + ["never:shown"]
     members = {}
     for r in pq.read_table(path / "members.parquet").to_pylist():

@@ -36,7 +36,7 @@ def _inputs(n=2):
 
 EMB = F.Embeddings(2, titles={"t1": (0.5, 0.1)},
                    tags={"tone:comedy": (0.1, 0.2), "closeup": (0.0, -0.1), "cast:robin_williams": (0.3, 0.0)},
-                   title_artworks={"t1": (0.05, 0.05)})
+                   title_artworks={"t1": (0.05, 0.05)}, tag_profiles={"tone:comedy": (0.0, 0.5), "cast:robin_williams": (0.0, 0.25)})
 VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy"), embeddings=EMB)
 
 
@@ -69,6 +69,7 @@ def test_embedding_features_are_dot_products_with_the_members_factors():
     assert x[0, col["emb_member_title"]] == pytest.approx(0.5 + 0.2)
     assert x[0, col["emb_member_artwork"]] == pytest.approx(u @ art)
     assert x[0, col["emb_artwork_lift"]] == pytest.approx(u @ (art - 0.05))
+    assert x[0, col["emb_artwork_genres"]] == pytest.approx(2.0 * (0.25 + 0.5))
     # no factors (unknown member), a title without factors, an artwork with no tag direction: 0
     assert (x[1, col["emb_member_title"]:] == 0).all()
     other = _inputs()

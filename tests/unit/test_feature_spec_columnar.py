@@ -66,7 +66,8 @@ EDGES = {
 EMB = F.Embeddings(3, titles={"t1": (0.1, -0.2, 0.3), "t2": (1e-8, 0.5, -0.5), "t3": (0.25, 0.25, 0.25)},
                    tags={"cast:a": (0.01, 0.02, -0.03), "tone:comedy": (0.3, 0.1, 0.7), "closeup": (-0.2, 0.05, 0.0),
                          "mood:dark": (0.1, 0.1, 0.1), "genre:drama": (0.4, -0.4, 0.2), "tone:": (0.0, 0.9, -0.1)},
-                   title_artworks={"t1": (0.05, 0.15, -0.25), "t3": (0.2, 0.2, 0.2)})
+                   title_artworks={"t1": (0.05, 0.15, -0.25), "t3": (0.2, 0.2, 0.2)},
+                   tag_profiles={"tone:comedy": (0.0, 0.0, 1.0), "cast:a": (0.0, 0.5, 0.5), "rare": (0.0, 0.125, 0.0)})
 VOCAB = F.Vocabulary(tags=("tone:comedy", "", "closeup"), genres=("drama", "comedy", "x"), embeddings=EMB)
 
 
