@@ -88,15 +88,20 @@ ROW_COLUMNS = (
 _DAY_US = 86_400 * 1_000_000
 
 
+def _setting(name: str) -> Any:
+    """The documented default of a keyart.config setting (one place owns it)."""
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class EmbeddingParams:
     """ALS and tag-direction settings (keyart.config: ``embedding_*``); rank 0 = no embeddings."""
 
-    rank: int = 16
-    regularization: float = 0.1
-    alpha: float = 1.0
-    iterations: int = 10
-    tag_ridge: float = 100.0
+    rank: int = _setting("embedding_rank")
+    regularization: float = _setting("embedding_regularization")
+    alpha: float = _setting("embedding_alpha")
+    iterations: int = _setting("embedding_iterations")
+    tag_ridge: float = _setting("embedding_tag_ridge")
     seed: int = 7
 
     @classmethod
