@@ -226,7 +226,7 @@ class Member:
     resp_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # response columns (n > 0)
     resp_vals: np.ndarray = field(default_factory=lambda: np.zeros(0))           # their lifts (float64)
     resp_n: np.ndarray = field(default_factory=lambda: np.zeros(0))              # their impressions
-    factors: np.ndarray | None = None  # [k] float64 ALS factors (None: unknown, or none in the snapshot)
+    factors: np.ndarray | None = None  # [k] float64 member vector: ALS factors, genre shares (None: unknown, or none)
 
 
 def _list_entries(table: pa.Table, names: Sequence[str], types: Sequence[pa.DataType]) -> tuple[np.ndarray, list[pa.Array]]:
@@ -321,7 +321,7 @@ class MemberTable:
         shown = rcol >= 0
         self._resp = _csr(n, r_rows[shown], rcol[shown], r_vals[shown], r_nv[shown])
         self._kids = kids.astype(bool)
-        # ALS factors of the bundle's rank (a row of another length, or none, has no factors)
+        # member vectors of the bundle's rank (a row of another length, or none, has none)
         rank = vocabulary.embeddings.rank
         if rank and "member_factors" in table.column_names:
             factors = table.column("member_factors").combine_chunks()
