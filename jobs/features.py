@@ -210,17 +210,18 @@ def member_title_factors(weighted: DataFrame, params: EmbeddingParams) -> tuple[
         "member_id", F.transform("features", lambda x: x.cast("double")).alias("member_factors"))
     labels = titles.labelsArray[0]
     title_factors = {labels[r["id"]]: tuple(float(x) for x in r["features"]) for r in model.itemFactors.collect()}
+    pairs.unpersist()  # the model holds its own factors
     return factors, title_factors
 
 
 def _tag_moments(batches: Iterator[pa.RecordBatch], rank: int) -> Iterator[pa.RecordBatch]:
-    """Per tag of a partition: sum n, sum n u u^T (row-major), sum (q - n p) u, sum u u^T per row."""
+    """Per tag of a partition, one ``stats`` array: sum n, sum n u u^T (row-major), sum (q - n p) u."""
+    import pyarrow.compute as pc
+
     sums: dict[str, np.ndarray] = {}
     for batch in batches:
         if not batch.num_rows:
             continue
-        import pyarrow.compute as pc
-
         encoded = pc.dictionary_encode(batch.column("tag"))
         codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         q = feature_spec.float_column(batch.column("q"))
@@ -292,8 +293,8 @@ def tag_genre_profiles(artworks: list[Any], embeddings: feature_spec.Embeddings,
 
 
 def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, genres: Sequence[str],
-                   responses: DataFrame | None, artworks: DataFrame | None,
-                   params: EmbeddingParams) -> tuple[DataFrame | None, feature_spec.Embeddings]:
+                   responses: DataFrame | None, artworks: DataFrame | None, params: EmbeddingParams,
+                   cached: list[DataFrame] | None = None) -> tuple[DataFrame | None, feature_spec.Embeddings]:
     """The day's member vectors (member_id, member_factors) and :class:`keyart.feature_spec.Embeddings`.
 
     A member's vector is their ALS factors (:func:`member_title_factors`, ``params.rank``) followed by
@@ -301,7 +302,8 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
     tag, value); a title's is its ALS factors followed by ``1 / len(genres of the title)`` on its
     genres. Tag directions (:func:`tag_directions`) are fitted on the whole vector, so a tag learns
     both which members' plays and which genre tastes it speaks to, under any tag name. (None,
-    empty) when there is nothing to fit: rank 0 and no genres, or no plays.
+    empty) when there is nothing to fit: rank 0 and no genres, or no plays. The member vectors are
+    cached (read by the fit and the snapshot) and added to ``cached`` for the caller to release.
     """
     genres = list(genres) if params.rank else []
     t0 = time.perf_counter()
@@ -311,8 +313,6 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
         return None, feature_spec.Embeddings()
     k = params.rank if fitted is not None else 0
     dim = k + len(genres)
-    if dim == 0:
-        return None, feature_spec.Embeddings()
     zeros = lambda n: F.array_repeat(F.lit(0.0), n)  # noqa: E731
     genre_vec = (shares.where(F.col("tag").isin([feature_spec.GENRE_PREFIX + g for g in genres]))
                  .groupBy("member_id").agg(F.map_from_entries(F.collect_list(F.struct("tag", "value"))).alias("gm"))
@@ -326,9 +326,11 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
         title_als = {}
         vectors = genre_vec.select("member_id", F.col("g").alias("member_factors"))
     vectors = vectors.cache()
+    if cached is not None:
+        cached.append(vectors)
     title_vectors = {}
     for r in titles.select("title_id", "genres").collect():
-        own = [g for g in dict.fromkeys(r["genres"] or [])]
+        own = list(dict.fromkeys(r["genres"] or []))
         tail = [1.0 / len(own) if g in own else 0.0 for g in genres] if own else [0.0] * len(genres)
         title_vectors[r["title_id"]] = tuple(title_als.get(r["title_id"], (0.0,) * k)) + tuple(tail)
     rank_params = replace(params, rank=dim)
@@ -346,13 +348,15 @@ def fit_embeddings(weighted: DataFrame, shares: DataFrame, titles: DataFrame, ge
 
 def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, params: SnapshotParams,
                     labelled: DataFrame | None = None, artworks: DataFrame | None = None,
-                    genres: Sequence[str] = ()) -> tuple[DataFrame, feature_spec.Embeddings]:
+                    genres: Sequence[str] = (), cached: list[DataFrame] | None = None,
+                    ) -> tuple[DataFrame, feature_spec.Embeddings]:
     """One row per member (SNAPSHOT_SCHEMA) as of the end of ``params.ds``, and the day's embeddings
     (:func:`fit_embeddings` with ``genres``, the day's vocabulary genres: the members' vectors are in
     the snapshot, the catalog side goes in the vocabulary). Pure but for the fit, which runs when called.
 
     ``labelled`` (REWARDS rows with ``labelled_ds``) and ``artworks`` give the responses and the
     tag directions; without them every member's responses are empty and no tag has a direction.
+    The frames it caches are added to ``cached``: release them once the snapshot is written.
     """
     weighted = weighted_plays(plays, params)
     activity = weighted.groupBy("member_id").agg(
@@ -381,10 +385,12 @@ def member_snapshot(plays: DataFrame, titles: DataFrame, members: DataFrame, par
     # read by the snapshot and the tag directions: computed once
     responses = tag_responses(labelled, artworks, params).cache() if labelled is not None and artworks is not None else None
     if responses is not None:
+        if cached is not None:
+            cached.append(responses)
         snap = snap.join(member_responses(responses), "member_id", "left")
     else:
         snap = snap.withColumn("resp", F.lit(None).cast("array<struct<tag:string,value:double,n:double>>"))
-    factors, embeddings = fit_embeddings(weighted, shares, titles, genres, responses, artworks, params.embeddings)
+    factors, embeddings = fit_embeddings(weighted, shares, titles, genres, responses, artworks, params.embeddings, cached)
     if factors is not None:
         snap = snap.join(factors, "member_id", "left")
     else:
@@ -678,9 +684,10 @@ def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, respons
 
 
 def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: SnapshotParams,
-                  vocabularies: dict[str, feature_spec.Vocabulary]) -> DataFrame:
+                  vocabularies: dict[str, feature_spec.Vocabulary], cached: list[DataFrame] | None = None) -> DataFrame:
     """Snapshots of ``inputs.snapshot_days``: the written one, else computed from the plays (its
-    embeddings then go into that day's entry of ``vocabularies``, which is updated in place)."""
+    embeddings then go into that day's entry of ``vocabularies``, which is updated in place, and
+    the frames it caches into ``cached``)."""
     frames = []
     for day in inputs.snapshot_days:
         if has_data(lake.member_features(day)):
@@ -688,7 +695,7 @@ def snapshots_for(spark: SparkSession, lake: Lake, inputs: Inputs, params: Snaps
             snap = spark.read.schema(SNAPSHOT_SCHEMA).parquet(str(lake.member_features(day)))
         else:
             snap, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params.on(day), inputs.labelled,
-                                               inputs.artworks, vocabularies[day].genres)
+                                               inputs.artworks, vocabularies[day].genres, cached)
             vocabularies[day] = replace(vocabularies[day], embeddings=embeddings)
         frames.append(snap.withColumn("snapshot_ds", F.lit(day).cast("date")))
     if not frames:
@@ -712,12 +719,17 @@ def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Set
     vocabularies = {day: vocabulary_for(lake, day, counts) for day in inputs.snapshot_days}
     # today's is learned afresh from today's catalog on top of the slots before it (a rerun gives the same)
     vocabulary = vocabulary_for(lake, args.ds, counts, reuse=False)
+    # frames cached for the embedding fit, released once the snapshot and training rows are written
+    # (a Spark Connect server outlives the job)
+    cached: list[DataFrame] = []
     snapshot, embeddings = member_snapshot(inputs.plays, inputs.titles, inputs.members, params, inputs.labelled, inputs.artworks,
-                                           vocabulary.genres)
+                                           vocabulary.genres, cached)
     vocabulary = replace(vocabulary, embeddings=embeddings)
-    snapshots = snapshots_for(spark, lake, inputs, params, vocabularies)
+    snapshots = snapshots_for(spark, lake, inputs, params, vocabularies, cached)
     training = transform(inputs.rewards, snapshots, inputs.priors, inputs.artworks, inputs.titles, vocabularies)
     load(snapshot, training, lake, args.ds)
+    for frame in cached:
+        frame.unpersist()
     write_vocabulary(vocabulary, lake, args.ds)
     written = spark.read.parquet(str(lake.training(args.ds)))
     row = written.agg(

@@ -187,7 +187,7 @@ class Embeddings:
     tag_profiles: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def title_vector(self, title_id: str | None) -> np.ndarray:
-        """The title's ALS factors, zeros when it has none: [rank] float64."""
+        """The title's vector, zeros when it has none: [rank] float64."""
         v = self.titles.get(title_id) if title_id is not None else None
         return np.zeros(self.rank) if v is None else np.asarray(v, dtype=np.float64)
 
@@ -212,10 +212,13 @@ class Embeddings:
         return out
 
     def lift_vector(self, art_tags: Sequence[str], title_id: str | None) -> np.ndarray:
-        """The artwork's vector minus its title's mean artwork vector: [rank] float64."""
-        mean = self.title_artworks.get(title_id) if title_id is not None else None
-        v = self.artwork_vector(art_tags)
-        return v if mean is None else v - np.asarray(mean, dtype=np.float64)
+        """The artwork's vector minus its title's mean artwork vector (zeros when it has none): [rank] float64."""
+        return self.artwork_vector(art_tags) - self.title_artwork_mean(title_id)
+
+    def title_artwork_mean(self, title_id: str | None) -> np.ndarray:
+        """The title's mean artwork vector, zeros when it has none: [rank] float64."""
+        v = self.title_artworks.get(title_id) if title_id is not None else None
+        return np.zeros(self.rank) if v is None else np.asarray(v, dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank,
@@ -706,14 +709,12 @@ class CatalogBlocks:
         self.title_genres, self.title_genre_count = self.keys.matrix(title_keys)
         self.vocab_genres = np.array([self.keys.index[k] for k in vocab_keys] + [-1] * (N_GENRE_SLOTS - len(vocab_keys)),
                                      dtype=np.int64)
-        # embeddings: each artwork's vector, each title's factors and mean artwork vector
+        # embeddings: each artwork's vector and profile, each title's vector and mean artwork vector
         emb = self.vocabulary.embeddings
         self.rank = emb.rank
         ids = list(title_ids) if title_ids is not None else [None] * len(genres)
         self.title_vectors = np.array([emb.title_vector(t) for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
-        self.title_art_mean = np.array([emb.title_artworks.get(t, (0.0,) * emb.rank) if t is not None else (0.0,) * emb.rank
-                                        for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
-        self.title_has_mean = np.array([t is not None and t in emb.title_artworks for t in ids], dtype=bool)
+        self.title_art_mean = np.array([emb.title_artwork_mean(t) for t in ids], dtype=np.float64).reshape(len(ids), emb.rank)
         self.art_vectors = np.array([emb.artwork_vector(ts) for ts in tags], dtype=np.float64).reshape(len(tags), emb.rank)
         self.art_profiles = np.array([emb.artwork_profile(ts) for ts in tags], dtype=np.float64).reshape(len(tags), emb.rank)
 
@@ -831,9 +832,8 @@ def columnar_feature_matrix(blocks: CatalogBlocks, members: Mapping[str, Any], r
     c += 8
     factors = member_factor_matrix(members["member_factors"], blocks.rank)[row_member]
     arts = blocks.art_vectors[row_artwork]
-    # the artwork's vector minus its title's mean (as Embeddings.lift_vector: unchanged where the title has none)
-    lifts = np.where(blocks.title_has_mean[row_title][:, None], arts - blocks.title_art_mean[row_title], arts)
-    out[:, c:] = embedding_block(factors, np.stack([blocks.title_vectors[row_title], arts, lifts,
+    # the artwork's vector minus its title's mean, as Embeddings.lift_vector
+    out[:, c:] = embedding_block(factors, np.stack([blocks.title_vectors[row_title], arts, arts - blocks.title_art_mean[row_title],
                                                     blocks.art_profiles[row_artwork]], axis=1))
     assert c + len(EMBEDDING_FEATURES) == N_FEATURES
     return out
