@@ -45,7 +45,7 @@ from keyart.config import settings
 from keyart.lake import Lake, shift_ds
 from keyart.models.reward_model import TrainConfig, train_reward_model
 from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
-from keyart.policy import PolicyConfig, probabilities
+from keyart.policy import PolicyConfig, artwork_mean_scores, probabilities
 
 GRID: tuple[tuple[str, dict[str, float | str]], ...] = (
     ("squarecb", {"gamma": 10.0}), ("squarecb", {"gamma": 30.0}), ("squarecb", {"gamma": 100.0}),
@@ -100,9 +100,10 @@ def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConf
     """Ground-truth take rate of every benchmarked policy on ``visits``."""
     rng = np.random.default_rng(0)
     prior = (rows.prior_alpha, rows.prior_beta, rows.prior_n)
+    art = visits.candidates[visits.candidates >= 0]
 
     def value(cfg: PolicyConfig, scores: np.ndarray) -> float:
-        p = probabilities(cfg, scores, rows.offsets, *prior, rng=rng)
+        p = probabilities(cfg, scores, rows.offsets, *prior, rng=rng, model_mean=artwork_mean_scores(scores, art))
         return world.expected_value_of_probs(visits, rows.to_vpk(p, visits.candidates))
 
     zeros = np.zeros_like(q)
@@ -111,6 +112,8 @@ def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConf
         "noncontextual (beta_ts)": {"value": value(replace(base, name="beta_ts"), zeros)},
         "contextual greedy": {"value": value(replace(base, name="greedy"), q)},
         "contextual greedy, no prior blend": {"value": value(replace(base, name="greedy", prior_blend_n0=0.0), q)},
+        "contextual greedy, residual blend": {"value": value(replace(base, name="greedy", prior_blend="residual"), q)},
+        "contextual greedy, mix blend": {"value": value(replace(base, name="greedy", prior_blend="mix"), q)},
     }
     if q_ceiling is not None:
         out["greedy, model fit to truth (ceiling)"] = {"value": value(replace(base, name="greedy"), q_ceiling)}
@@ -251,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--world-seeds", type=int, default=2, help="worlds (seeds world-seed, world-seed + 1, ...)")
     loop.add_argument("--history-days", type=int, default=90, help="viewing history of each world")
     loop.add_argument("--variants", default="",
-                      help="comma-separated: blend, weighting, refit, horizon (also valued on the same logs)")
+                      help="comma-separated: blend, residual, weighting, refit, horizon (also valued on the same logs)")
     loop.add_argument("--scramble-tags", action="store_true",
                       help="permute artwork tags within each title in what keyart sees (truth keeps the real ones)")
 

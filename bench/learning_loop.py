@@ -9,7 +9,8 @@ uniformly at random, then for each day k = 1 .. N - 1
    k - 1: contextual greedy, the configured exploring policy, the non-contextual policy
    (``beta_ts``), random, each title's default artwork and the oracle; and, for the
    requested ``--variants``, the same policies with another blend (``blend``: greedy and the
-   exploring policy at ``prior_blend_n0`` 0, 10, 50) or a model trained another way on the
+   exploring policy at ``prior_blend_n0`` 0, 10, 50; ``residual``: greedy and the exploring
+   policy with the other ``prior_blend`` rule, mix or residual) or a model trained another way on the
    same logs (``weighting``: none / sqrt / clipped; ``refit``: without the refit;
    ``horizon``: without the exploration horizon);
 3. serve day k with the configured policy on that model (decided in-process with
@@ -42,7 +43,7 @@ import numpy as np
 
 from keyart.lake import Lake, shift_ds
 
-VARIANTS = ("blend", "weighting", "refit", "horizon")
+VARIANTS = ("blend", "residual", "weighting", "refit", "horizon")
 BLENDS = (0.0, 10.0, 50.0)
 
 
@@ -56,12 +57,13 @@ class PolicyChooser:
 
     def choose(self, world, visits, rng: np.random.Generator):
         from keyart.bench.learning_data import visit_rows
-        from keyart.policy import draw, probabilities
+        from keyart.policy import artwork_mean_scores, draw, probabilities
         from keyart.sim.choosers import Decisions
 
         rows = visit_rows(world, visits, self.lake, self.prior_ds)
         q = self.booster.predict(rows.X)
-        p = probabilities(self.cfg, q, rows.offsets, rows.prior_alpha, rows.prior_beta, rows.prior_n, rng=rng)
+        p = probabilities(self.cfg, q, rows.offsets, rows.prior_alpha, rows.prior_beta, rows.prior_n, rng=rng,
+                          model_mean=artwork_mean_scores(q, visits.candidates[visits.candidates >= 0]))
         idx, prop = draw(p, rows.offsets, rng)
         art = visits.candidates[visits.candidates >= 0][idx]
         v, s = visits.titles.shape
@@ -85,13 +87,16 @@ def scramble_tags(world, seed: int) -> None:
     world.catalog = dataclasses.replace(cat, art_tags=tags)
 
 
-def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: bool) -> dict[str, float]:
-    from keyart.policy import probabilities
+def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: bool,
+            residual: bool = False) -> dict[str, float]:
+    from keyart.policy import artwork_mean_scores, probabilities
 
     prior = (rows.prior_alpha, rows.prior_beta, rows.prior_n)
+    art = visits.candidates[visits.candidates >= 0]
 
     def value(cfg, scores) -> float:
-        p = probabilities(cfg, scores, rows.offsets, *prior, rng=np.random.default_rng(rng_seed))
+        p = probabilities(cfg, scores, rows.offsets, *prior, rng=np.random.default_rng(rng_seed),
+                          model_mean=artwork_mean_scores(scores, art))
         return world.expected_value_of_probs(visits, rows.to_vpk(p, visits.candidates))
 
     out = {"random": world.random_value(visits),
@@ -104,6 +109,10 @@ def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: boo
         for n0 in BLENDS:
             out[f"greedy n0={n0:g}"] = value(replace(base, name="greedy", prior_blend_n0=n0), q)
             out[f"{base.name} n0={n0:g}"] = value(replace(base, prior_blend_n0=n0), q)
+    if residual:
+        other = "mix" if base.prior_blend == "residual" else "residual"
+        out[f"greedy blend={other}"] = value(replace(base, name="greedy", prior_blend=other), q)
+        out[f"{base.name} blend={other}"] = value(replace(base, prior_blend=other), q)
     return out
 
 
@@ -164,7 +173,7 @@ def run_seed(spark, settings, seed: int, workdir: Path, days: int, n_visits: int
         visits = world.visits(ds, eval_visits, seed=seed * 1000 + 500 + k)
         rows = visit_rows(world, visits, lake, prev)
         q = booster.predict(rows.X)
-        values = _values(world, visits, rows, q, base, seed + k, "blend" in variants)
+        values = _values(world, visits, rows, q, base, seed + k, "blend" in variants, "residual" in variants)
         trained = {"trees": info["best_iteration"], "stopped_at": info.get("early_stopping_iteration"),
                    "rows": info["rows"], "valid_auc": info["metrics"]["valid"]["auc"],
                    "exploration_impressions": info["window"].get("exploration_impressions")}

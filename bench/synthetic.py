@@ -82,7 +82,8 @@ def embeddings(rng: np.random.Generator, arts: list[dict], rank: int) -> feature
 
 
 def prior_rows(rng: np.random.Generator, arts: list[dict], coverage: float = 0.8) -> list[dict]:
-    """contracts.PRIORS rows: 'all' for most artworks, some segment rows."""
+    """contracts.PRIORS rows: 'all' for most artworks, some segment rows; the 'all' rows carry a
+    ``model_mean`` (the bundle model's mean score, what export adds; here a function of the mean)."""
     rows = []
     for a in arts:
         if rng.random() > coverage:
@@ -93,10 +94,12 @@ def prior_rows(rng: np.random.Generator, arts: list[dict], coverage: float = 0.8
             n = float(rng.integers(0, 3000))
             mean = float(rng.beta(2, 12))
             rows.append({"title_id": a["title_id"], "artwork_id": a["artwork_id"], "segment": seg,
-                         "alpha": 1 + mean * n, "beta": 9 + (1 - mean) * n, "n_impressions": n})
+                         "alpha": 1 + mean * n, "beta": 9 + (1 - mean) * n, "n_impressions": n,
+                         "model_mean": 0.5 * mean + 0.02 if seg == "all" else None})
     return rows
 
 
+BUNDLE_PRIORS_SCHEMA = contracts.PRIORS.arrow_schema().append(pa.field("model_mean", pa.float64()))
 ARTWORK_SCHEMA = pa.schema([
     ("artwork_id", pa.string()), ("title_id", pa.string()), ("tags", pa.list_(pa.string())),
     ("is_default", pa.bool_()), ("title_genres", pa.list_(pa.string())),
@@ -122,7 +125,7 @@ def write_tables(bundle_dir: Path, *, seed: int = 0, n_titles: int = 60, per_tit
     pq.write_table(pa.Table.from_pylist([{k: a[k] for k in ARTWORK_SCHEMA.names} for a in arts],
                                         schema=ARTWORK_SCHEMA), bundle_dir / bundle.ARTWORKS_FILE)
     pq.write_table(pa.Table.from_pylist(members, schema=MEMBER_SCHEMA), bundle_dir / bundle.MEMBERS_FILE)
-    pq.write_table(pa.Table.from_pylist(prior_rows(rng, arts), schema=contracts.PRIORS.arrow_schema()),
+    pq.write_table(pa.Table.from_pylist(prior_rows(rng, arts), schema=BUNDLE_PRIORS_SCHEMA),
                    bundle_dir / bundle.PRIORS_FILE)
     vocabulary = feature_spec.Vocabulary(embeddings=embeddings(rng, arts, embedding_rank))
     (bundle_dir / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(vocabulary), indent=2))

@@ -26,7 +26,16 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from keyart.policy import BlendN0, Epsilon, Floor, Gamma, GapUnit, PolicyConfig, PolicyName
+from keyart.policy import (
+    BlendN0,
+    BlendRule,
+    Epsilon,
+    Floor,
+    Gamma,
+    GapUnit,
+    PolicyConfig,
+    PolicyName,
+)
 
 TrainWeighting = Literal["none", "sqrt", "clipped"]
 """How the reward model weights rows of non-uniform logs (keyart.models.reward_model)."""
@@ -143,8 +152,9 @@ class Settings(BaseSettings):
     policy: PolicyName = Field(
         default=_POLICY.name,
         description="Exploration policy used by serving and valued offline. With policy_floor, squarecb_gamma, "
-        "squarecb_gap_unit, egreedy_epsilon and prior_blend_n0 (KEYART_POLICY, KEYART_POLICY_FLOOR, "
-        "KEYART_SQUARECB_GAMMA, KEYART_SQUARECB_GAP_UNIT, KEYART_EGREEDY_EPSILON, KEYART_PRIOR_BLEND_N0) it is "
+        "squarecb_gap_unit, egreedy_epsilon, prior_blend_n0 and prior_blend (KEYART_POLICY, KEYART_POLICY_FLOOR, "
+        "KEYART_SQUARECB_GAMMA, KEYART_SQUARECB_GAP_UNIT, KEYART_EGREEDY_EPSILON, KEYART_PRIOR_BLEND_N0, "
+        "KEYART_PRIOR_BLEND) it is "
         "read by keyart.policy.PolicyConfig.from_settings.",
     )
     policy_floor: Floor = _POLICY.floor
@@ -152,6 +162,7 @@ class Settings(BaseSettings):
     squarecb_gap_unit: GapUnit = _POLICY.gap_unit
     egreedy_epsilon: Epsilon = _POLICY.epsilon
     prior_blend_n0: BlendN0 = _POLICY.prior_blend_n0
+    prior_blend: BlendRule = _POLICY.prior_blend
 
     # --- MLflow ---------------------------------------------------------------------
     mlflow_tracking_uri: str | None = Field(default=None, description="Default sqlite:///<home>/mlflow/mlflow.db.")

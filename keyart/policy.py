@@ -31,11 +31,19 @@ Every policy except ``greedy`` mixes in a floor: p = floor + (1 - K * floor) * p
 so every candidate keeps support for offline evaluation (K * floor is capped at
 :data:`MAX_FLOOR_MASS`; the floor itself at :data:`MAX_FLOOR`).
 
-Blending model and priors: the model knows little about an artwork with few
-impressions, so the score used is  w * model + (1 - w) * prior_mean, with
-w = n / (n + prior_blend_n0) and n the prior's effective impressions. Serving's real-time
-updates (each impression, then its reward) move ``prior_alpha``/``prior_beta``/``prior_n``
-and thereby the score.
+Blending model and priors (``prior_blend``), with w = n / (n + prior_blend_n0) and n the
+prior's effective impressions:
+
+``mix``       w * model + (1 - w) * prior_mean: the model knows little about an artwork with
+              few impressions, so its prior scores it; as its data grows the model takes over.
+``residual``  model + w * (prior_mean - model_mean), model_mean the model's mean score on the
+              artwork (the bundle carries it): the artwork's record corrects the model's level
+              for the artwork as its data grows, and the model's per-member differences stay.
+              A model that learned the catalog is left as it is; one that learned little of it
+              ranks the artworks by their records, as the non-contextual bandit would.
+
+Serving's real-time updates (each impression, then its reward) move
+``prior_alpha``/``prior_beta``/``prior_n`` and thereby the score.
 """
 
 from __future__ import annotations
@@ -69,9 +77,15 @@ GapUnit = Annotated[Literal["stderr", "score"], Field(
 Epsilon = Annotated[float, Field(ge=0, le=1, description="egreedy: probability spread uniformly over the candidates.")]
 BlendN0 = Annotated[float, Field(
     ge=0, description="Model-vs-prior blend: weight on prior grows as the artwork's data shrinks below this.")]
+BlendRule = Annotated[Literal["mix", "residual"], Field(
+    description="How the model's score and the artwork's Beta posterior combine: mix (w * model + (1 - w) * "
+    "prior mean, w = n / (n + n0): the model takes over as the artwork's data grows) or residual (model + "
+    "w * (prior mean - the model's mean score on the artwork): the artwork's observed rate corrects the "
+    "model's level as its data grows, the model's per-member differences are kept).")]
 
 SETTINGS_FIELDS = {"name": "policy", "floor": "policy_floor", "gamma": "squarecb_gamma",
-                   "gap_unit": "squarecb_gap_unit", "epsilon": "egreedy_epsilon", "prior_blend_n0": "prior_blend_n0"}
+                   "gap_unit": "squarecb_gap_unit", "epsilon": "egreedy_epsilon", "prior_blend_n0": "prior_blend_n0",
+                   "prior_blend": "prior_blend"}
 """PolicyConfig field -> the flat keyart.config.Settings field (env KEYART_<FIELD>) that sets it."""
 
 
@@ -85,6 +99,7 @@ class PolicyConfig:
     gap_unit: GapUnit = "stderr"
     epsilon: Epsilon = 0.1
     prior_blend_n0: BlendN0 = 50.0
+    prior_blend: BlendRule = "mix"
     thompson_samples: Annotated[int, Field(ge=1, description="Monte Carlo draws per title for thompson and beta_ts.")] = 1024
 
     @classmethod
@@ -118,15 +133,42 @@ def group_argmax(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def blend_scores(model_scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: np.ndarray,
-                 prior_n: np.ndarray, n0: float) -> np.ndarray:
-    """w * model + (1 - w) * prior mean, w = n / (n + n0): [n]."""
+                 prior_n: np.ndarray, n0: float, model_mean: np.ndarray | None = None) -> np.ndarray:
+    """The score every policy ranks by: [n]. w = n / (n + n0), n the artwork's effective impressions.
+
+    Without ``model_mean`` (rule ``mix``): w * model + (1 - w) * prior mean.
+
+    With ``model_mean`` (rule ``residual``; [n], the model's mean score over the artwork's candidate
+    rows of a day, NaN where unknown): model + w * (prior mean - model_mean). The artwork's rate is
+    estimated as a Beta-binomial posterior whose prior is the model's mean (n0 pseudo-impressions)
+    and whose data is the artwork's record: (n0 * model_mean + n * prior mean) / (n0 + n); each
+    member's score is that rate plus the model's difference for the member (model - model_mean).
+    A model that knows the catalog keeps its per-member ranking (the correction is ~0 when it is
+    calibrated per artwork); one that has learned little is corrected to the artworks' observed
+    rates as they accrue, as a non-contextual bandit would rank them. No correction where
+    model_mean is NaN (an artwork the day's rows did not show).
+    """
     model_scores = np.asarray(model_scores, dtype=np.float64)
     a = np.asarray(prior_alpha, dtype=np.float64)
     b = np.asarray(prior_beta, dtype=np.float64)
     prior_mean = a / np.maximum(a + b, 1e-12)
     n = np.maximum(np.asarray(prior_n, dtype=np.float64), 0.0)
     w = n / (n + n0) if n0 > 0 else np.ones_like(n)
-    return w * model_scores + (1.0 - w) * prior_mean
+    if model_mean is None:
+        return w * model_scores + (1.0 - w) * prior_mean
+    shift = prior_mean - np.asarray(model_mean, dtype=np.float64)
+    return np.clip(model_scores + w * np.where(np.isfinite(shift), shift, 0.0), 0.0, 1.0)
+
+
+def artwork_mean_scores(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Every row's artwork's mean score over the rows given: [n] (``keys`` [n] any artwork key).
+    What the ``residual`` blend reads as ``model_mean`` (:func:`blend_scores`)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not len(scores):
+        return scores.copy()
+    _, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return (np.bincount(inverse, weights=scores) / np.bincount(inverse))[inverse]
 
 
 def gap_stderr(scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: np.ndarray, best: np.ndarray,
@@ -211,7 +253,7 @@ def _thompson_argmax_probs(a: np.ndarray, b: np.ndarray, offsets: np.ndarray, sa
 
 def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarray,
                   prior_alpha: np.ndarray, prior_beta: np.ndarray, prior_n: np.ndarray,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
+                  rng: np.random.Generator | None = None, model_mean: np.ndarray | None = None) -> np.ndarray:
     """Probability of showing every candidate row: [n], summing to 1 within each title.
 
     Parameters
@@ -221,6 +263,8 @@ def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarr
     prior_alpha, prior_beta, prior_n : [n] Beta prior of each candidate and its effective
         impressions (the blend weight of the model grows with n).
     rng : needed by the sampled policies (thompson, beta_ts).
+    model_mean : [n] the model's mean score on each candidate's artwork (:func:`blend_scores`),
+        read with ``prior_blend`` ``residual``; None there means unknown everywhere (no correction).
     """
     scores = np.asarray(model_scores, dtype=np.float64)
     n = len(scores)
@@ -231,7 +275,10 @@ def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarr
 
     if cfg.name == "random":
         return 1.0 / k
-    s = blend_scores(scores, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
+    if cfg.prior_blend == "residual" and model_mean is None:
+        model_mean = np.full(n, np.nan)
+    s = blend_scores(scores, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0,
+                     model_mean if cfg.prior_blend == "residual" else None)
     best = group_argmax(s, offsets)
     is_best = np.zeros(n, dtype=bool)
     is_best[best] = True

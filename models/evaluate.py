@@ -72,7 +72,7 @@ from keyart.ope import (
     weight_diagnostics,
     weighted_evidence,
 )
-from keyart.policy import PolicyConfig, probabilities
+from keyart.policy import PolicyConfig, artwork_mean_scores, probabilities
 
 log = logging.getLogger(__name__)
 BASELINES = ("random", "noncontextual")
@@ -91,7 +91,14 @@ def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.
         priors = tuple(rows[c].to_numpy(dtype=np.float64) for c in ("prior_alpha", "prior_beta", "prior_n"))
     a, b, n = priors
     rng = np.random.default_rng(seed)
-    out = {name: probabilities(cfg, score(), pages.offsets, a, b, n, rng) for name, score in scorers.items()}
+    artworks = rows["artwork_id"].astype(str).to_numpy()
+    out = {}
+    for name, score in scorers.items():
+        q = score()
+        # the residual blend's model mean: the model's mean score per artwork over these rows,
+        # as export computes it for the bundle over the held-out day (keyart.models.export.model_means)
+        mean = artwork_mean_scores(q, artworks) if cfg.prior_blend == "residual" else None
+        out[name] = probabilities(cfg, q, pages.offsets, a, b, n, rng, model_mean=mean)
     if not baselines:
         return out
     zeros = np.zeros(pages.n_rows)

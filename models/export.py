@@ -29,8 +29,10 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import logging
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ from keyart.lake import Lake, fmt_ds, heldout_day, parse_ds, shift_ds
 from keyart.models.data import feature_array, pages_from_frame, read_table_dir, read_training
 from keyart.policy import PolicyConfig, blend_scores, group_argmax
 from keyart.scoring import OnnxScorer
+
+log = logging.getLogger(__name__)
 
 TARGET_OPSET = 15
 MAX_ABS_DIFF = 1e-5
@@ -227,16 +231,46 @@ def day_vocabulary(lake: Lake, ds: str) -> feature_spec.Vocabulary:
         return feature_spec.Vocabulary()
 
 
-def write_tables(lake: Lake, ds: str, out: Path) -> dict[str, int]:
+MEAN_SAMPLE_IMPRESSIONS = 20_000
+"""Held-out impressions whose candidate rows give each artwork's model mean (:func:`model_means`)."""
+
+
+def model_means(lake: Lake, ds: str, model_bytes: bytes, n_impressions: int = MEAN_SAMPLE_IMPRESSIONS) -> dict[str, float]:
+    """The model's mean score per artwork over the candidate rows of up to ``n_impressions``
+    impressions of the held-out day of ``ds``: the ``model_mean`` the ``residual`` prior blend
+    reads (keyart.policy.blend_scores), scored by the ONNX model serving runs.
+
+    Without readable candidate rows for the day (none written, or a table without the
+    columns) it gives none, says so in the log, and the bundle's ``row_counts.model_means``
+    is 0: the residual blend then corrects nothing, and nothing else depends on them."""
+    try:
+        X, _, rows = parity_sample(lake, ds, n_impressions, seed=1)
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:
+        log.warning("model means for %s: no candidate rows to score (%s: %s)", ds, type(exc).__name__, exc)
+        return {}
+    if not len(X):
+        return {}
+    q = OnnxScorer(model_bytes).predict(X).astype(np.float64)
+    means = pd.Series(q).groupby(rows["artwork_id"].astype(str).to_numpy()).mean()
+    return {str(k): float(v) for k, v in means.items()}
+
+
+def write_tables(lake: Lake, ds: str, out: Path, means: Mapping[str, float] | None = None) -> dict[str, int]:
     """priors.parquet, members.parquet and artworks.parquet of day ``ds`` into ``out``: what
-    a bundle serving from ``ds`` on needs (a new model's and a table refresh's alike)."""
+    a bundle serving from ``ds`` on needs (a new model's and a table refresh's alike).
+
+    priors.parquet's ``model_mean`` is ``means`` (the bundle's model's, :func:`model_means`) on
+    each artwork's segment-``all`` row, NaN elsewhere and for artworks ``means`` lacks."""
     arts = active_artworks(lake, ds)
     arts.to_parquet(out / bundle.ARTWORKS_FILE, index=False)
     priors, filled = bundle_priors(read_table_dir(lake.priors(ds)), arts)
+    is_all = priors["segment"] == feature_spec.SEGMENT_ALL
+    priors["model_mean"] = np.where(is_all, priors["artwork_id"].astype(str).map(dict(means or {})).astype(np.float64), np.nan)
     priors.to_parquet(out / bundle.PRIORS_FILE, index=False)
     members = read_table_dir(lake.member_features(ds))
     members.drop(columns=[c for c in members.columns if c == "ds"]).to_parquet(out / bundle.MEMBERS_FILE, index=False)
-    return {"priors": len(priors), "priors_filled": filled, "members": len(members), "artworks": len(arts)}
+    return {"priors": len(priors), "priors_filled": filled, "members": len(members), "artworks": len(arts),
+            "model_means": int(np.isfinite(priors["model_mean"].to_numpy(dtype=np.float64)).sum())}
 
 
 def probe_block(X: np.ndarray, native: np.ndarray, n: int = PROBE_ROWS) -> dict[str, Any]:
@@ -285,7 +319,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
         (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(day_vocabulary(lake, ds)), indent=2))
-        counts = write_tables(lake, ds, staging)
+        counts = write_tables(lake, ds, staging, model_means(lake, ds, model_bytes))
         evaluation = run_dir / "evaluation.json"
         metrics = {"train": train_info.get("metrics", {})}
         if evaluation.is_file():
@@ -337,7 +371,7 @@ def refresh_bundle(lake: Lake, ds: str, model_bundle: Path, out: Path, policy: P
     try:
         (staging / bundle.MODEL_FILE).write_bytes(model_bytes)
         (staging / bundle.SPEC_FILE).write_text(json.dumps(feature_spec.spec_dict(day_vocabulary(lake, ds)), indent=2))
-        counts = write_tables(lake, ds, staging)
+        counts = write_tables(lake, ds, staging, model_means(lake, ds, model_bytes))
         parity = {**(source.get("parity") or {}), **check, "model_sha256_unchanged": True}
         bundle.write_manifest(
             staging, bundle_version=f"{origin['bundle_version']}+tables.{ds}", kind=KIND_REFRESH,

@@ -280,7 +280,9 @@ class Service:
         alpha = b.prior_alpha if b.prior_alpha is not None else p.table.policy_alpha
         beta = b.prior_beta if b.prior_beta is not None else p.table.policy_beta
         n = b.prior_n if b.prior_n is not None else p.table.policy_n
-        probs = policy.probabilities(b.policy, scores, p.offsets, alpha[p.rows], beta[p.rows], n[p.rows], rng=self.rng)
+        mm = p.table.model_mean
+        probs = policy.probabilities(b.policy, scores, p.offsets, alpha[p.rows], beta[p.rows], n[p.rows], rng=self.rng,
+                                     model_mean=mm[p.rows] if mm is not None and b.policy.prior_blend == "residual" else None)
         chosen, propensity = policy.draw(probs, p.offsets, self.rng)
         return Choice(chosen, propensity, b.policy.name, b.version, False, probs, b.registry_version, t2 - t1,
                       t1 - t0, time.perf_counter() - t2)

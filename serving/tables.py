@@ -65,6 +65,8 @@ class ArtworkTable:
     prior_mean, prior_log_n : [N] float64 segment-'all' prior inputs
     prior_mean_seg : segment -> [N] float64 ``art_prior_mean_seg``
     policy_alpha, policy_beta, policy_n : [N] the segment-'all' Beta posterior for the policy
+    model_mean : [N] the bundle model's mean score on each artwork (priors.parquet ``model_mean``,
+        NaN where unknown), read by the ``residual`` prior blend (keyart.policy.blend_scores)
     vocab : tag -> column of the member affinity vector (column V is a constant 0)
     cast_idx, tag_genre_idx, genre_idx : [N, *] padded vocabulary columns for match_row
     cast_count, genre_count : [N] number of real entries in cast_idx / genre_idx
@@ -100,6 +102,7 @@ class ArtworkTable:
     resp_idx: np.ndarray
     resp_count: np.ndarray
     emb_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 0)))
+    model_mean: np.ndarray | None = None
     # [N] first and last day (date ordinals, keyart.catalog) each artwork may be shown. A bundle
     # carries the artworks that start within its export horizon and a server runs for days, so
     # activity is resolved per request.
@@ -133,6 +136,7 @@ class ArtworkTable:
         """From artwork rows (artwork_id, title_id, tags, is_default[, title_genres]), PRIORS rows
         and the bundle's vocabulary (None: empty, every tag hashed)."""
         vocabulary = vocabulary or feature_spec.Vocabulary()
+        priors = list(priors)
         arts = sorted(artworks, key=lambda r: (str(r["title_id"]), str(r["artwork_id"])))
         ids = [str(a["artwork_id"]) for a in arts]
         if len(set(ids)) != len(ids):
@@ -163,6 +167,8 @@ class ArtworkTable:
             for p in priors
         }
         nan3 = (np.nan, np.nan, np.nan)
+        means = {str(p["artwork_id"]): _float_or_nan(p.get("model_mean")) for p in priors
+                 if str(p["segment"]) == feature_spec.SEGMENT_ALL}
         all_p = np.array([post.get((a, feature_spec.SEGMENT_ALL), nan3) for a in ids], dtype=np.float64).reshape(-1, 3)
         seg_mean: dict[str, np.ndarray] = {}
         inputs: dict[str, np.ndarray] = {}
@@ -202,9 +208,17 @@ class ArtworkTable:
             genre_count=np.array([len(g) for g in genres], np.int64),
             vocabulary=vocabulary, resp_vocab=resp_vocab, resp_idx=_padded(resp, len(resp_vocab)),
             resp_count=np.array([len(r) for r in resp], np.int64), emb_vectors=emb_vectors,
+            model_mean=np.array([means.get(a, np.nan) for a in ids], dtype=np.float64),
             active_from_day=catalog.ordinals((a.get("active_from") for a in arts), catalog.ALWAYS),
             active_to_day=catalog.ordinals((a.get("active_to") for a in arts), catalog.OPEN_ENDED),
         )
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value) if value is not None else np.nan
+    except (TypeError, ValueError):
+        return np.nan
 
 
 def not_expired(row: Mapping[str, Any], day: dt.date) -> bool:

@@ -99,9 +99,13 @@ def test_an_artwork_launched_after_the_priors_day_gets_an_empirical_bayes_row(tm
                    lake.member_features(DS) / "p.parquet")
     out = tmp_path / "bundle"
     out.mkdir()
-    counts = write_tables(lake, DS, out)
-    assert counts == {"priors": 4, "priors_filled": 1, "members": 1, "artworks": 4}
+    counts = write_tables(lake, DS, out, {"t1-a": 0.05, "t1-new": 0.07, "elsewhere": 0.2})
+    assert counts == {"priors": 4, "priors_filled": 1, "members": 1, "artworks": 4, "model_means": 2}
     priors = pd.read_parquet(out / "priors.parquet")
     new = priors[priors["artwork_id"] == "t1-new"].iloc[0]
     assert _mean_ess(new)[0] == pytest.approx(np.mean([0.05, 0.06, 0.04]))
-    assert list(priors.columns) == list(PRIORS.arrow_schema().names)
+    assert list(priors.columns) == [*PRIORS.arrow_schema().names, "model_mean"]
+    # the model's means on the segment-'all' rows of the artworks it has one for, NaN elsewhere
+    by = {(r.artwork_id, r.segment): r.model_mean for r in priors.itertuples()}
+    assert by[("t1-a", "all")] == 0.05 and by[("t1-new", "all")] == 0.07
+    assert np.isnan([v for (a, seg), v in by.items() if seg != "all" or a not in ("t1-a", "t1-new")]).all()

@@ -14,7 +14,13 @@ from keyart.feature_spec import N_FEATURES
 from keyart.lake import heldout_day, labelled_days, shift_ds, training_days
 from keyart.models import export as export_mod
 from keyart.models.evaluate import evaluate_run
-from keyart.models.export import ParityError, booster_to_onnx, export_bundle, parity_check
+from keyart.models.export import (
+    ParityError,
+    booster_to_onnx,
+    export_bundle,
+    parity_check,
+    parity_sample,
+)
 from keyart.policy import PolicyConfig
 from keyart.scoring import OnnxScorer
 
@@ -94,12 +100,30 @@ def test_export_publishes_a_verified_bundle_with_parity(run):
     assert not arts["artwork_id"].str.endswith("-a4").any()  # expired artworks are left out
     assert not list(lake.run_dir(ds).glob(".bundle-*"))
 
-    # champion = the bundle just exported: it must value exactly like the candidate
-    out = evaluate_run(lake, ds, PolicyConfig(), champion_bundle=bdir, n_boot=20)
-    assert out["champion"]["bundle_version"] == manifest.version
-    for est in ("ips", "snips", "dr"):
-        assert out["policies"]["champion"][est]["estimate"] == pytest.approx(
-            out["policies"]["candidate"][est]["estimate"], abs=1e-5)
+    # the residual blend's model means: the ONNX model's mean score per artwork over the
+    # held-out day's candidate rows, on the segment-'all' rows
+    priors = pd.read_parquet(bdir / "priors.parquet")
+    X, _, rows = parity_sample(lake, ds, 10**9)
+    want = pd.Series(scorer.predict(X).astype(np.float64)).groupby(rows["artwork_id"].to_numpy()).mean()
+    is_all = priors["segment"] == "all"
+    got = priors[is_all].set_index("artwork_id")["model_mean"]
+    shown = got.index.intersection(want.index)
+    assert len(shown) == len(want) > 0
+    np.testing.assert_allclose(got[shown].to_numpy(), want[shown].to_numpy(), rtol=1e-12)
+    assert priors.loc[~is_all, "model_mean"].isna().all()
+    assert got.drop(shown).isna().all()  # artworks the day did not show: unknown
+    assert manifest["row_counts"]["model_means"] == len(want)
+
+    # champion = the bundle just exported: it must value exactly like the candidate, under either blend
+    for cfg in (PolicyConfig(), PolicyConfig(prior_blend="residual")):
+        if cfg.prior_blend == "residual":
+            manifest = export_bundle(lake, ds, cfg)
+            assert manifest["policy"]["prior_blend"] == "residual"
+        out = evaluate_run(lake, ds, cfg, champion_bundle=bdir, n_boot=20)
+        assert out["champion"]["bundle_version"] == manifest.version
+        for est in ("ips", "snips", "dr"):
+            assert out["policies"]["champion"][est]["estimate"] == pytest.approx(
+                out["policies"]["candidate"][est]["estimate"], abs=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "delete_file", "spec_version", "bad_manifest"])

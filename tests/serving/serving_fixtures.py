@@ -32,22 +32,24 @@ def app_client(uri, secret: str, rng=None, **overrides):
     return TestClient(create_app(Settings(**overrides), model_uri=str(uri) if uri else None, rng=rng, poll=False))
 
 
-def served_page(path, req: dict, policy_name: str, secret: str, seed: int = 42):
-    """POST ``req`` to an app on the bundle at ``path`` under ``policy_name`` with a seeded
-    generator; return the answer, the prepared page and its bundle, and the policy's
-    probabilities recomputed from the same scores (the generator's first use)."""
+def served_page(path, req: dict, policy_name: str, secret: str, seed: int = 42, **overrides):
+    """POST ``req`` to an app on the bundle at ``path`` under ``policy_name`` (and other settings
+    ``overrides``) with a seeded generator; return the answer, the prepared page and its bundle,
+    and the policy's probabilities recomputed from the same scores (the generator's first use)."""
     from keyart import policy
     from keyart.serving.schemas import ArtworkRequest
 
-    with app_client(path, secret, rng=np.random.default_rng(seed), policy=policy_name) as c:
+    with app_client(path, secret, rng=np.random.default_rng(seed), policy=policy_name, **overrides) as c:
         got = c.post("/v1/artwork", json=req).json()
         svc = c.app.state.runtime.service
         p = svc.prepare(ArtworkRequest.model_validate(req))
         b = p.bundle
         scores = b.score(svc.features(p))
     rng = np.random.default_rng(seed)
+    residual = b.policy.prior_blend == "residual"
     probs = policy.probabilities(b.policy, scores, p.offsets, b.artworks.policy_alpha[p.rows],
-                                 b.artworks.policy_beta[p.rows], b.artworks.policy_n[p.rows], rng=rng)
+                                 b.artworks.policy_beta[p.rows], b.artworks.policy_n[p.rows], rng=rng,
+                                 model_mean=b.artworks.model_mean[p.rows] if residual else None)
     return got, p, b, probs, rng
 
 

@@ -58,6 +58,22 @@ def test_propensity_matches_policy_for_fixed_seed(bundle_dir, policy_name):
     assert got["policy"] == policy_name
 
 
+def test_residual_blend_reads_the_bundles_model_means(bundle_dir):
+    """prior_blend=residual: serving hands the policy each candidate's model mean from the bundle's
+    priors (the draw matches the policy recomputed with them), and the means change the decision."""
+    path, world = bundle_dir
+    req = page(world, 8, explicit=False)
+    got, p, b, probs, rng = served_page(path, req, "squarecb", SECRET, prior_blend="residual")
+    assert b.policy.prior_blend == "residual"
+    means = b.artworks.model_mean[p.rows]
+    assert np.isfinite(means).any() and np.isnan(b.artworks.model_mean).any()  # 'all' rows carry one, missing rows NaN
+    chosen, propensity = policy.draw(probs, p.offsets, rng)
+    assert [d["artwork_id"] for d in got["decisions"]] == [b.artworks.artwork_ids[p.rows[i]] for i in chosen]
+    assert [d["propensity"] for d in got["decisions"]] == propensity.tolist()
+    mixed = served_page(path, req, "squarecb", SECRET, prior_blend="mix")[3]
+    assert not np.allclose(probs, mixed)
+
+
 def _body(world, **change):
     req = page(world, 3, per_title=4)
     for key, value in change.items():

@@ -15,6 +15,7 @@ from keyart.policy import (
     POLICIES,
     PolicyConfig,
     PolicyName,
+    artwork_mean_scores,
     blend_scores,
     draw,
     gap_stderr,
@@ -268,3 +269,63 @@ def test_real_time_prior_updates_move_the_choice():
     # 10 impressions, 8 quality plays arrive for the new artwork during the day
     alpha2, beta2, n2 = alpha + [0, 8], beta + [0, 2], n + [0, 10]
     assert probabilities(cfg, scores, offsets, alpha2, beta2, n2)[1] == 1.0
+
+
+# --- the residual blend ------------------------------------------------------------------
+
+def test_residual_blend_keeps_a_calibrated_models_scores():
+    """Where the model's mean on the artwork equals the artwork's observed rate, the score is the model's."""
+    model = np.array([0.02, 0.09, 0.05])
+    alpha, beta = np.array([5.0, 5.0, 5.0]), np.array([95.0, 95.0, 95.0])  # prior mean 0.05
+    got = blend_scores(model, alpha, beta, np.array([1e4, 1e4, 1e4]), 50.0, model_mean=np.full(3, 0.05))
+    np.testing.assert_allclose(got, model)
+
+
+def test_residual_blend_corrects_the_models_level_by_the_artworks_data():
+    """A model that rates two artworks alike (it learned nothing of them) against their records:
+    mix at large n follows the model and cannot tell them apart; residual follows the records,
+    as a non-contextual bandit would, and keeps the model's per-member difference."""
+    # two members (rows 0-1, 2-3) x artworks A, B: the model mildly prefers A for both
+    model = np.array([0.052, 0.050, 0.056, 0.054])
+    mean = np.array([0.054, 0.052, 0.054, 0.052])  # its mean score per artwork
+    rate_a, rate_b, n = 0.03, 0.08, np.full(4, 5000.0)
+    a = np.array([rate_a, rate_b, rate_a, rate_b]) * n
+    b = n - a
+    off = np.array([0, 2, 4])
+    mix = probabilities(PolicyConfig(name="greedy"), model, off, a, b, n)
+    res = probabilities(PolicyConfig(name="greedy", prior_blend="residual"), model, off, a, b, n, model_mean=mean)
+    assert mix.tolist() == [1.0, 0.0, 1.0, 0.0]  # mix: the model's preference, whatever the records say
+    assert res.tolist() == [0.0, 1.0, 0.0, 1.0]  # residual: artwork B's record wins for both members
+    s = blend_scores(model, a, b, n, 50.0, model_mean=mean)
+    w = 5000.0 / 5050.0
+    np.testing.assert_allclose(s, model + w * (np.array([rate_a, rate_b, rate_a, rate_b]) - mean))
+    # the member-level difference the model sees survives: the same artwork scores apart by the model's gap
+    assert s[2] - s[0] == pytest.approx(model[2] - model[0])
+
+
+def test_residual_blend_leaves_the_model_alone_where_the_artwork_has_no_data_or_no_mean():
+    model, alpha, beta = np.array([0.07, 0.02]), np.array([1.0, 1.0]), np.array([9.0, 9.0])
+    # n = 0: the record has no weight, the model's per-member score stands (mix would give the prior mean 0.1)
+    np.testing.assert_allclose(blend_scores(model, alpha, beta, np.zeros(2), 50.0, model_mean=np.array([0.03, 0.03])), model)
+    # unknown model mean (an artwork the day's rows never showed): no correction, whatever n
+    np.testing.assert_allclose(blend_scores(model, alpha, beta, np.full(2, 1e6), 50.0, model_mean=np.full(2, np.nan)), model)
+    # residual without any means is the model alone
+    cfg = PolicyConfig(name="greedy", prior_blend="residual")
+    assert probabilities(cfg, model, np.array([0, 2]), np.array([1.0, 90.0]), np.array([9.0, 10.0]), np.full(2, 1e6)).tolist() == [1.0, 0.0]
+    # scores stay probabilities
+    big = blend_scores(np.array([0.99]), np.array([99.0]), np.array([1.0]), np.array([1e6]), 50.0, model_mean=np.array([0.01]))
+    assert big[0] == 1.0
+
+
+def test_mix_ignores_model_means():
+    model, alpha, beta, n = np.array([0.2, 0.3]), np.array([1.0, 5.0]), np.array([9.0, 5.0]), np.array([30.0, 70.0])
+    cfg = PolicyConfig(name="squarecb")
+    np.testing.assert_array_equal(probabilities(cfg, model, np.array([0, 2]), alpha, beta, n),
+                                  probabilities(cfg, model, np.array([0, 2]), alpha, beta, n, model_mean=np.array([0.9, 0.0])))
+
+
+def test_artwork_mean_scores_is_each_rows_artworks_mean():
+    scores = np.array([0.1, 0.3, 0.2, 0.6, 0.5])
+    keys = np.array(["a", "b", "a", "b", "c"], dtype=object)
+    np.testing.assert_allclose(artwork_mean_scores(scores, keys), [0.15, 0.45, 0.15, 0.45, 0.5])
+    assert artwork_mean_scores(np.zeros(0), np.zeros(0)).shape == (0,)
