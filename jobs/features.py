@@ -103,11 +103,16 @@ class EmbeddingParams:
     iterations: int = _setting("embedding_iterations")
     tag_ridge: float = _setting("embedding_tag_ridge")
     seed: int = 7
+    # ALS user and item blocks: the deployment's shuffle partitions, at most Spark's default 10.
+    # Each block is a task of every iteration; at local[2] 10 blocks took twice as long as 2-4
+    # (same data and factors' quality; the factors depend on the block count, as on the seed).
+    blocks: int = min(_setting("spark_shuffle_partitions"), 10)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingParams:
         return cls(settings.embedding_rank, settings.embedding_regularization, settings.embedding_alpha,
-                   settings.embedding_iterations, settings.embedding_tag_ridge)
+                   settings.embedding_iterations, settings.embedding_tag_ridge,
+                   blocks=max(1, min(settings.spark_shuffle_partitions, 10)))
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,7 @@ def member_title_factors(weighted: DataFrame, params: EmbeddingParams) -> tuple[
         F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
     model = ALS(rank=params.rank, maxIter=params.iterations, regParam=params.regularization, alpha=params.alpha,
                 implicitPrefs=True, userCol="u", itemCol="i", ratingCol="rating", seed=params.seed,
+                numUserBlocks=params.blocks, numItemBlocks=params.blocks,
                 nonnegative=False, coldStartStrategy="drop").fit(data)
     to_member = IndexToString(inputCol="idx", outputCol="member_id", labels=members.labelsArray[0])
     factors = to_member.transform(model.userFactors.select(F.col("id").cast("double").alias("idx"), "features")).select(
