@@ -45,7 +45,7 @@ from keyart.config import settings
 from keyart.lake import Lake, shift_ds
 from keyart.models.reward_model import TrainConfig, train_reward_model
 from keyart.ope import ESTIMATORS, Bootstrap, LoggedPages, evaluate_policies
-from keyart.policy import PolicyConfig, artwork_mean_scores, probabilities
+from keyart.policy import PolicyConfig, probabilities, residual_means
 
 GRID: tuple[tuple[str, dict[str, float | str]], ...] = (
     ("squarecb", {"gamma": 10.0}), ("squarecb", {"gamma": 30.0}), ("squarecb", {"gamma": 100.0}),
@@ -103,7 +103,7 @@ def policy_values(world, visits, rows: SlotRows, q: np.ndarray, base: PolicyConf
     art = visits.candidates[visits.candidates >= 0]
 
     def value(cfg: PolicyConfig, scores: np.ndarray) -> float:
-        p = probabilities(cfg, scores, rows.offsets, *prior, rng=rng, model_mean=artwork_mean_scores(scores, art))
+        p = probabilities(cfg, scores, rows.offsets, *prior, rng=rng, model_mean=residual_means(cfg, scores, art))
         return world.expected_value_of_probs(visits, rows.to_vpk(p, visits.candidates))
 
     zeros = np.zeros_like(q)

@@ -57,13 +57,13 @@ class PolicyChooser:
 
     def choose(self, world, visits, rng: np.random.Generator):
         from keyart.bench.learning_data import visit_rows
-        from keyart.policy import artwork_mean_scores, draw, probabilities
+        from keyart.policy import draw, probabilities, residual_means
         from keyart.sim.choosers import Decisions
 
         rows = visit_rows(world, visits, self.lake, self.prior_ds)
         q = self.booster.predict(rows.X)
         p = probabilities(self.cfg, q, rows.offsets, rows.prior_alpha, rows.prior_beta, rows.prior_n, rng=rng,
-                          model_mean=artwork_mean_scores(q, visits.candidates[visits.candidates >= 0]))
+                          model_mean=residual_means(self.cfg, q, visits.candidates[visits.candidates >= 0]))
         idx, prop = draw(p, rows.offsets, rng)
         art = visits.candidates[visits.candidates >= 0][idx]
         v, s = visits.titles.shape
@@ -89,14 +89,14 @@ def scramble_tags(world, seed: int) -> None:
 
 def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: bool,
             residual: bool = False) -> dict[str, float]:
-    from keyart.policy import artwork_mean_scores, probabilities
+    from keyart.policy import probabilities, residual_means
 
     prior = (rows.prior_alpha, rows.prior_beta, rows.prior_n)
     art = visits.candidates[visits.candidates >= 0]
 
     def value(cfg, scores) -> float:
         p = probabilities(cfg, scores, rows.offsets, *prior, rng=np.random.default_rng(rng_seed),
-                          model_mean=artwork_mean_scores(scores, art))
+                          model_mean=residual_means(cfg, scores, art))
         return world.expected_value_of_probs(visits, rows.to_vpk(p, visits.candidates))
 
     out = {"random": world.random_value(visits),

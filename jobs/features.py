@@ -93,6 +93,10 @@ def _setting(name: str) -> Any:
     return Settings.model_fields[name].default
 
 
+ALS_MAX_BLOCKS = 10
+"""Spark ML ALS's own default block count: more only adds shuffle at the sizes the job fits."""
+
+
 @dataclass(frozen=True)
 class EmbeddingParams:
     """ALS and tag-direction settings (keyart.config: ``embedding_*``); rank 0 = no embeddings."""
@@ -103,16 +107,16 @@ class EmbeddingParams:
     iterations: int = _setting("embedding_iterations")
     tag_ridge: float = _setting("embedding_tag_ridge")
     seed: int = 7
-    # ALS user and item blocks: the deployment's shuffle partitions, at most Spark's default 10.
+    # ALS user and item blocks: the deployment's shuffle partitions, at most ALS_MAX_BLOCKS.
     # Each block is a task of every iteration; at local[2] 10 blocks took twice as long as 2-4
     # (same data and factors' quality; the factors depend on the block count, as on the seed).
-    blocks: int = min(_setting("spark_shuffle_partitions"), 10)
+    blocks: int = min(_setting("spark_shuffle_partitions"), ALS_MAX_BLOCKS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingParams:
         return cls(settings.embedding_rank, settings.embedding_regularization, settings.embedding_alpha,
                    settings.embedding_iterations, settings.embedding_tag_ridge,
-                   blocks=max(1, min(settings.spark_shuffle_partitions, 10)))
+                   blocks=min(settings.spark_shuffle_partitions, ALS_MAX_BLOCKS))
 
 
 @dataclass(frozen=True)

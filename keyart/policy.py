@@ -160,6 +160,14 @@ def blend_scores(model_scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: 
     return np.clip(model_scores + w * np.where(np.isfinite(shift), shift, 0.0), 0.0, 1.0)
 
 
+def residual_means(cfg: PolicyConfig, scores: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+    """The ``model_mean`` to hand :func:`probabilities` for ``scores`` of the rows keyed by artwork
+    ``keys``: :func:`artwork_mean_scores` under ``prior_blend`` ``residual``, None (nothing to
+    compute) under ``mix``. For callers that value a model on rows they hold whole (evaluation,
+    the benchmarks); serving reads the bundle's means instead."""
+    return artwork_mean_scores(scores, keys) if cfg.prior_blend == "residual" else None
+
+
 def artwork_mean_scores(scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Every row's artwork's mean score over the rows given: [n] (``keys`` [n] any artwork key).
     What the ``residual`` blend reads as ``model_mean`` (:func:`blend_scores`)."""
@@ -275,10 +283,11 @@ def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarr
 
     if cfg.name == "random":
         return 1.0 / k
-    if cfg.prior_blend == "residual" and model_mean is None:
-        model_mean = np.full(n, np.nan)
-    s = blend_scores(scores, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0,
-                     model_mean if cfg.prior_blend == "residual" else None)
+    if cfg.prior_blend == "residual":
+        mean = np.full(n, np.nan) if model_mean is None else model_mean
+        s = blend_scores(scores, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0, mean)
+    else:
+        s = blend_scores(scores, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
     best = group_argmax(s, offsets)
     is_best = np.zeros(n, dtype=bool)
     is_best[best] = True

@@ -72,7 +72,7 @@ from keyart.ope import (
     weight_diagnostics,
     weighted_evidence,
 )
-from keyart.policy import PolicyConfig, artwork_mean_scores, probabilities
+from keyart.policy import PolicyConfig, probabilities, residual_means
 
 log = logging.getLogger(__name__)
 BASELINES = ("random", "noncontextual")
@@ -97,8 +97,7 @@ def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.
         q = score()
         # the residual blend's model mean: the model's mean score per artwork over these rows,
         # as export computes it for the bundle over the held-out day (keyart.models.export.model_means)
-        mean = artwork_mean_scores(q, artworks) if cfg.prior_blend == "residual" else None
-        out[name] = probabilities(cfg, q, pages.offsets, a, b, n, rng, model_mean=mean)
+        out[name] = probabilities(cfg, q, pages.offsets, a, b, n, rng, model_mean=residual_means(cfg, q, artworks))
     if not baselines:
         return out
     zeros = np.zeros(pages.n_rows)
