@@ -68,6 +68,7 @@ def _get(url: str) -> bytes:
         return resp.read()
 
 
+@pytest.mark.browser
 def test_moved_home_keeps_runs_models_and_versions(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     old_home = tmp_path / "before" / "var"

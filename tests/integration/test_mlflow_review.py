@@ -19,7 +19,7 @@ from keyart.config import Settings
 from keyart.models.gate import gate
 from keyart.models.register import STATUS_CHAMPION, register_run
 
-pytestmark = [pytest.mark.mlflow, pytest.mark.integration]
+pytestmark = [pytest.mark.mlflow, pytest.mark.integration, pytest.mark.browser]
 
 DAY1 = "2026-11-02"
 

@@ -73,6 +73,7 @@ def test_without_a_catalog_the_example_is_the_schema_example():
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 @pytest.mark.parametrize("route,marker", [("/docs", "opblock"), ("/redoc", "operation")])
 def test_headless_chromium_renders_the_docs_offline(bundle_dir, tmp_path, route, marker):
