@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,34 @@ log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ("event_id", "ts", "is_logged", "reward", "propensity", "features")
 
 
-def logged_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+TRAIN_ORDER = (("ts", "ascending"), ("event_id", "ascending"), ("is_logged", "ascending"))
+"""Spark writes rows in no fixed order; this fixed order makes a rerun train the same model."""
+
+
+def logged_arrays(table: pa.Table, order_by: Sequence[tuple[str, str]] | None = None) -> dict[str, np.ndarray]:
     """Features and labels of the shown rows, with each impression's candidate count and
-    (when the table has the ``ds`` column :func:`read_training` adds) its labelled day."""
-    events = table.column("event_id").to_numpy()
-    _, inverse, counts = np.unique(events, return_inverse=True, return_counts=True)
+    (when the table has the ``ds`` column :func:`read_training` adds) its labelled day.
+
+    With ``order_by`` the shown rows come in the order a stable sort of the whole table by
+    those keys gives them (``table.sort_by(order_by)`` first, the same arrays): the sort runs
+    on the shown rows alone, since a stable sort keeps the relative order of any subset, and
+    only they are copied (a day has ~7 candidate rows per shown one, each with its feature list).
+    """
+    events = table.column("event_id").combine_chunks()
+    if events.null_count:
+        raise ValueError(f"event_id has {events.null_count} null rows")
+    codes = pc.dictionary_encode(events).indices.to_numpy()
+    counts = np.bincount(codes)  # candidate rows of every impression
     logged = table.column("is_logged").to_numpy(zero_copy_only=False).astype(bool)
-    shown = table.filter(pa.array(logged))
+    shown = table.filter(pa.array(logged)).append_column("_n_candidates", pa.array(counts[codes[logged]]))
+    if order_by is not None:
+        shown = shown.sort_by(list(order_by))
     ts = pc.cast(shown.column("ts"), pa.int64()) if pa.types.is_timestamp(shown.column("ts").type) else shown.column("ts")
     out = {"X": feature_array(shown.column("features")),
            "y": shown.column("reward").to_numpy().astype(np.float64),
            "ts": np.asarray(ts.to_numpy()),
            "propensity": shown.column("propensity").to_numpy().astype(np.float64),
-           "n_candidates": counts[inverse[logged]]}
+           "n_candidates": shown.column("_n_candidates").to_numpy()}
     if "ds" in shown.column_names:
         out["day"] = shown.column("ds").to_numpy(zero_copy_only=False)
     return out
@@ -70,9 +86,7 @@ def train_run(lake: Lake, ds: str, window_days: int, cfg: TrainConfig | None = N
         uniform = uniform_impressions(read_training(lake, older, columns=TRAIN_COLUMNS))
         kept = dict(Counter(uniform.filter(uniform.column("is_logged")).column("ds").to_pylist()))
         table = pa.concat_tables([uniform, table], promote_options="default")
-    # Spark writes rows in no fixed order; a fixed order makes a rerun train the same model.
-    table = table.sort_by([("ts", "ascending"), ("event_id", "ascending"), ("is_logged", "ascending")])
-    arrays = logged_arrays(table)
+    arrays = logged_arrays(table, order_by=TRAIN_ORDER)
     load_s = time.perf_counter() - t0
     result: TrainResult = train_reward_model(cfg=cfg, **arrays)
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)

@@ -14,7 +14,7 @@ from keyart.feature_spec import N_FEATURES
 from keyart.lake import Lake, exploration_days, shift_ds, training_days
 from keyart.models.data import uniform_impressions
 from keyart.models.reward_model import TrainConfig
-from keyart.models.train import train_run
+from keyart.models.train import TRAIN_ORDER, logged_arrays, train_run
 
 DAY0 = "2026-05-01"
 
@@ -79,3 +79,31 @@ def test_validation_spans_every_training_day(lake, tmp_path):
                      run_dir=tmp_path / "run", exploration_horizon_days=30)
     assert info["valid_days"] == 3  # day 0's uniform rows and the two window days
     assert info["refit"] and info["rows"]["fit"] == 1200
+
+
+def test_logged_arrays_ordered_on_the_shown_rows_equal_sorting_the_whole_table_first():
+    """train_run sorts only the shown rows (order_by): the arrays must be those of sorting every
+    candidate row first, ties (same ts, even the same event id) and chunked columns included."""
+    rng = np.random.default_rng(3)
+    days = [logged_day(shift_ds(DAY0, d), rng, 40, uniform=d == 0) for d in range(3)]
+    frame = pd.concat(days, ignore_index=True)
+    frame["ts"] = frame["ts"].dt.floor("h")  # many impressions share a ts
+    ids = frame["event_id"].unique()
+    frame["event_id"] = frame["event_id"].map(dict(zip(ids, rng.permutation(ids), strict=True)))  # ids unrelated to ts
+    frame = frame.sample(frac=1.0, random_state=5).reset_index(drop=True)  # Spark's row order is arbitrary
+    dup = frame[frame["event_id"] == frame["event_id"].iloc[0]].assign(ds="again")  # an impression read twice
+    parts = [pa.Table.from_pandas(p, preserve_index=False) for p in (frame.iloc[:150], frame.iloc[150:], dup)]
+    table = pa.concat_tables([p if "ds" in p.column_names else p.append_column("ds", pa.array([str(i)] * p.num_rows))
+                              for i, p in enumerate(parts)], promote_options="default")
+    assert table.column("event_id").num_chunks == 3
+    before = logged_arrays(table.sort_by(list(TRAIN_ORDER)))
+    after = logged_arrays(table, order_by=TRAIN_ORDER)
+    assert before.keys() == after.keys() == {"X", "y", "ts", "propensity", "n_candidates", "day"}
+    for key, value in before.items():
+        assert value.dtype == after[key].dtype and np.array_equal(value, after[key]), key
+    assert np.all(np.diff(after["ts"]) >= 0)
+    # an impression read twice counts the candidate rows of both reads, as before
+    twice = dup["event_id"].iloc[0]
+    k = int((frame["event_id"] == twice).sum())
+    shown_ids = table.filter(table.column("is_logged")).sort_by(list(TRAIN_ORDER)).column("event_id").to_pylist()
+    assert [int(n) for n, e in zip(after["n_candidates"], shown_ids, strict=True) if e == twice] == [2 * k, 2 * k]
