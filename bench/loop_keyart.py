@@ -176,7 +176,7 @@ class KeyartPipeline:
                 zip(frame["member_id"], frame["affinity_tags"], frame["affinity_values"], strict=True)
                 if m in pos and len(t)}
 
-    def _step(self, step: str, ds: str) -> str:
+    def _step(self, step: str, ds: str, ok: tuple[int, ...] = (0,)) -> str:
         """``keyart <step> --ds <ds>`` as the DAG's task runs it; its last printed line."""
         from keyart.cli import main
 
@@ -185,7 +185,7 @@ class KeyartPipeline:
         with contextlib.redirect_stdout(out):
             rc = main([step, "--ds", ds])
         self._time(step, t0)
-        if rc != 0:
+        if rc not in ok:
             raise StepFailed(step, f"keyart {step} --ds {ds} exited with {rc}")
         lines = out.getvalue().strip().splitlines()
         return lines[-1] if lines else ""
@@ -212,8 +212,14 @@ class KeyartPipeline:
             if not run["training_days"]:
                 run["skipped"] = "no labelled impression yet: model steps skipped"
                 return run
-            for step in ("train", "evaluate", "export"):
+            for step in ("train", "evaluate"):
                 self._step(step, ds)
+            from keyart.models.export import EXIT_REFUSED, read_refusal
+
+            self._step("export", ds, ok=(0, EXIT_REFUSED))  # a refused model: the DAG goes on (keyart.pipeline)
+            refusal = read_refusal(self.lake.run_dir(ds))
+            if refusal is not None:
+                run["export_refused"] = refusal["reason"]
             run["register"] = pipeline.last_line_value(self._step("register", ds))
             run["gate"] = pipeline.last_line_value(self._step("gate", ds))
         except StepFailed as exc:

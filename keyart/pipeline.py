@@ -235,7 +235,11 @@ def run_model_step(step: str, ds: str) -> Any:
 
     The value is the path of the step's output under ``runs/ds=D`` (train, evaluate, export)
     or the JSON line it printed last (register, gate). Raises ``RuntimeError`` when the
-    command exits non-zero (its reason is in the log above)."""
+    command exits non-zero (its reason is in the log above), except for an export the parity
+    check refused: that model is not served, and the value is ``{"refused": reason}``; the
+    promote task then keeps the champion and publishes it with the day's tables
+    (keyart.models.export.REFUSAL_FILE), so one model that cannot be served does not hold
+    the day's data back from serving."""
     import contextlib
 
     from keyart.cli import main
@@ -249,6 +253,14 @@ def run_model_step(step: str, ds: str) -> Any:
     tee = _Tee(sys.stdout)
     with contextlib.redirect_stdout(tee):
         code = main([step, "--ds", ds])
+    if step == "export" and code != 0:
+        from keyart.models.export import EXIT_REFUSED, read_refusal
+
+        refusal = read_refusal(Lake(Settings().lake).run_dir(ds)) if code == EXIT_REFUSED else None
+        if refusal is not None:
+            print(f"WARNING: keyart export --ds {ds} refused the model: {refusal['reason']}; "
+                  "the promote task keeps the champion with the day's tables", flush=True)
+            return {"refused": refusal["reason"]}
     if code != 0:
         raise RuntimeError(f"keyart {step} --ds {ds} exited with {code}")
     print(f"keyart {step} --ds {ds}: {time.perf_counter() - started:.1f} s", flush=True)

@@ -61,15 +61,141 @@ PROBE_ROWS = 16
 KIND_MODEL, KIND_REFRESH = "model", "table_refresh"
 
 
+EXIT_REFUSED = 3
+"""``keyart export``'s exit status when the parity check refused the model (1: any other failure)."""
+REFUSAL_FILE = "export_refused.json"
+"""Written to the run directory when the export refuses the day's model (removed by a later
+export that passes): ``keyart register`` then registers nothing and ``keyart gate`` keeps the
+champion with the day's tables, so a model that cannot be served does not stop the loop."""
+
+
 class ParityError(bundle.BundleError):
     """The ONNX model disagrees with the native model: the bundle is not published."""
 
+    def __init__(self, message: str, figures: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.figures = dict(figures or {})
+
+
+def read_refusal(run_dir: Path) -> dict[str, Any] | None:
+    """The refusal record of a run directory (:data:`REFUSAL_FILE`), None without one."""
+    path = Path(run_dir) / REFUSAL_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _record_refusal(run_dir: Path, ds: str, exc: ParityError) -> None:
+    record = {"ds": ds, "reason": str(exc), "parity": exc.figures,
+              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    tmp = run_dir / f".{REFUSAL_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(run_dir / REFUSAL_FILE)
+
+
+def _float32_floor(values: np.ndarray) -> np.ndarray:
+    """The largest float32 at or below each float64 value (as float64, so it prints exactly)."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        f32 = values.astype(np.float32)
+    over = f32.astype(np.float64) > values
+    f32[over] = np.nextafter(f32[over], np.float32(-np.inf), dtype=np.float32)
+    return f32.astype(np.float64)
+
+
+def float32_thresholds(booster: lgb.Booster) -> tuple[lgb.Booster, int]:
+    """The booster with every numeric split threshold ``t`` replaced by the largest float32
+    ``t'`` <= ``t``; returns (booster, thresholds moved).
+
+    The ONNX tree ensemble keeps thresholds as float32 and compares float32 features; the
+    converter rounds each double threshold to the *nearest* float32. When that rounds up, a
+    feature equal to the rounded value (a float32 between the double threshold and its
+    rounding, i.e. exactly it) goes left in ONNX and right in LightGBM: one leaf's worth of
+    score apart, on data the parity sample may or may not contain. For a float32 ``x``,
+    ``x <= t`` if and only if ``x <= t'``, so the returned booster scores every float32 row
+    exactly as the original does, and its thresholds convert to float32 without rounding.
+    Categorical splits (decision_type bit 0) keep their thresholds: those index category sets.
+    """
+    lines = booster.model_to_string().split("\n")
+    moved, pending = 0, None  # pending: the index of this tree's threshold= line
+    for i, line in enumerate(lines):
+        if line.startswith("Tree="):
+            if pending is not None:
+                raise ValueError("unexpected LightGBM model text: threshold= without decision_type=")
+        elif line.startswith("threshold="):
+            pending = i
+        elif line.startswith("decision_type="):
+            if pending is None:
+                # LightGBM writes threshold= before decision_type=; anything else is a format
+                # this function does not know, and guessing could change the model
+                raise ValueError("unexpected LightGBM model text: decision_type= without threshold=")
+            fields = lines[pending].split("=", 1)[1].split()
+            decision = np.array(line.split("=", 1)[1].split(), dtype=np.int64)
+            if len(decision) != len(fields):
+                raise ValueError("unexpected LightGBM model text: threshold= and decision_type= differ in length")
+            t = np.array(fields, dtype=np.float64)
+            numeric = (decision & 1) == 0
+            floor = np.where(numeric, _float32_floor(t), t)
+            changed = numeric & (floor != t)
+            if changed.any():
+                moved += int(changed.sum())
+                lines[pending] = "threshold=" + " ".join(
+                    repr(float(v)) if c else f for v, c, f in zip(floor, changed, fields, strict=True))
+            pending = None
+    if not moved:
+        return booster, 0
+    # tree_sizes= gives each tree's length in bytes, for parallel loading; the edited trees
+    # have other lengths, and without the line LightGBM finds the trees by their headers
+    lines = [line for line in lines if not line.startswith("tree_sizes=")]
+    return lgb.Booster(model_str="\n".join(lines)), moved
+
+
+def split_thresholds(booster: lgb.Booster) -> tuple[np.ndarray, np.ndarray]:
+    """(feature index, threshold) of every distinct numeric split of the booster."""
+    feats, thrs = [], []
+    for tree in booster.dump_model()["tree_info"]:
+        stack = [tree["tree_structure"]]
+        while stack:
+            node = stack.pop()
+            if "split_feature" not in node:
+                continue
+            if node.get("decision_type") == "<=":
+                feats.append(int(node["split_feature"]))
+                thrs.append(float(node["threshold"]))
+            stack.extend((node["left_child"], node["right_child"]))
+    if not feats:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    pairs = np.unique(np.stack([np.asarray(feats, np.float64), np.asarray(thrs, np.float64)], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1]
+
+
+def boundary_rows(booster: lgb.Booster, X: np.ndarray, seed: int = 0) -> np.ndarray:
+    """float32 rows that sit on the split thresholds: for every distinct numeric split
+    (feature f, threshold t), a row of ``X`` (drawn at random) with f set to the float32
+    nearest t and to the float32 on either side of it. These are the values where float32
+    and float64 comparisons can part ways; the parity check scores them on both sides."""
+    feats, thrs = split_thresholds(booster)
+    if not len(feats) or not len(X):
+        return np.zeros((0, X.shape[1] if X.ndim == 2 else feature_spec.N_FEATURES), np.float32)
+    with np.errstate(over="ignore"):
+        near = thrs.astype(np.float32)
+    values = np.concatenate([np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))])
+    cols = np.tile(feats, 3)
+    rng = np.random.default_rng(seed)
+    rows = np.array(X[rng.integers(0, len(X), size=len(values))], dtype=np.float32)
+    rows[np.arange(len(values)), cols] = values
+    return rows[np.isfinite(values)]
+
 
 def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
-    """Convert the booster; keep only the ``probabilities`` output [N, 2]."""
+    """Convert the booster; keep only the ``probabilities`` output [N, 2].
+
+    Thresholds go through :func:`float32_thresholds` first, so the float32 graph routes every
+    float32 row down the same branches as the native model."""
     n = booster.num_feature()
     if n != feature_spec.N_FEATURES:
         raise ValueError(f"booster has {n} features, the feature spec {feature_spec.N_FEATURES}")
+    booster, _ = float32_thresholds(booster)
     model = onnxmltools.convert_lightgbm(
         booster, initial_types=[(bundle.INPUT_NAME, FloatTensorType([None, n]))],
         zipmap=False, target_opset=TARGET_OPSET)
@@ -113,8 +239,12 @@ def parity_check(booster: lgb.Booster, model_bytes: bytes, X: np.ndarray, offset
     the greedy choice differs for any impression.
     """
     native = booster.predict(np.asarray(X, dtype=np.float32))
-    exported = OnnxScorer(model_bytes).predict(X).astype(np.float64)
+    scorer = OnnxScorer(model_bytes)
+    exported = scorer.predict(X).astype(np.float64)
     diff = np.abs(native - exported)
+    edges = boundary_rows(booster, np.asarray(X, dtype=np.float32))
+    edge_diff = (np.abs(booster.predict(edges) - scorer.predict(edges).astype(np.float64))
+                 if len(edges) else np.zeros(0))
     s_native = blend_scores(native, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
     s_onnx = blend_scores(exported, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
     same = group_argmax(s_native, offsets) == group_argmax(s_onnx, offsets)
@@ -122,11 +252,16 @@ def parity_check(booster: lgb.Booster, model_bytes: bytes, X: np.ndarray, offset
                "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
                "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0,
                "greedy_agreement": float(same.mean()) if len(same) else 1.0,
+               "boundary_rows": int(len(edges)),
+               "boundary_max_abs_diff": float(edge_diff.max()) if len(edge_diff) else 0.0,
                "tolerance": max_abs_diff}
-    figures["passed"] = bool(figures["max_abs_diff"] <= max_abs_diff and same.all())
+    figures["passed"] = bool(figures["max_abs_diff"] <= max_abs_diff and same.all()
+                             and figures["boundary_max_abs_diff"] <= max_abs_diff)
     if not figures["passed"]:
         raise ParityError(f"ONNX parity failed: max |dp| = {figures['max_abs_diff']:.3g} "
-                          f"(limit {max_abs_diff:g}), greedy agreement {figures['greedy_agreement']:.4f}")
+                          f"(limit {max_abs_diff:g}), greedy agreement {figures['greedy_agreement']:.4f}, "
+                          f"max |dp| on {figures['boundary_rows']} split-threshold rows "
+                          f"{figures['boundary_max_abs_diff']:.3g}", figures)
     return figures
 
 
@@ -304,15 +439,22 @@ def _publish(staging: Path, final: Path) -> None:
 
 def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | None = None,
                   n_parity: int = 2000) -> bundle.Manifest:
-    """Convert ``runs/ds=D/model.txt``, check parity and publish ``runs/ds=D/bundle``."""
+    """Convert ``runs/ds=D/model.txt``, check parity and publish ``runs/ds=D/bundle``.
+
+    A parity failure raises :class:`ParityError` after writing :data:`REFUSAL_FILE` to the run
+    directory; an earlier bundle of the day, if any, is left as it was (it is not this model's)."""
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
     booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
     train_info = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").is_file() else {}
     model = booster_to_onnx(booster)
     model_bytes = model.SerializeToString()
     X, offsets, rows = parity_sample(lake, ds, n_parity)
-    parity = parity_check(booster, model_bytes, X, offsets, rows["prior_alpha"].to_numpy(),
-                          rows["prior_beta"].to_numpy(), rows["prior_n"].to_numpy(), policy)
+    try:
+        parity = parity_check(booster, model_bytes, X, offsets, rows["prior_alpha"].to_numpy(),
+                              rows["prior_beta"].to_numpy(), rows["prior_n"].to_numpy(), policy)
+    except ParityError as exc:
+        _record_refusal(run_dir, ds, exc)
+        raise
     final = run_dir / "bundle"
     staging = run_dir / f".bundle-staging-{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S%f}"
     staging.mkdir(parents=True)
@@ -336,6 +478,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
                       "onnxmltools": onnxmltools.__version__, "onnxruntime": onnxruntime.__version__})
         manifest = bundle.verify(staging)
         _publish(staging, final)
+        (run_dir / REFUSAL_FILE).unlink(missing_ok=True)  # an earlier attempt's, for another model
         return manifest
     finally:
         if staging.exists():
@@ -407,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
                                  run_dir=args.run_dir, n_parity=args.parity_impressions)
     except ParityError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     p = manifest["parity"]
     print(f"bundle {manifest.version}: parity max |dp| {p['max_abs_diff']:.2e} over {p['rows']} rows, "
           f"greedy agreement {p['greedy_agreement']:.4f}")

@@ -221,7 +221,7 @@ def decide(g: GateInputs) -> GateDecision:
 @dataclass(frozen=True)
 class GateResult:
     ds: str
-    version: str
+    version: str | None  # None: the day's model was refused at export, nothing was registered
     decision: str
     reason: str
     champion: str | None
@@ -387,6 +387,11 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
     ds = fmt_ds(ds)
     found = registry.versions_for_ds(ds, settings)
     if not found:
+        from keyart.models.export import read_refusal
+
+        refusal = read_refusal(Lake(settings.lake).run_dir(ds))
+        if refusal is not None:
+            return _refused(ds, str(refusal.get("reason", "")), settings)
         raise registry.RegistryError(f"no version of {settings.registered_model} is registered "
                                      f"for ds={ds}; run `keyart register --ds {ds}` first")
     from keyart.models.register import airflow_tags, champion_changed, record_decision
@@ -437,6 +442,18 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
              decision.decision, decision.reason, champion, note)
     return GateResult(ds, version, decision.decision, decision.reason, champion, published=published,
                       publish_note=note)
+
+
+def _refused(ds: str, why: str, settings: Settings) -> GateResult:
+    """The day's model failed its export (nothing was registered for ``ds``): the champion is
+    kept and, as on any kept day, republished with the day's tables; the refresh version's
+    reason says why. A rerun finds the refresh already in place and adds nothing."""
+    reason = f"the model trained for ds={ds} was not exported: {why}"
+    champion_before = registry.get_champion_version(settings)
+    published, note = refresh_champion(ds, settings, reason)
+    log.warning("gate ds=%s: %s; champion %s; %s", ds, reason, champion_before, note)
+    return GateResult(ds, None, KEPT, reason, registry.get_champion_version(settings),
+                      published=published, publish_note=note)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

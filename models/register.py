@@ -485,8 +485,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keyart.models.export import read_refusal
+
+    s = default_settings()
+    run_dir = Path(args.run_dir) if args.run_dir else Lake(s.lake).run_dir(args.ds)
+    refusal = read_refusal(run_dir)
+    if refusal is not None:
+        # the day's model failed its export: there is nothing servable to register
+        log.warning("register: the export of ds=%s refused its model (%s); nothing is registered",
+                    fmt_ds(args.ds), refusal.get("reason"))
+        print(json.dumps({"ds": fmt_ds(args.ds), "version": None, "refused": refusal.get("reason")}))
+        return 0
     try:
-        result = register_run(args.ds, default_settings(), args.run_dir, replace=args.replace)
+        result = register_run(args.ds, s, args.run_dir, replace=args.replace)
     except (FileNotFoundError, ValueError, bundle.BundleError) as exc:
         log.error("register: %s", exc)
         return 1

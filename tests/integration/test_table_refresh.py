@@ -128,3 +128,45 @@ def test_a_gate_interrupted_before_publishing_publishes_on_its_retry(_isolated_h
     assert registry.get_champion_version(s) == "3"
     assert registry.get_version("2", s).tags["keyart.gate.published"] == "3"
     assert gate(DAY2, s).published == "3" and [str(v.version) for v in registry.versions(s)] == ["3", "2", "1"]
+
+
+def test_a_day_whose_export_was_refused_keeps_the_champion_with_the_days_tables(_isolated_home, capsys):
+    """The export refused day 2's model (parity): nothing is registered for day 2, the gate
+    keeps day 1's model and serving gets it with day 2's tables, the reason on the refresh."""
+    import json
+    import shutil
+
+    from keyart.cli import main
+    from keyart.lake import Lake
+    from keyart.models import export
+
+    s = Settings()
+    store = BundleStore(s)
+    _, day1 = build_run_dir(s.lake, DAY1, seed=1)
+    register_run(DAY1, s)
+    assert gate(DAY1, s).decision == PROMOTED
+    run_dir, _ = build_run_dir(s.lake, DAY2, seed=2, champion=day1, launches={NEW: DAY3})
+    shutil.rmtree(Lake(s.lake).bundle_dir(DAY2))  # what a refused export leaves: no bundle ...
+    (run_dir / export.REFUSAL_FILE).write_text(json.dumps(  # ... and its record
+        {"ds": DAY2, "reason": "ONNX parity failed: max |dp| = 0.002 (limit 1e-05)", "parity": {"passed": False}}))
+
+    assert main(["register", "--ds", DAY2]) == 0
+    registered = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert registered["version"] is None and "parity failed" in registered["refused"]
+    assert [str(v.version) for v in registry.versions(s)] == ["1"]
+
+    assert main(["gate", "--ds", DAY2]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["version"] is None and result["decision"] == KEPT
+    assert "was not exported" in result["reason"] and result["published"] == result["champion"] == "2"
+    refresh = registry.get_version("2", s)
+    assert refresh.tags[registry.TAG_KIND] == registry.KIND_REFRESH and refresh.tags[registry.TAG_TABLES_DS] == DAY2
+    assert refresh.tags[registry.TAG_MODEL_FROM] == "1"
+    assert "parity failed" in (refresh.description or "") + json.dumps(dict(refresh.tags))
+    assert store.poll_once() and store.current.priors_ds == DAY2 and NEW in store.current.artworks.index
+
+    # a rerun (Airflow retry) adds nothing
+    assert gate(DAY2, s).published == "2" and [str(v.version) for v in registry.versions(s)] == ["2", "1"]
+    # a day with neither a version nor a refusal is still an error
+    with pytest.raises(registry.RegistryError, match="no version"):
+        gate(DAY3, s)
