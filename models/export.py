@@ -169,17 +169,28 @@ def split_thresholds(booster: lgb.Booster) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0].astype(np.int64), pairs[:, 1]
 
 
+LGBM_ZERO = 1.0000000180025095e-35
+"""LightGBM's ``kZeroThreshold``: its predictor reads a feature of magnitude at or below it as
+0 (and splits zero from non-zero at +-this value)."""
+
+
 def boundary_rows(booster: lgb.Booster, X: np.ndarray, seed: int = 0) -> np.ndarray:
     """float32 rows that sit on the split thresholds: for every distinct numeric split
     (feature f, threshold t), a row of ``X`` (drawn at random) with f set to the float32
     nearest t and to the float32 on either side of it. These are the values where float32
-    and float64 comparisons can part ways; the parity check scores them on both sides."""
+    and float64 comparisons can part ways; the parity check scores them on both sides.
+
+    A value of magnitude at or below :data:`LGBM_ZERO` is written as 0.0: LightGBM reads such
+    a feature as zero whatever its sign or size (the ONNX graph compares it as it is), so
+    LightGBM's own thresholds at +-LGBM_ZERO are probed with 0.0 and the float32 just
+    beyond, the values that occur."""
     feats, thrs = split_thresholds(booster)
     if not len(feats) or not len(X):
         return np.zeros((0, X.shape[1] if X.ndim == 2 else feature_spec.N_FEATURES), np.float32)
     with np.errstate(over="ignore"):
         near = thrs.astype(np.float32)
     values = np.concatenate([np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))])
+    values[np.abs(values) <= LGBM_ZERO] = 0.0
     cols = np.tile(feats, 3)
     rng = np.random.default_rng(seed)
     rows = np.array(X[rng.integers(0, len(X), size=len(values))], dtype=np.float32)

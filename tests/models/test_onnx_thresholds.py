@@ -109,3 +109,26 @@ def test_parity_check_scores_the_split_thresholds_and_refuses_a_model_that_parts
                                          zipmap=False, target_opset=export.TARGET_OPSET)
     with pytest.raises(export.ParityError, match="split-threshold rows"):
         export.parity_check(booster, plain.SerializeToString(), sample, offsets, ones, ones, ones, PolicyConfig())
+
+
+def test_splits_between_zero_and_non_zero_are_probed_as_lightgbm_reads_them():
+    """LightGBM splits zero from non-zero at +-1e-35 and reads any |x| <= 1e-35 as 0: the
+    boundary rows use 0.0 there, so a faithful export passes and the rows still tell zero
+    from the smallest values beyond it."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    X = rng.random((n, N_FEATURES)).astype(np.float32)
+    X[:, 1] = np.where(rng.random(n) < 0.5, 0.0, -rng.random(n)).astype(np.float32)
+    y = ((X[:, 1] == 0) ^ (rng.random(n) < 0.1)).astype(np.float64)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 4, "seed": 1, "deterministic": True,
+                         "num_threads": 1}, lgb.Dataset(X, y), num_boost_round=5)
+    feats, thrs = export.split_thresholds(booster)
+    assert np.any((feats == 1) & (np.abs(thrs) <= export.LGBM_ZERO))  # LightGBM's zero split
+    edges = export.boundary_rows(booster, X)
+    col = edges[:, 1]
+    assert np.all((col == 0) | (np.abs(col) > export.LGBM_ZERO)) and np.any(col == 0)
+    model = export.booster_to_onnx(booster).SerializeToString()
+    offsets = np.arange(0, 41, 4)
+    ones = np.ones(40)
+    figures = export.parity_check(booster, model, X[:40], offsets, ones, ones, ones, PolicyConfig())
+    assert figures["passed"] and figures["boundary_max_abs_diff"] <= export.MAX_ABS_DIFF
