@@ -79,7 +79,19 @@ def gate_story(settings) -> list[dict[str, Any]]:
                     "champion_after": after, "champion_kind": kinds.get(after, ""),
                     "model_from": next((w.tags.get(registry.TAG_MODEL_FROM) for w in versions
                                         if str(w.version) == after), None) or after})
-    return out
+    # a day whose export refused its model registered no trained version: its gate kept the
+    # champion and republished it with the day's tables (keyart.models.gate); the refresh
+    # says so, and the day keeps its row
+    gated = {row["ds"] for row in out}
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        reason = v.tags.get("keyart.refresh_reason", "")
+        ds = v.tags.get(registry.TAG_DS)
+        if registry.version_kind(v.tags) == registry.KIND_REFRESH and ds not in gated and "was not exported" in reason:
+            gated.add(ds)
+            out.append({"ds": ds, "version": None, "decision": "kept", "reason": reason,
+                        "champion_after": str(v.version), "champion_kind": registry.KIND_REFRESH,
+                        "model_from": v.tags.get(registry.TAG_MODEL_FROM) or str(v.version)})
+    return sorted(out, key=lambda row: str(row["ds"]))
 
 
 def version_names(settings) -> dict[str, str]:
@@ -446,7 +458,8 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                   "|---|---|---|---|---|---|"]
         for g in story:
             kind = " (table refresh)" if g["champion_kind"] == "table_refresh" else ""
-            lines.append(f"| {g['ds']} | v{g['version']} | {g['decision']} | v{g['champion_after']}{kind} | "
+            challenger = f"v{g['version']}" if g["version"] else "none (export refused)"
+            lines.append(f"| {g['ds']} | {challenger} | {g['decision']} | v{g['champion_after']}{kind} | "
                          f"v{g['model_from']} | {g['reason'].replace('|', '/')} |")
         lines += ["", "Columns: **run** the day the DAG processed; **challenger** the version it trained; "
                   "**decision** promoted / kept (the champion stays) / already_champion; **champion after** the "

@@ -165,6 +165,14 @@ def test_a_day_whose_export_was_refused_keeps_the_champion_with_the_days_tables(
     assert "parity failed" in (refresh.description or "") + json.dumps(dict(refresh.tags))
     assert store.poll_once() and store.current.priors_ds == DAY2 and NEW in store.current.artworks.index
 
+    # the demo report's gate table keeps the day, saying why it has no challenger
+    from keyart.demo.report import gate_story
+
+    story = gate_story(s)
+    assert [(g["ds"], g["version"], g["decision"], g["champion_after"], g["model_from"]) for g in story] == [
+        (DAY1, "1", PROMOTED, "1", "1"), (DAY2, None, KEPT, "2", "1")]
+    assert "was not exported" in story[1]["reason"]
+
     # a rerun (Airflow retry) adds nothing
     assert gate(DAY2, s).published == "2" and [str(v.version) for v in registry.versions(s)] == ["2", "1"]
     # a day with neither a version nor a refusal is still an error
