@@ -247,7 +247,10 @@ def parity_check(booster: lgb.Booster, model_bytes: bytes, X: np.ndarray, offset
     prior_alpha, prior_beta, prior_n : [n] priors (the greedy choice uses blended scores).
 
     Returns the figures; raises :class:`ParityError` if |dp| > max_abs_diff anywhere or
-    the greedy choice differs for any impression.
+    the greedy choice differs for any impression, save a near tie: where ONNX picks another
+    artwork whose native score is within 2 * max_abs_diff of the native best (two scores
+    each allowed max_abs_diff can swap such a pair; float32 summation in the graph does,
+    about once in 10^4 impressions). Those are counted (``greedy_near_ties``), not refused.
     """
     native = booster.predict(np.asarray(X, dtype=np.float32))
     scorer = OnnxScorer(model_bytes)
@@ -258,15 +261,18 @@ def parity_check(booster: lgb.Booster, model_bytes: bytes, X: np.ndarray, offset
                  if len(edges) else np.zeros(0))
     s_native = blend_scores(native, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
     s_onnx = blend_scores(exported, prior_alpha, prior_beta, prior_n, cfg.prior_blend_n0)
-    same = group_argmax(s_native, offsets) == group_argmax(s_onnx, offsets)
+    pick_native, pick_onnx = group_argmax(s_native, offsets), group_argmax(s_onnx, offsets)
+    same = pick_native == pick_onnx
+    near_tie = ~same & (s_native[pick_native] - s_native[pick_onnx] <= 2.0 * max_abs_diff)
     figures = {"rows": int(len(X)), "impressions": int(len(offsets) - 1),
                "max_abs_diff": float(diff.max()) if len(diff) else 0.0,
                "mean_abs_diff": float(diff.mean()) if len(diff) else 0.0,
                "greedy_agreement": float(same.mean()) if len(same) else 1.0,
+               "greedy_near_ties": int(near_tie.sum()),
                "boundary_rows": int(len(edges)),
                "boundary_max_abs_diff": float(edge_diff.max()) if len(edge_diff) else 0.0,
                "tolerance": max_abs_diff}
-    figures["passed"] = bool(figures["max_abs_diff"] <= max_abs_diff and same.all()
+    figures["passed"] = bool(figures["max_abs_diff"] <= max_abs_diff and (same | near_tie).all()
                              and figures["boundary_max_abs_diff"] <= max_abs_diff)
     if not figures["passed"]:
         raise ParityError(f"ONNX parity failed: max |dp| = {figures['max_abs_diff']:.3g} "

@@ -132,3 +132,34 @@ def test_splits_between_zero_and_non_zero_are_probed_as_lightgbm_reads_them():
     ones = np.ones(40)
     figures = export.parity_check(booster, model, X[:40], offsets, ones, ones, ones, PolicyConfig())
     assert figures["passed"] and figures["boundary_max_abs_diff"] <= export.MAX_ABS_DIFF
+
+
+def _fake_onnx(monkeypatch, bump_row: int, bump: float):
+    """Make the exported scores the native ones, float32-rounded, plus ``bump`` on one row."""
+    real = OnnxScorer.predict
+
+    def bumped(self, X):
+        out = real(self, X).astype(np.float64)
+        if len(out) > bump_row:
+            out[bump_row] += bump
+        return out.astype(np.float32)
+
+    monkeypatch.setattr(export.OnnxScorer, "predict", bumped)
+
+
+@pytest.mark.parametrize("bump, passes", [(4e-6, True), (3e-3, False)])
+def test_a_greedy_flip_between_tied_artworks_is_a_near_tie_not_a_refusal(edge_booster, monkeypatch, bump, passes):
+    """Two candidates with the same row score the same natively; a score moved within the
+    tolerance may swap them (counted as a near tie), one moved beyond it is refused."""
+    booster, X = edge_booster
+    rows = np.repeat(X[:10], 2, axis=0)  # 10 impressions of two identical candidates
+    offsets = np.arange(0, 21, 2)
+    ones = np.ones(len(rows))
+    model = export.booster_to_onnx(booster).SerializeToString()
+    _fake_onnx(monkeypatch, bump_row=1, bump=bump)  # the second candidate of the first impression
+    if passes:
+        figures = export.parity_check(booster, model, rows, offsets, ones, ones, ones, PolicyConfig())
+        assert figures["passed"] and figures["greedy_near_ties"] == 1 and figures["greedy_agreement"] == 0.9
+    else:
+        with pytest.raises(export.ParityError, match="greedy agreement 0.9000"):
+            export.parity_check(booster, model, rows, offsets, ones, ones, ones, PolicyConfig())
