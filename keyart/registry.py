@@ -29,7 +29,9 @@ Model URIs (:func:`resolve`, :func:`fetch`, :func:`bundle_path`) are a bundle fo
 champion). Serving's hot swap and offline evaluation's champion both go through them, so
 both see the same version and share one download cache, ``<home>/cache/bundles/<name>-v<version>``:
 a version is downloaded to a temporary folder, verified and only then renamed into place,
-and a cached copy that no longer verifies is downloaded again.
+and a cached copy that no longer verifies, or is not the bundle the version records
+(``keyart.bundle_sha256``: a registry created again under the same home numbers from 1
+again), is downloaded again.
 
 MLflow is imported on first use, not with this module: serving imports it to resolve its
 model URI, and importing MLflow drags in pandas and pyspark, which a server loading a
@@ -45,6 +47,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -544,6 +547,31 @@ def champion_bundle_path(settings: Settings | None = None) -> Path | None:
     return bundle_path(champion_uri(settings), settings)
 
 
+def _recorded_checksum(name: str, version: str | int, settings: Settings) -> str | None:
+    """The bundle checksum version ``version`` of ``name`` records (``keyart.bundle_sha256``);
+    None for a version without one, or when the registry cannot say (then a verified cached
+    copy is used as before, with a warning)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client(settings).get_model_version(name, str(version))
+    except MlflowException as exc:
+        log.warning("%s version %s: cannot read its recorded checksum (%s); a cached copy is not checked against it",
+                    name, version, exc.message)
+        return None
+    return (mv.tags or {}).get(TAG_SHA) or None
+
+
+def _discard(folder: Path) -> None:
+    """Move ``folder`` aside (atomic: another process sees it or not) and delete it."""
+    aside = folder.parent / f".{folder.name}-discarded-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        folder.rename(aside)
+    except OSError:
+        return  # another process moved it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def bundle_cache_dir(settings: Settings) -> Path:
     """The one download cache of registry bundles (serving and evaluation share it)."""
     return settings.home / "cache" / "bundles"
@@ -568,6 +596,12 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
     verifies, so a half-written or corrupt copy is never reused; a cached copy that no
     longer verifies is downloaded again. Concurrent downloads (serving workers) are safe:
     the first rename wins and the others use its copy.
+
+    A version number names a bundle only within one registry: a store created again under
+    the same home (``make demo`` twice, a restored or re-created tracking database) numbers
+    its versions from 1 again. So a cached copy is used only when its checksum
+    (:func:`bundle_checksum`) is the one the version records (``keyart.bundle_sha256``), and
+    a download that does not match it is refused (:class:`RegistryError`).
     """
     import mlflow.artifacts
 
@@ -575,13 +609,17 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
     name = name or settings.registered_model
     cache = bundle_cache_dir(settings)
     target = cache / f"{name}-v{version}"
+    expected = _recorded_checksum(name, version, settings)
     if target.is_dir():
         try:
             bundle.verify(target)
-            return target
+            if expected is None or bundle_checksum(target) == expected:
+                return target
+            log.warning("cached bundle %s is not version %s of this registry (checksum %s, the version records %s); "
+                        "downloading again", target, version, bundle_checksum(target)[:12], expected[:12])
         except bundle.BundleError:
             log.warning("cached bundle %s is damaged; downloading again", target)
-            shutil.rmtree(target, ignore_errors=True)
+        _discard(target)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
     try:
@@ -589,6 +627,9 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
                                                     dst_path=str(tmp))
         local = find_bundle_dir(Path(local))
         bundle.verify(local)
+        if expected is not None and bundle_checksum(local) != expected:
+            raise RegistryError(f"{name} version {version}: the downloaded bundle's checksum "
+                                f"{bundle_checksum(local)[:12]} is not the one the version records ({expected[:12]})")
         try:
             local.rename(target)
         except OSError:  # another process won the race

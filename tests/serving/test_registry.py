@@ -118,6 +118,41 @@ def test_serving_and_evaluation_share_one_download_cache(tmp_path, _isolated_hom
     assert [p.name for p in registry.bundle_cache_dir(s).iterdir()] == [path.name]  # no temporary folders left
 
 
+@pytest.mark.mlflow
+def test_a_cached_copy_of_another_registrys_version_is_downloaded_again(tmp_path, _isolated_home, lgbm_model,
+                                                                        lgbm_model_b):
+    """A registry created again under the same home (``make demo`` twice, a re-created tracking
+    database) numbers its versions from 1 again: the cache must not hand out the old store's
+    version 1 for the new one's. Versions keyart registers record their bundle's checksum."""
+    first = Settings()
+    client, exp = new_registry(first)
+    make_bundle(tmp_path / "b1", lgbm_model, "first")
+    v = register(client, first.registered_model, exp, tmp_path / "b1", "champion")
+    client.set_model_version_tag(first.registered_model, v, registry.TAG_SHA, registry.bundle_checksum(tmp_path / "b1"))
+    assert bundle.verify(registry.champion_bundle_path(first)).version == "first"
+
+    # the same home, a new tracking store whose version 1 is another bundle
+    second = Settings(mlflow_tracking_uri=f"sqlite:///{tmp_path / 'again.db'}",
+                      mlflow_artifact_root=str(tmp_path / "again-artifacts"))
+    assert registry.bundle_cache_dir(second) == registry.bundle_cache_dir(first)
+    client, exp = new_registry(second)
+    make_bundle(tmp_path / "b2", lgbm_model_b, "second")
+    v = register(client, second.registered_model, exp, tmp_path / "b2", "champion")
+    assert v == "1"
+    client.set_model_version_tag(second.registered_model, v, registry.TAG_SHA, registry.bundle_checksum(tmp_path / "b2"))
+    path = registry.champion_bundle_path(second)
+    assert bundle.verify(path).version == "second"
+    store = BundleStore(second)
+    assert store.poll_once() is True and store.current.version == "second"  # what the endpoint serves
+    assert [p.name for p in registry.bundle_cache_dir(second).iterdir()] == [path.name]  # nothing left aside
+
+    # a version whose artifacts are not the bundle it records is refused, not cached
+    client.set_model_version_tag(second.registered_model, v, registry.TAG_SHA, "0" * 64)
+    with pytest.raises(registry.RegistryError, match="not the one the version records"):
+        registry.download_bundle(v, second)
+    assert not path.exists()
+
+
 def test_export_parity_runs_the_session_serving_runs(tmp_path, monkeypatch):
     import lightgbm as lgb
 
