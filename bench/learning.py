@@ -53,6 +53,8 @@ GRID: tuple[tuple[str, dict[str, float | str]], ...] = (
     ("squarecb", {"prior_blend_n0": 0.0}), ("squarecb", {"prior_blend_n0": 10.0}),
     ("squarecb", {"prior_blend_n0": 50.0}),
     ("thompson", {}), ("egreedy", {"epsilon": 0.1}), ("egreedy", {"epsilon": 0.05}),
+    ("squarecb", {"floor": 0.005}), ("squarecb", {"floor": 0.002}), ("squarecb", {"floor": 0.0}),
+    ("squarecb", {"gamma": 200.0}), ("squarecb", {"gamma": 200.0, "floor": 0.002}),
 )
 
 
