@@ -214,10 +214,10 @@ class KeyartPipeline:
                 return run
             for step in ("train", "evaluate"):
                 self._step(step, ds)
-            from keyart.models.export import EXIT_REFUSED, read_refusal
+            from keyart import bundle
 
-            self._step("export", ds, ok=(0, EXIT_REFUSED))  # a refused model: the DAG goes on (keyart.pipeline)
-            refusal = read_refusal(self.lake.run_dir(ds))
+            self._step("export", ds, ok=(0, bundle.EXIT_EXPORT_REFUSED))  # a refused model: the DAG goes on (keyart.pipeline)
+            refusal = bundle.read_export_refusal(self.lake.run_dir(ds))
             if refusal is not None:
                 run["export_refused"] = refusal["reason"]
             run["register"] = pipeline.last_line_value(self._step("register", ds))

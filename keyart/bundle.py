@@ -58,6 +58,29 @@ KEYS_DIR = "keys"
 PRIVATE_KEY_NAME = "bundle-signing.pem"
 PUBLIC_KEY_NAME = "bundle-signing.pub"
 
+EXPORT_REFUSED_FILE = "export_refused.json"
+"""Written to a run directory (``runs/ds=D``) when ``keyart export`` refuses the day's model
+(its ONNX parity failed) and removed by a later export that passes: ``keyart register`` then
+registers nothing and ``keyart gate`` keeps the champion with the day's tables, so a model
+that cannot be served does not stop the loop (keyart.pipeline, keyart.models.gate)."""
+EXIT_EXPORT_REFUSED = 3
+"""``keyart export``'s exit status when it refused the model (1: any other failure)."""
+
+
+def read_export_refusal(run_dir: Path) -> dict[str, Any] | None:
+    """The refusal record of a run directory (:data:`EXPORT_REFUSED_FILE`), None without one."""
+    path = Path(run_dir) / EXPORT_REFUSED_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_export_refusal(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Write the refusal record of a run directory atomically."""
+    tmp = Path(run_dir) / f".{EXPORT_REFUSED_FILE}.tmp"
+    tmp.write_text(json.dumps(dict(record), indent=2))
+    tmp.replace(Path(run_dir) / EXPORT_REFUSED_FILE)
+
 
 class BundleError(ValueError):
     """The bundle is missing, corrupt, unsigned, or not for this feature specification.

@@ -238,7 +238,7 @@ def run_model_step(step: str, ds: str) -> Any:
     command exits non-zero (its reason is in the log above), except for an export the parity
     check refused: that model is not served, and the value is ``{"refused": reason}``; the
     promote task then keeps the champion and publishes it with the day's tables
-    (keyart.models.export.REFUSAL_FILE), so one model that cannot be served does not hold
+    (keyart.bundle.EXPORT_REFUSED_FILE), so one model that cannot be served does not hold
     the day's data back from serving."""
     import contextlib
 
@@ -254,9 +254,10 @@ def run_model_step(step: str, ds: str) -> Any:
     with contextlib.redirect_stdout(tee):
         code = main([step, "--ds", ds])
     if step == "export" and code != 0:
-        from keyart.models.export import EXIT_REFUSED, read_refusal
+        from keyart import bundle
 
-        refusal = read_refusal(Lake(Settings().lake).run_dir(ds)) if code == EXIT_REFUSED else None
+        refusal = (bundle.read_export_refusal(Lake(Settings().lake).run_dir(ds))
+                   if code == bundle.EXIT_EXPORT_REFUSED else None)
         if refusal is not None:
             print(f"WARNING: keyart export --ds {ds} refused the model: {refusal['reason']}; "
                   "the promote task keeps the champion with the day's tables", flush=True)

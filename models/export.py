@@ -61,14 +61,6 @@ PROBE_ROWS = 16
 KIND_MODEL, KIND_REFRESH = "model", "table_refresh"
 
 
-EXIT_REFUSED = 3
-"""``keyart export``'s exit status when the parity check refused the model (1: any other failure)."""
-REFUSAL_FILE = "export_refused.json"
-"""Written to the run directory when the export refuses the day's model (removed by a later
-export that passes): ``keyart register`` then registers nothing and ``keyart gate`` keeps the
-champion with the day's tables, so a model that cannot be served does not stop the loop."""
-
-
 class ParityError(bundle.BundleError):
     """The ONNX model disagrees with the native model: the bundle is not published."""
 
@@ -77,20 +69,9 @@ class ParityError(bundle.BundleError):
         self.figures = dict(figures or {})
 
 
-def read_refusal(run_dir: Path) -> dict[str, Any] | None:
-    """The refusal record of a run directory (:data:`REFUSAL_FILE`), None without one."""
-    path = Path(run_dir) / REFUSAL_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
 def _record_refusal(run_dir: Path, ds: str, exc: ParityError) -> None:
-    record = {"ds": ds, "reason": str(exc), "parity": exc.figures,
-              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    tmp = run_dir / f".{REFUSAL_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(run_dir / REFUSAL_FILE)
+    bundle.write_export_refusal(run_dir, {"ds": ds, "reason": str(exc), "parity": exc.figures,
+                                          "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
 
 def _float32_floor(values: np.ndarray) -> np.ndarray:
@@ -458,7 +439,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
                   n_parity: int = 2000) -> bundle.Manifest:
     """Convert ``runs/ds=D/model.txt``, check parity and publish ``runs/ds=D/bundle``.
 
-    A parity failure raises :class:`ParityError` after writing :data:`REFUSAL_FILE` to the run
+    A parity failure raises :class:`ParityError` after writing :data:`keyart.bundle.EXPORT_REFUSED_FILE` to the run
     directory; an earlier bundle of the day, if any, is left as it was (it is not this model's)."""
     run_dir = Path(run_dir) if run_dir else lake.run_dir(ds)
     booster = lgb.Booster(model_file=str(run_dir / "model.txt"))
@@ -495,7 +476,7 @@ def export_bundle(lake: Lake, ds: str, policy: PolicyConfig, run_dir: Path | Non
                       "onnxmltools": onnxmltools.__version__, "onnxruntime": onnxruntime.__version__})
         manifest = bundle.verify(staging)
         _publish(staging, final)
-        (run_dir / REFUSAL_FILE).unlink(missing_ok=True)  # an earlier attempt's, for another model
+        (run_dir / bundle.EXPORT_REFUSED_FILE).unlink(missing_ok=True)  # an earlier attempt's, for another model
         return manifest
     finally:
         if staging.exists():
@@ -567,7 +548,7 @@ def run(args: argparse.Namespace) -> int:
                                  run_dir=args.run_dir, n_parity=args.parity_impressions)
     except ParityError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return bundle.EXIT_EXPORT_REFUSED
     p = manifest["parity"]
     print(f"bundle {manifest.version}: parity max |dp| {p['max_abs_diff']:.2e} over {p['rows']} rows, "
           f"greedy agreement {p['greedy_agreement']:.4f}")

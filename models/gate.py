@@ -47,7 +47,7 @@ from typing import Any
 
 from scipy.stats import norm
 
-from keyart import registry
+from keyart import bundle, registry
 from keyart.config import Settings
 from keyart.config import settings as default_settings
 from keyart.lake import Lake, fmt_ds, shift_ds
@@ -387,9 +387,7 @@ def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_EST
     ds = fmt_ds(ds)
     found = registry.versions_for_ds(ds, settings)
     if not found:
-        from keyart.models.export import read_refusal
-
-        refusal = read_refusal(Lake(settings.lake).run_dir(ds))
+        refusal = bundle.read_export_refusal(Lake(settings.lake).run_dir(ds))
         if refusal is not None:
             return _refused(ds, str(refusal.get("reason", "")), settings)
         raise registry.RegistryError(f"no version of {settings.registered_model} is registered "

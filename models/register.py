@@ -485,11 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from keyart.models.export import read_refusal
-
     s = default_settings()
     run_dir = Path(args.run_dir) if args.run_dir else Lake(s.lake).run_dir(args.ds)
-    refusal = read_refusal(run_dir)
+    refusal = bundle.read_export_refusal(run_dir)
     if refusal is not None:
         # the day's model failed its export: there is nothing servable to register
         log.warning("register: the export of ds=%s refused its model (%s); nothing is registered",

@@ -138,7 +138,6 @@ def test_a_day_whose_export_was_refused_keeps_the_champion_with_the_days_tables(
 
     from keyart.cli import main
     from keyart.lake import Lake
-    from keyart.models import export
 
     s = Settings()
     store = BundleStore(s)
@@ -147,7 +146,7 @@ def test_a_day_whose_export_was_refused_keeps_the_champion_with_the_days_tables(
     assert gate(DAY1, s).decision == PROMOTED
     run_dir, _ = build_run_dir(s.lake, DAY2, seed=2, champion=day1, launches={NEW: DAY3})
     shutil.rmtree(Lake(s.lake).bundle_dir(DAY2))  # what a refused export leaves: no bundle ...
-    (run_dir / export.REFUSAL_FILE).write_text(json.dumps(  # ... and its record
+    (run_dir / bundle.EXPORT_REFUSED_FILE).write_text(json.dumps(  # ... and its record
         {"ds": DAY2, "reason": "ONNX parity failed: max |dp| = 0.002 (limit 1e-05)", "parity": {"passed": False}}))
 
     assert main(["register", "--ds", DAY2]) == 0

@@ -163,7 +163,7 @@ def test_parity_failure_publishes_nothing(run, monkeypatch):
         export_bundle(lake, ds, PolicyConfig())
     assert not lake.bundle_dir(ds).exists()
     assert not list(lake.run_dir(ds).glob(".bundle-*"))
-    refusal = export_mod.read_refusal(lake.run_dir(ds))
+    refusal = bundle.read_export_refusal(lake.run_dir(ds))
     assert refusal["ds"] == ds and "parity failed" in refusal["reason"]
     assert refusal["parity"]["passed"] is False and refusal["parity"]["max_abs_diff"] > 1e-5
 
@@ -178,12 +178,12 @@ def test_a_refused_export_exits_3_and_the_daily_task_goes_on_with_the_refusal(ru
     real = OnnxScorer.predict
     with monkeypatch.context() as m:
         m.setattr(export_mod.OnnxScorer, "predict", lambda self, X: real(self, X) + 1e-3)
-        assert main(["export", "--ds", ds]) == export_mod.EXIT_REFUSED
+        assert main(["export", "--ds", ds]) == bundle.EXIT_EXPORT_REFUSED
         value = pipeline.run_model_step("export", ds)
     assert "parity failed" in value["refused"]
     # the model exported by a later attempt clears the record
     assert main(["export", "--ds", ds]) == 0
-    assert export_mod.read_refusal(lake.run_dir(ds)) is None and lake.bundle_dir(ds).is_dir()
+    assert bundle.read_export_refusal(lake.run_dir(ds)) is None and lake.bundle_dir(ds).is_dir()
     # any other failure still fails the task
     (lake.run_dir(ds) / "model.txt").write_text("not a model")
     import lightgbm as lgb
