@@ -613,10 +613,10 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
     if target.is_dir():
         try:
             bundle.verify(target)
-            if expected is None or bundle_checksum(target) == expected:
+            if expected is None or (cached := bundle_checksum(target)) == expected:
                 return target
             log.warning("cached bundle %s is not version %s of this registry (checksum %s, the version records %s); "
-                        "downloading again", target, version, bundle_checksum(target)[:12], expected[:12])
+                        "downloading again", target, version, cached[:12], expected[:12])
         except bundle.BundleError:
             log.warning("cached bundle %s is damaged; downloading again", target)
         _discard(target)
@@ -627,9 +627,9 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
                                                     dst_path=str(tmp))
         local = find_bundle_dir(Path(local))
         bundle.verify(local)
-        if expected is not None and bundle_checksum(local) != expected:
+        if expected is not None and (got := bundle_checksum(local)) != expected:
             raise RegistryError(f"{name} version {version}: the downloaded bundle's checksum "
-                                f"{bundle_checksum(local)[:12]} is not the one the version records ({expected[:12]})")
+                                f"{got[:12]} is not the one the version records ({expected[:12]})")
         try:
             local.rename(target)
         except OSError:  # another process won the race
