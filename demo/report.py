@@ -79,16 +79,15 @@ def gate_story(settings) -> list[dict[str, Any]]:
                     "champion_after": after, "champion_kind": kinds.get(after, ""),
                     "model_from": next((w.tags.get(registry.TAG_MODEL_FROM) for w in versions
                                         if str(w.version) == after), None) or after})
-    # a day whose export refused its model registered no trained version: its gate kept the
-    # champion and republished it with the day's tables (keyart.models.gate); the refresh
-    # says so, and the day keeps its row
-    gated = {row["ds"] for row in out}
+    # A table refresh is made by the gate of its day. A day with a refresh and no trained version
+    # is one whose export refused its model (keyart.models.gate): the gate kept the champion and
+    # republished it with the day's tables, the refresh's reason says why, and the day keeps its row.
+    trained = {v.tags.get(registry.TAG_DS) for v in versions if registry.version_kind(v.tags) == registry.KIND_TRAINED}
     for v in sorted(versions, key=lambda v: int(v.version)):
-        reason = v.tags.get("keyart.refresh_reason", "")
         ds = v.tags.get(registry.TAG_DS)
-        if registry.version_kind(v.tags) == registry.KIND_REFRESH and ds not in gated and "was not exported" in reason:
-            gated.add(ds)
-            out.append({"ds": ds, "version": None, "decision": "kept", "reason": reason,
+        if registry.version_kind(v.tags) == registry.KIND_REFRESH and ds not in trained:
+            trained.add(ds)  # one row per day: a rerun adds no refresh, a later one is not this gate's
+            out.append({"ds": ds, "version": None, "decision": "kept", "reason": v.tags.get("keyart.refresh_reason", ""),
                         "champion_after": str(v.version), "champion_kind": registry.KIND_REFRESH,
                         "model_from": v.tags.get(registry.TAG_MODEL_FROM) or str(v.version)})
     return sorted(out, key=lambda row: str(row["ds"]))
