@@ -408,7 +408,32 @@ def headline(results: list[DayResult], names: dict[str, str]) -> list[str]:
         lines.append(f"It closed {(s - d) / gap:.0%} of the gap between the default artwork and the oracle; "
                      f"on the last day {results[-1].served:.4f} vs {results[-1].default:.4f} (default) and "
                      f"{results[-1].oracle:.4f} (oracle), served by {_served_by(results[-1], names)}.")
+    lines.append(day_over_day(served))
     return lines
+
+
+DAY_OVER_DAY_SLACK = 0.01
+"""A served day counts as "not below the day before" when it is above it or within this share of it."""
+
+
+def day_over_day(served: list[DayResult]) -> str:
+    """One line: the last day's served take rate as a multiple of the default artwork's, and
+    whether each served day is above the day before or within :data:`DAY_OVER_DAY_SLACK`, both for
+    the take rate itself and for its ratio to the default artwork (the world's own traffic moves
+    the take rate from day to day; the ratio takes that out)."""
+    def ratio(r: DayResult) -> float:
+        return r.served / r.default if r.default > 0 else float("nan")
+
+    def steps(values: list[float]) -> str:
+        bad = [f"{served[i + 1].ds} {(values[i + 1] / values[i] - 1) * 100:+.1f}%"
+               for i in range(len(values) - 1) if values[i + 1] < values[i] * (1 - DAY_OVER_DAY_SLACK)]
+        return "yes" if not bad else "no (" + ", ".join(bad) + ")"
+
+    last = served[-1]
+    return (f"Last day ({last.ds}): served {ratio(last):.3f} × the default artwork's take rate. "
+            f"Every served day above the day before or within {DAY_OVER_DAY_SLACK:.0%}: take rate "
+            f"{steps([r.served for r in served])}; ratio to the default {steps([ratio(r) for r in served])} "
+            f"(per day: {' / '.join(f'{ratio(r):.3f}' for r in served)}).")
 
 
 def _fmt(v: float | None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyart.demo.report import DayResult, _plots, _served_by, headline
+from keyart.demo.report import DayResult, _plots, _served_by, day_over_day, headline
 from keyart.ope import ESTIMATORS
 
 
@@ -17,12 +17,26 @@ def _days() -> list[DayResult]:
 
 def test_headline_puts_served_beside_default_and_oracle_over_the_model_days():
     names = {"2026-11-01.abcdef0123456789": "v1", "2026-11-01.abcdef0123456789+tables.2026-11-02": "v3"}
-    first, second = headline(_days(), names)
+    first, second, third = headline(_days(), names)
     served = (0.060 * 3000 + 0.064 * 1000) / 4000  # impression-weighted, day 0 (random) left out
     assert first.startswith(f"**keyart served a take rate of {served:.4f} against 0.0450 for the default artwork")
     assert "and 0.0800 for the oracle**" in first and "4000 impressions of 2 day(s)" in first
     assert f"{(served - 0.045) / 0.035:.0%} of the gap" in second and "served by v3" in second
     assert _served_by(_days()[2], {}) == "2026-11-01.a…"  # unknown to the registry: shortened
+    assert third.startswith("Last day (2026-11-03): served 1.422 × the default artwork's take rate.")
+    assert "take rate yes; ratio to the default yes (per day: 1.333 / 1.422)" in third
+
+
+def test_day_over_day_names_each_day_that_fell_more_than_the_slack():
+    days = [DayResult("2026-11-02", "v1", 100, 0.060, 0.03, 0.050, 0.08, None, 0.06),
+            DayResult("2026-11-03", "v1", 100, 0.0595, 0.03, 0.050, 0.08, None, 0.06),  # -0.8%: within 1%
+            DayResult("2026-11-04", "v2", 100, 0.0570, 0.03, 0.045, 0.08, None, 0.06),  # -4.2%, ratio up
+            DayResult("2026-11-05", "v2", 100, 0.0560, 0.03, 0.046, 0.08, None, 0.06)]  # -1.8%, ratio -4.0%
+    line = day_over_day(days)
+    assert line.startswith("Last day (2026-11-05): served 1.217 × the default")
+    assert "take rate no (2026-11-04 -4.2%, 2026-11-05 -1.8%)" in line
+    assert "ratio to the default no (2026-11-05 -3.9%)" in line
+    assert day_over_day(days[:1]).count("yes") == 2  # one day: nothing to compare
 
 
 def test_plots_are_written_with_one_tick_per_run(tmp_path):
