@@ -36,11 +36,14 @@ prior's effective impressions:
 
 ``mix``       w * model + (1 - w) * prior_mean: the model knows little about an artwork with
               few impressions, so its prior scores it; as its data grows the model takes over.
-``residual``  model + w * (prior_mean - model_mean), model_mean the model's mean score on the
-              artwork (the bundle carries it): the artwork's record corrects the model's level
-              for the artwork as its data grows, and the model's per-member differences stay.
-              A model that learned the catalog is left as it is; one that learned little of it
-              ranks the artworks by their records, as the non-contextual bandit would.
+``residual``  (the default) model + w * (prior_mean - model_mean), model_mean the model's mean
+              score on the artwork (the bundle carries it): the artwork's record corrects the
+              model's level for the artwork as its data grows, and the model's per-member
+              differences stay. A model that learned the catalog is left as it is; one that
+              learned little of it ranks the artworks by their records, as the non-contextual
+              bandit would. An artwork without a model mean (launched after the bundle's day)
+              takes its row's score as the model's level: (1 - w) * model + w * prior_mean.
+``prior_blend_n0`` = 0 switches the blend off under either rule (the model's score alone).
 
 Serving's real-time updates (each impression, then its reward) move
 ``prior_alpha``/``prior_beta``/``prior_n`` and thereby the score.
@@ -94,12 +97,12 @@ class PolicyConfig:
     """Validated policy settings: the one place their defaults and rules are written."""
 
     name: PolicyName = "squarecb"
-    floor: Floor = 0.01
+    floor: Floor = 0.002
     gamma: Gamma = 50.0
     gap_unit: GapUnit = "stderr"
     epsilon: Epsilon = 0.1
     prior_blend_n0: BlendN0 = 50.0
-    prior_blend: BlendRule = "mix"
+    prior_blend: BlendRule = "residual"
     thompson_samples: Annotated[int, Field(ge=1, description="Monte Carlo draws per title for thompson and beta_ts.")] = 1024
 
     @classmethod
@@ -145,19 +148,26 @@ def blend_scores(model_scores: np.ndarray, prior_alpha: np.ndarray, prior_beta: 
     member's score is that rate plus the model's difference for the member (model - model_mean).
     A model that knows the catalog keeps its per-member ranking (the correction is ~0 when it is
     calibrated per artwork); one that has learned little is corrected to the artworks' observed
-    rates as they accrue, as a non-contextual bandit would rank them. No correction where
-    model_mean is NaN (an artwork the day's rows did not show).
+    rates as they accrue, as a non-contextual bandit would rank them. Where model_mean is NaN
+    (an artwork the day's rows did not show, e.g. one launched since), the row's own score stands
+    in for it: (1 - w) * model + w * prior mean, so the artwork's record (serving's real-time
+    updates included) still moves it as its data grows.
+
+    ``n0`` = 0 switches the blend off under either rule: the model's score alone.
     """
     model_scores = np.asarray(model_scores, dtype=np.float64)
+    if n0 <= 0:
+        return model_scores.copy()
     a = np.asarray(prior_alpha, dtype=np.float64)
     b = np.asarray(prior_beta, dtype=np.float64)
     prior_mean = a / np.maximum(a + b, 1e-12)
     n = np.maximum(np.asarray(prior_n, dtype=np.float64), 0.0)
-    w = n / (n + n0) if n0 > 0 else np.ones_like(n)
+    w = n / (n + n0)
     if model_mean is None:
         return w * model_scores + (1.0 - w) * prior_mean
-    shift = prior_mean - np.asarray(model_mean, dtype=np.float64)
-    return np.clip(model_scores + w * np.where(np.isfinite(shift), shift, 0.0), 0.0, 1.0)
+    model_mean = np.asarray(model_mean, dtype=np.float64)
+    level = np.where(np.isfinite(model_mean), model_mean, model_scores)
+    return np.clip(model_scores + w * (prior_mean - level), 0.0, 1.0)
 
 
 def residual_means(cfg: PolicyConfig, scores: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
@@ -272,7 +282,8 @@ def probabilities(cfg: PolicyConfig, model_scores: np.ndarray, offsets: np.ndarr
         impressions (the blend weight of the model grows with n).
     rng : needed by the sampled policies (thompson, beta_ts).
     model_mean : [n] the model's mean score on each candidate's artwork (:func:`blend_scores`),
-        read with ``prior_blend`` ``residual``; None there means unknown everywhere (no correction).
+        read with ``prior_blend`` ``residual``; None there means unknown everywhere (each row's
+        own score stands in, :func:`blend_scores`).
     """
     scores = np.asarray(model_scores, dtype=np.float64)
     n = len(scores)

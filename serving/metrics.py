@@ -44,7 +44,7 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitab
 ROUTES = ("/v1/artwork", "/v1/reward", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1)
-PROPENSITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+PROPENSITY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
 MAX_ARTWORK_SERIES = 2000  # beyond this, the least shown artworks are summed as artwork_id="_other"
 REWARD_WINDOW_S = 3600
 REWARD_SLOT_S = 60

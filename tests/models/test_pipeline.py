@@ -78,7 +78,7 @@ def test_evaluate_values_every_policy(run):
 
 def test_export_publishes_a_verified_bundle_with_parity(run):
     lake, ds = run
-    manifest = export_bundle(lake, ds, PolicyConfig())
+    manifest = export_bundle(lake, ds, PolicyConfig(prior_blend="mix"))  # the loop below re-exports residual
     bdir = lake.bundle_dir(ds)
     assert bundle.verify(bdir).version == manifest.version
     parity = manifest["parity"]
@@ -115,7 +115,7 @@ def test_export_publishes_a_verified_bundle_with_parity(run):
     assert manifest["row_counts"]["model_means"] == len(want)
 
     # champion = the bundle just exported: it must value exactly like the candidate, under either blend
-    for cfg in (PolicyConfig(), PolicyConfig(prior_blend="residual")):
+    for cfg in (PolicyConfig(prior_blend="mix"), PolicyConfig(prior_blend="residual")):
         if cfg.prior_blend == "residual":
             manifest = export_bundle(lake, ds, cfg)
             assert manifest["policy"]["prior_blend"] == "residual"

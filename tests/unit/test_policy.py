@@ -115,7 +115,7 @@ def test_floor_mass_is_capped_at_one_half():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_greedy_always_takes_the_argmax(seed):
-    p, offsets, scores, a, b, n = probs_of(PolicyConfig(name="greedy"), seed)
+    p, offsets, scores, a, b, n = probs_of(PolicyConfig(name="greedy", prior_blend="mix"), seed)
     blended = blend_scores(scores, a, b, n, PolicyConfig().prior_blend_n0)
     best = group_argmax(blended, offsets)
     assert set(np.flatnonzero(p == 1.0)) == set(best)
@@ -261,14 +261,20 @@ def test_blend_falls_back_on_priors_where_the_model_knows_little():
 
 
 def test_real_time_prior_updates_move_the_choice():
-    """A new artwork (n small) the model rates low wins once its prior collects plays."""
-    cfg = PolicyConfig(name="greedy")
+    """A new artwork (n small) the model rates low wins once its prior collects plays: under
+    either blend (the new artwork has no model mean; the known one's equals its record)."""
     offsets, scores = np.array([0, 2]), np.array([0.20, 0.05])
     alpha, beta, n = np.array([20.0, 1.0]), np.array([80.0, 9.0]), np.array([1000.0, 0.0])
-    assert probabilities(cfg, scores, offsets, alpha, beta, n)[0] == 1.0
-    # 10 impressions, 8 quality plays arrive for the new artwork during the day
-    alpha2, beta2, n2 = alpha + [0, 8], beta + [0, 2], n + [0, 10]
-    assert probabilities(cfg, scores, offsets, alpha2, beta2, n2)[1] == 1.0
+    # mix: 10 impressions, 8 quality plays arrive for the new artwork during the day; residual (the
+    # record counts against n0 = 50 pseudo-impressions of the model's level): 40 and 30
+    for cfg, mean, (plays, shown) in ((PolicyConfig(name="greedy", prior_blend="mix"), None, (8, 10)),
+                                      (PolicyConfig(name="greedy", prior_blend="residual"), np.array([0.20, np.nan]), (30, 40))):
+        assert probabilities(cfg, scores, offsets, alpha, beta, n, model_mean=mean)[0] == 1.0
+        alpha2, beta2, n2 = alpha + [0, plays], beta + [0, shown - plays], n + [0, shown]
+        assert probabilities(cfg, scores, offsets, alpha2, beta2, n2, model_mean=mean)[1] == 1.0
+        # a quarter of the plays: the new artwork's record is not yet enough
+        assert probabilities(cfg, scores, offsets, alpha + [0, plays // 4], beta + [0, shown - plays // 4], n2,
+                             model_mean=mean)[0] == 1.0
 
 
 # --- the residual blend ------------------------------------------------------------------
@@ -292,7 +298,7 @@ def test_residual_blend_corrects_the_models_level_by_the_artworks_data():
     a = np.array([rate_a, rate_b, rate_a, rate_b]) * n
     b = n - a
     off = np.array([0, 2, 4])
-    mix = probabilities(PolicyConfig(name="greedy"), model, off, a, b, n)
+    mix = probabilities(PolicyConfig(name="greedy", prior_blend="mix"), model, off, a, b, n)
     res = probabilities(PolicyConfig(name="greedy", prior_blend="residual"), model, off, a, b, n, model_mean=mean)
     assert mix.tolist() == [1.0, 0.0, 1.0, 0.0]  # mix: the model's preference, whatever the records say
     assert res.tolist() == [0.0, 1.0, 0.0, 1.0]  # residual: artwork B's record wins for both members
@@ -303,15 +309,43 @@ def test_residual_blend_corrects_the_models_level_by_the_artworks_data():
     assert s[2] - s[0] == pytest.approx(model[2] - model[0])
 
 
-def test_residual_blend_leaves_the_model_alone_where_the_artwork_has_no_data_or_no_mean():
+def test_residual_blend_leaves_the_model_alone_where_the_artwork_has_no_data():
     model, alpha, beta = np.array([0.07, 0.02]), np.array([1.0, 1.0]), np.array([9.0, 9.0])
     # n = 0: the record has no weight, the model's per-member score stands (mix would give the prior mean 0.1)
     np.testing.assert_allclose(blend_scores(model, alpha, beta, np.zeros(2), 50.0, model_mean=np.array([0.03, 0.03])), model)
-    # unknown model mean (an artwork the day's rows never showed): no correction, whatever n
-    np.testing.assert_allclose(blend_scores(model, alpha, beta, np.full(2, 1e6), 50.0, model_mean=np.full(2, np.nan)), model)
-    # residual without any means is the model alone
+    # unknown model mean and no data yet: the model's score
+    np.testing.assert_allclose(blend_scores(model, alpha, beta, np.zeros(2), 50.0, model_mean=np.full(2, np.nan)), model)
+
+
+def test_residual_blend_without_a_model_mean_takes_the_rows_score_as_the_level():
+    """An artwork the model has no mean for (launched after the bundle's day): the row's own score is
+    the model's level, so its record, serving's real-time updates included, moves its score as its
+    data grows: (1 - w) * model + w * prior mean."""
+    model, alpha, beta, n = np.array([0.07, 0.02, 0.05]), np.array([1.0, 90.0, 5.0]), np.array([9.0, 10.0, 95.0]), \
+        np.array([30.0, 1e6, 70.0])
+    mean = np.array([np.nan, np.nan, 0.04])
+    w = n / (n + 50.0)
+    got = blend_scores(model, alpha, beta, n, 50.0, model_mean=mean)
+    np.testing.assert_allclose(got[:2], ((1 - w) * model + w * alpha / (alpha + beta))[:2])
+    assert got[1] == pytest.approx(0.9, abs=1e-4)  # a huge record wins over the model's 0.02
+    np.testing.assert_allclose(got[2], 0.05 + w[2] * (0.05 - 0.04))  # a known mean: the residual rule
+    # residual without any means at all: every row's own score is its level
+    np.testing.assert_allclose(blend_scores(model, alpha, beta, n, 50.0, model_mean=np.full(3, np.nan)),
+                               (1 - w) * model + w * alpha / (alpha + beta))
     cfg = PolicyConfig(name="greedy", prior_blend="residual")
-    assert probabilities(cfg, model, np.array([0, 2]), np.array([1.0, 90.0]), np.array([9.0, 10.0]), np.full(2, 1e6)).tolist() == [1.0, 0.0]
+    assert probabilities(cfg, model, np.array([0, 3]), alpha, beta, n).tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("rule", ["mix", "residual"])
+def test_no_blend_weight_is_the_model_alone_under_either_rule(rule):
+    model, alpha, beta, n = np.array([0.07, 0.02]), np.array([1.0, 90.0]), np.array([9.0, 10.0]), np.full(2, 1e6)
+    mean = np.array([0.03, 0.5]) if rule == "residual" else None
+    np.testing.assert_array_equal(blend_scores(model, alpha, beta, n, 0.0, model_mean=mean), model)
+    cfg = PolicyConfig(name="greedy", prior_blend=rule, prior_blend_n0=0.0)
+    assert probabilities(cfg, model, np.array([0, 2]), alpha, beta, n, model_mean=mean).tolist() == [1.0, 0.0]
+
+
+def test_residual_blend_scores_stay_probabilities():
     # scores stay probabilities
     big = blend_scores(np.array([0.99]), np.array([99.0]), np.array([1.0]), np.array([1e6]), 50.0, model_mean=np.array([0.01]))
     assert big[0] == 1.0
@@ -319,7 +353,7 @@ def test_residual_blend_leaves_the_model_alone_where_the_artwork_has_no_data_or_
 
 def test_mix_ignores_model_means():
     model, alpha, beta, n = np.array([0.2, 0.3]), np.array([1.0, 5.0]), np.array([9.0, 5.0]), np.array([30.0, 70.0])
-    cfg = PolicyConfig(name="squarecb")
+    cfg = PolicyConfig(name="squarecb", prior_blend="mix")
     np.testing.assert_array_equal(probabilities(cfg, model, np.array([0, 2]), alpha, beta, n),
                                   probabilities(cfg, model, np.array([0, 2]), alpha, beta, n, model_mean=np.array([0.9, 0.0])))
 
