@@ -79,7 +79,9 @@ GapUnit = Annotated[Literal["stderr", "score"], Field(
     "exploration fades as the arm's data grows) or in score (score: a fixed rate).")]
 Epsilon = Annotated[float, Field(ge=0, le=1, description="egreedy: probability spread uniformly over the candidates.")]
 BlendN0 = Annotated[float, Field(
-    ge=0, description="Model-vs-prior blend: weight on prior grows as the artwork's data shrinks below this.")]
+    ge=0, description="Model-vs-record blend, w = n / (n + n0) with n the artwork's effective impressions: under "
+    "mix the prior mean's weight (1 - w) grows as the artwork's data shrinks below n0; under residual n0 is the "
+    "pseudo-impressions the model's level counts against the artwork's record. 0 switches the blend off (the model alone).")]
 BlendRule = Annotated[Literal["mix", "residual"], Field(
     description="How the model's score and the artwork's Beta posterior combine: mix (w * model + (1 - w) * "
     "prior mean, w = n / (n + n0): the model takes over as the artwork's data grows) or residual (model + "
