@@ -20,8 +20,13 @@ d = 0.5 ** (1 / prior_half_life_days):
 3. an artwork without yesterday's ``all`` row starts from an empirical-Bayes prior: the
    method of moments over the posterior means p_i of its title's artworks with data
    (catalog-wide when the title has fewer than two): mean m, variance v,
-   alpha + beta = m (1 - m) / v - 1, clipped to [1, EB_MAX_ESS] (DEFAULT_PRIOR when nothing
-   has data), so a new artwork gets a row before it has a single impression;
+   alpha + beta = m (1 - m) / v - 1, clipped to [1, EB_MAX_ESS], so a new artwork gets a row
+   before it has a single impression. Where no artwork of the catalog has a posterior with
+   data (a lake's first day, or a day after one without priors), the prior is estimated from
+   the day's evidence instead (:func:`evidence_moments`): the title's pooled rate (the
+   catalog's where the title has no evidence) with the strength the spread of the artworks'
+   rates within titles implies once their binomial noise is taken out. DEFAULT_PRIOR only
+   where nothing has data at all: a prior's scale comes from the catalog's own rates;
 4. a segment row exists once the segment has data; while its alpha + beta is below
    ``prior_min_segment_impressions`` the missing mass is filled with the artwork's ``all``
    mean, so a thin segment falls back to the artwork prior and a rich one follows its data;
@@ -88,11 +93,6 @@ def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
         (F.lit(1.0) / (F.size("candidates") * F.col("propensity"))).alias("w"),
         F.explode(F.array(F.lit(feature_spec.SEGMENT_ALL), seg)).alias("segment"),
     )
-    # exact decimal sums: the same rows give the same posteriors bit for bit whatever order
-    # the shuffle delivers them in (a double sum depends on it), so a rerun is identical
-    def exact_sum(c: Column) -> Column:
-        return F.sum(c.cast(_EXACT)).cast("double")
-
     agg = rows.groupBy("artwork_id", "segment").agg(
         exact_sum(F.col("w")).alias("sw"), exact_sum(F.col("w") * F.col("w")).alias("sww"),
         exact_sum(F.col("w") * F.col("reward")).alias("swr"),
@@ -103,14 +103,59 @@ def evidence(rewards: DataFrame, members: DataFrame) -> DataFrame:
     return agg.select("artwork_id", "segment", s.alias("s"), (F.col("n") - s).alias("f"), "n")
 
 
+def exact_sum(c: Column) -> Column:
+    """Sum in exact decimal arithmetic: the same rows give the same result bit for bit whatever
+    order the shuffle delivers them in (a double sum depends on it), so a rerun is identical."""
+    return F.sum(c.cast(_EXACT)).cast("double")
+
+
 def _mean(alpha: str = "alpha", beta: str = "beta") -> Column:
     return F.col(alpha) / (F.col(alpha) + F.col(beta))
 
 
-def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams) -> DataFrame:
+def evidence_moments(evidence: DataFrame, params: PriorParams) -> tuple[DataFrame, DataFrame]:
+    """Empirical-Bayes moments from one day's evidence ``(title_id, s, n)`` per artwork: for a
+    catalog without posteriors. Pure.
+
+    Returns ``(title_id, em)``, each title's pooled rate sum(s) / sum(n), and one row ``(cem,
+    eess)``: the catalog's pooled rate and the prior strength. The strength is the method of
+    moments for a beta-binomial, pooled within titles (an artwork's prior centres on its
+    title, so the spread that matters is within titles): over the titles with at least two
+    artworks with evidence, v = (sum_t S_t - sum_t m_t (1 - m_t) (k_t - 1)) / sum_t (N_t -
+    sum_i n_i^2 / N_t), with S_t = sum_i n_i (p_i - m_t)^2 the weighted spread of the rates p_i
+    = s_i / n_i around the title's m_t, N_t = sum_i n_i and k_t its artworks: the observed
+    spread less what binomial noise alone would give. alpha + beta = m (1 - m) / v - 1 at the
+    catalog's rate m, clipped to [1, ``eb_max_ess``]; ``eb_max_ess`` when the rates spread no
+    more than noise; null when no title has two artworks with evidence.
+    """
+    ev = evidence.where(F.col("n") > 0)
+    per_title = ev.groupBy("title_id").agg(
+        exact_sum(F.col("s")).alias("ts"), exact_sum(F.col("n")).alias("tn"),
+        exact_sum(F.col("n") * F.col("n")).alias("tnn"), exact_sum(F.col("s") * F.col("s") / F.col("n")).alias("tss"),
+        F.count(F.lit(1)).alias("k"),
+    )
+    m_t = F.col("ts") / F.col("tn")
+    spread = F.greatest(F.col("tss") - F.col("tn") * m_t * m_t, F.lit(0.0))  # sum_i n_i (p_i - m_t)^2
+    within = per_title.where(F.col("k") >= 2).select(
+        spread.alias("S"), (m_t * (1 - m_t) * (F.col("k") - 1)).alias("noise"),
+        (F.col("tn") - F.col("tnn") / F.col("tn")).alias("c"),
+    )
+    pooled = per_title.agg((exact_sum(F.col("ts")) / exact_sum(F.col("tn"))).alias("cem")).crossJoin(
+        within.agg(*(exact_sum(F.col(c)).alias(c) for c in ("S", "noise", "c"))))
+    v = (F.col("S") - F.col("noise")) / F.col("c")
+    raw = F.when(v > 0, F.col("cem") * (1 - F.col("cem")) / v - 1).otherwise(F.lit(params.eb_max_ess))
+    eess = F.when(F.col("c") > 0, F.least(F.greatest(raw, F.lit(1.0)), F.lit(params.eb_max_ess)))
+    return per_title.select("title_id", m_t.alias("em")), pooled.select("cem", eess.alias("eess"))
+
+
+def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams,
+              evidence: DataFrame | None = None) -> DataFrame:
     """Empirical-Bayes ``(title_id, eb_alpha, eb_beta)`` for ``titles`` from the ``all`` posteriors with data.
 
-    Moments over the title's artworks; the catalog's where the title has fewer than two. Pure.
+    Moments over the title's artworks; the catalog's where the title has fewer than two. Where
+    the catalog has no posterior with data, from ``evidence`` ``(title_id, s, n)``, the day's
+    per-artwork evidence (:func:`evidence_moments`); :data:`DEFAULT_PRIOR` only where neither
+    has anything. Pure.
     """
     src = posteriors.where(F.col("n_impressions") > 0).select("title_id", _mean().alias("p"))
 
@@ -127,9 +172,18 @@ def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams) -> 
     default_mean = feature_spec.DEFAULT_PRIOR[0] / sum(feature_spec.DEFAULT_PRIOR)
     default_ess = min(sum(feature_spec.DEFAULT_PRIOR), params.eb_max_ess)
     titles = titles.select("title_id").distinct().join(title, "title_id", "left").crossJoin(cat)
-    m = F.coalesce(F.when(F.col("tc") >= 1, F.col("tm")), F.when(F.col("cc") >= 1, F.col("cm")), F.lit(default_mean))
+    if evidence is None:
+        titles = titles.select("*", *(F.lit(None).cast("double").alias(c) for c in ("em", "cem", "eess")))
+    else:
+        em, pooled = evidence_moments(evidence, params)
+        titles = titles.join(em, "title_id", "left").crossJoin(pooled)
+    no_posteriors = F.coalesce(F.col("cc"), F.lit(0)) < 1
+    m = F.coalesce(F.when(F.col("tc") >= 1, F.col("tm")), F.when(F.col("cc") >= 1, F.col("cm")),
+                   F.when(no_posteriors, F.coalesce(F.col("em"), F.col("cem"))), F.lit(default_mean))
     m = F.least(F.greatest(m, F.lit(_MEAN_CLIP[0])), F.lit(_MEAN_CLIP[1]))
-    e = F.coalesce(F.col("tess"), F.col("cess"), F.lit(default_ess))
+    e = F.coalesce(F.col("tess"), F.col("cess"), F.when(no_posteriors & F.col("cem").isNotNull(),
+                                                         F.coalesce(F.col("eess"), F.lit(default_ess))),
+                   F.lit(default_ess))
     return titles.select("title_id", (m * e).alias("eb_alpha"), ((1 - m) * e).alias("eb_beta"))
 
 
@@ -164,7 +218,7 @@ def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, memb
     all_rows = active.join(carried.where(F.col("segment") == feature_spec.SEGMENT_ALL).drop("segment"), "artwork_id", "left").join(all_ev, "artwork_id", "left")
     all_rows = all_rows.withColumn("segment", F.lit(feature_spec.SEGMENT_ALL))
     known = cap(updated(all_rows.where(F.col("ca").isNotNull())), params.max_ess)
-    eb = eb_priors(known, active, params)
+    eb = eb_priors(known, active, params, evidence=active.join(all_ev, "artwork_id").select("title_id", "s", "n"))
     new = all_rows.where(F.col("ca").isNull()).join(eb, "title_id", "left").select(
         "title_id", "artwork_id", "segment", "s", "f", "n",
         F.col("eb_alpha").alias("ca"), F.col("eb_beta").alias("cb"), F.lit(0.0).alias("cn"),

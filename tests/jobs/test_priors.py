@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from jobs_fixtures import args, artwork, frame, impression, member, prior, reward_row
 from pyspark.testing import assertDataFrameEqual
@@ -123,6 +124,63 @@ def test_first_day_without_any_data_gives_every_active_artwork_the_default(spark
                                           artwork("t1-a2", "t1", active_from="2026-03-03")])
     got = priors.transform(frame(spark, "priors", []), frame(spark, "rewards", []), artworks, members(spark), params())
     assertDataFrameEqual(got, frame(spark, "priors", [prior("t1", "t1-a0", *feature_spec.DEFAULT_PRIOR, 0.0)]))
+
+
+def _evidence_prior(rates: dict[str, list[tuple[int, int]]]) -> tuple[dict[str, float], float, float]:
+    """The day-evidence empirical-Bayes prior written out: each title's pooled rate, the
+    catalog's, and alpha + beta from the within-title beta-binomial method of moments."""
+    S = noise = c = 0.0
+    title_mean = {}
+    for title, arms in rates.items():
+        n = np.array([a[1] for a in arms], float)
+        s = np.array([a[0] for a in arms], float)
+        m = s.sum() / n.sum()
+        title_mean[title] = m
+        S += (n * (s / n - m) ** 2).sum()
+        noise += m * (1 - m) * (len(arms) - 1)
+        c += n.sum() - (n ** 2).sum() / n.sum()
+    cm = sum(a[0] for arms in rates.values() for a in arms) / sum(a[1] for arms in rates.values() for a in arms)
+    ess = min(max(cm * (1 - cm) / ((S - noise) / c) - 1, 1.0), priors.EB_MAX_ESS)
+    return title_mean, cm, ess
+
+
+def test_first_day_priors_take_their_scale_from_the_days_own_rates(spark):
+    """With no posterior anywhere (a lake's first day), an artwork's prior is not the flat
+    Beta(1, 9) (mean 0.10, ten times this catalog's 1% rate) but its title's pooled rate today,
+    as strong as the spread of the artworks' rates within titles says."""
+    counts = {"t1": [(2, 200), (2, 200)], "t2": [(40, 200), (2, 200)]}  # (quality plays, impressions)
+    rewards = []
+    for title, arms in counts.items():
+        for j, (s, n) in enumerate(arms):
+            rewards += labels(f"{title}-a{j}", [1] * s + [0] * (n - s), candidates=(f"{title}-a0", f"{title}-a1"))
+    artworks = arts(spark, "t1-a0", "t1-a1", "t1-a2", "t2-a0", "t2-a1", "t3-a0")  # t1-a2, t3-a0: no evidence
+    got = priors.transform(frame(spark, "priors", []), frame(spark, "rewards", rewards), artworks, members(spark),
+                           params(max_ess=1e9))
+    rows = {r["artwork_id"]: r for r in got.where("segment = 'all'").collect()}
+    title_mean, cm, ess = _evidence_prior(counts)
+    assert 1.0 < ess < priors.EB_MAX_ESS  # the formula's own value, not a clip
+    for title, arms in counts.items():
+        for j, (s, n) in enumerate(arms):
+            r = rows[f"{title}-a{j}"]
+            assert r["alpha"] == pytest.approx(title_mean[title] * ess + s)
+            assert r["beta"] == pytest.approx((1 - title_mean[title]) * ess + n - s)
+            assert r["n_impressions"] == pytest.approx(n)
+    new = rows["t1-a2"]  # no impression yet: its title's rate (1%), not 10%
+    assert new["alpha"] / (new["alpha"] + new["beta"]) == pytest.approx(0.01)
+    assert new["alpha"] + new["beta"] == pytest.approx(ess) and new["n_impressions"] == 0.0
+    other = rows["t3-a0"]  # a title without evidence: the catalog's rate
+    assert other["alpha"] / (other["alpha"] + other["beta"]) == pytest.approx(cm)
+
+
+def test_first_day_rates_that_spread_no_more_than_noise_give_the_strongest_prior(spark):
+    counts = {"t1": [(2, 200), (2, 200)], "t2": [(4, 200), (4, 200)]}  # equal within titles
+    rewards = [row for title, arms in counts.items() for j, (s, n) in enumerate(arms)
+               for row in labels(f"{title}-a{j}", [1] * s + [0] * (n - s), candidates=(f"{title}-a0", f"{title}-a1"))]
+    got = priors.transform(frame(spark, "priors", []), frame(spark, "rewards", rewards),
+                           arts(spark, "t1-a0", "t1-a1", "t2-a0", "t2-a1"), members(spark), params(max_ess=1e9))
+    row = next(r for r in got.collect() if r["artwork_id"] == "t2-a0" and r["segment"] == "all")
+    assert row["alpha"] == pytest.approx(0.02 * priors.EB_MAX_ESS + 4)
+    assert row["beta"] == pytest.approx(0.98 * priors.EB_MAX_ESS + 196)
 
 
 def test_thin_segment_is_filled_with_the_artwork_mean(spark):
