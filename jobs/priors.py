@@ -113,6 +113,13 @@ def _mean(alpha: str = "alpha", beta: str = "beta") -> Column:
     return F.col(alpha) / (F.col(alpha) + F.col(beta))
 
 
+def _moments_ess(m: Column, v: Column, eb_max_ess: float) -> Column:
+    """alpha + beta of the Beta with mean ``m`` and variance ``v`` (m (1 - m) / v - 1), clipped to
+    [1, ``eb_max_ess``]; ``eb_max_ess`` where ``v`` is not positive."""
+    raw = F.when(v > 0, m * (1 - m) / v - 1).otherwise(F.lit(eb_max_ess))
+    return F.least(F.greatest(raw, F.lit(1.0)), F.lit(eb_max_ess))
+
+
 def evidence_moments(evidence: DataFrame, params: PriorParams) -> tuple[DataFrame, DataFrame]:
     """Empirical-Bayes moments from one day's evidence ``(title_id, s, n)`` per artwork: for a
     catalog without posteriors. Pure.
@@ -143,8 +150,7 @@ def evidence_moments(evidence: DataFrame, params: PriorParams) -> tuple[DataFram
     pooled = per_title.agg((exact_sum(F.col("ts")) / exact_sum(F.col("tn"))).alias("cem")).crossJoin(
         within.agg(*(exact_sum(F.col(c)).alias(c) for c in ("S", "noise", "c"))))
     v = (F.col("S") - F.col("noise")) / F.col("c")
-    raw = F.when(v > 0, F.col("cem") * (1 - F.col("cem")) / v - 1).otherwise(F.lit(params.eb_max_ess))
-    eess = F.when(F.col("c") > 0, F.least(F.greatest(raw, F.lit(1.0)), F.lit(params.eb_max_ess)))
+    eess = F.when(F.col("c") > 0, _moments_ess(F.col("cem"), v, params.eb_max_ess))
     return per_title.select("title_id", m_t.alias("em")), pooled.select("cem", eess.alias("eess"))
 
 
@@ -164,8 +170,7 @@ def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams,
         return grouped.agg(F.count(F.lit(1)).alias("c"), F.avg("p").alias("m"), F.var_pop("p").alias("v"))
 
     def ess(c: Column, m: Column, v: Column) -> Column:
-        raw = F.when(v > 0, m * (1 - m) / v - 1).otherwise(F.lit(params.eb_max_ess))
-        return F.when(c >= 2, F.least(F.greatest(raw, F.lit(1.0)), F.lit(params.eb_max_ess)))
+        return F.when(c >= 2, _moments_ess(m, v, params.eb_max_ess))
 
     title = moments(src, "title_id").select("title_id", F.col("c").alias("tc"), F.col("m").alias("tm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("tess"))
     cat = moments(src).select(F.col("c").alias("cc"), F.col("m").alias("cm"), ess(F.col("c"), F.col("m"), F.col("v")).alias("cess"))
@@ -181,9 +186,7 @@ def eb_priors(posteriors: DataFrame, titles: DataFrame, params: PriorParams,
     m = F.coalesce(F.when(F.col("tc") >= 1, F.col("tm")), F.when(F.col("cc") >= 1, F.col("cm")),
                    F.when(no_posteriors, F.coalesce(F.col("em"), F.col("cem"))), F.lit(default_mean))
     m = F.least(F.greatest(m, F.lit(_MEAN_CLIP[0])), F.lit(_MEAN_CLIP[1]))
-    e = F.coalesce(F.col("tess"), F.col("cess"), F.when(no_posteriors & F.col("cem").isNotNull(),
-                                                         F.coalesce(F.col("eess"), F.lit(default_ess))),
-                   F.lit(default_ess))
+    e = F.coalesce(F.col("tess"), F.col("cess"), F.when(no_posteriors, F.col("eess")), F.lit(default_ess))
     return titles.select("title_id", (m * e).alias("eb_alpha"), ((1 - m) * e).alias("eb_beta"))
 
 
