@@ -3,13 +3,15 @@
     spark-submit jobs/priors.py --ds 2026-03-01 [--lake LAKE] [--master URL]
     keyart job priors --ds 2026-03-01
 
-Reads ``priors/ds=D-1`` (absent on the first day), ``rewards/ds=D``, ``catalog/artworks``
-and ``members``; writes ``priors/ds=D/`` (contracts.PRIORS) and ``metrics/priors/ds=D``.
+Reads the newest priors partition before D (``priors/ds=D-g``, g <= ``prior_max_gap_days``;
+absent on the first day), ``rewards/ds=D``, ``catalog/artworks`` and ``members``; writes
+``priors/ds=D/`` (contracts.PRIORS) and ``metrics/priors/ds=D``.
 
 For every active artwork a and segment s in {all, profile=adult, profile=kids}, with
 d = 0.5 ** (1 / prior_half_life_days):
 
-1. warm start: yesterday's (alpha, beta, n) times d;
+1. warm start: the previous partition's (alpha, beta, n) times d ** g: yesterday's times d,
+   and after a day the job did not run the record is decayed over the gap, not lost;
 2. evidence: today's labelled impressions of a in s, each weighted w = 1 / (K * propensity)
    (K candidates; w = 1 under a uniform logging policy). The weighted mean
    r_w = sum(w r) / sum(w) estimates a's rate as if it had been shown in every context, and
@@ -53,7 +55,7 @@ from keyart.jobs.common import (
     write_day_observed,
     write_metrics,
 )
-from keyart.lake import Lake, shift_ds
+from keyart.lake import Lake, parse_ds, previous_priors_day
 
 EB_MAX_ESS = 20.0
 """Cap on the strength of an empirical-Bayes prior: a new artwork must be able to move fast."""
@@ -69,14 +71,23 @@ class PriorParams:
     max_ess: float
     min_segment_impressions: float
     eb_max_ess: float = EB_MAX_ESS
+    gap_days: int = 1
+    """Days between D and the priors partition ``previous`` was read from."""
 
     @property
     def decay(self) -> float:
+        """Per day."""
         return 0.5 ** (1.0 / self.half_life_days)
 
+    @property
+    def carry(self) -> float:
+        """What is left of the previous partition's evidence after ``gap_days``."""
+        return self.decay ** self.gap_days
+
     @classmethod
-    def from_settings(cls, ds: str, settings: Settings) -> PriorParams:
-        return cls(ds, settings.prior_half_life_days, settings.prior_max_ess, float(settings.prior_min_segment_impressions))
+    def from_settings(cls, ds: str, settings: Settings, gap_days: int = 1) -> PriorParams:
+        return cls(ds, settings.prior_half_life_days, settings.prior_max_ess, float(settings.prior_min_segment_impressions),
+                   gap_days=gap_days)
 
 
 def active_artworks(artworks: DataFrame, ds: str) -> DataFrame:
@@ -201,8 +212,9 @@ def cap(df: DataFrame, max_ess: float) -> DataFrame:
 
 
 def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, members: DataFrame, params: PriorParams) -> DataFrame:
-    """Today's priors (contracts.PRIORS) from yesterday's, today's labels and the catalog. Pure."""
-    d = params.decay
+    """Today's priors (contracts.PRIORS) from the previous partition's (``params.gap_days`` before),
+    today's labels and the catalog. Pure."""
+    d = params.carry
     active = active_artworks(artworks, params.ds)
     carried = previous.join(active.select("artwork_id"), "artwork_id").select(
         "artwork_id", "segment", (F.col("alpha") * d).alias("ca"), (F.col("beta") * d).alias("cb"), (F.col("n_impressions") * d).alias("cn")
@@ -245,8 +257,8 @@ def transform(previous: DataFrame, rewards: DataFrame, artworks: DataFrame, memb
     return conform(all_post.unionByName(cap(seg_post, params.max_ess)), PRIORS)
 
 
-def extract(spark: SparkSession, lake: Lake, ds: str) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    previous = read_days(spark, lake.priors, [shift_ds(ds, -1)], PRIORS.spark_schema())
+def extract(spark: SparkSession, lake: Lake, ds: str, previous_ds: str | None) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    previous = read_days(spark, lake.priors, [previous_ds] if previous_ds else [], PRIORS.spark_schema())
     rewards = read_days(spark, lake.rewards, [ds], REWARDS.spark_schema())
     return previous, rewards, read_table(spark, lake.artworks, ARTWORKS), read_table(spark, lake.members, MEMBERS)
 
@@ -267,20 +279,19 @@ def load(priors: DataFrame, lake: Lake, ds: str) -> dict[str, Any]:
 
 
 def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    params = PriorParams.from_settings(args.ds, settings)
-    previous, rewards, artworks, members = extract(spark, lake, args.ds)
+    previous_ds = previous_priors_day(lake, args.ds, settings.prior_max_gap_days)
+    gap = (parse_ds(args.ds) - parse_ds(previous_ds)).days if previous_ds else 1
+    params = PriorParams.from_settings(args.ds, settings, gap_days=gap)
+    previous, rewards, artworks, members = extract(spark, lake, args.ds, previous_ds)
     written = load(transform(previous, rewards, artworks, members, params), lake, args.ds)
     by_seg = {seg: {"rows": int(written[f"seg{i}_rows"]), "mean": float(written[f"seg{i}_mean"] or 0.0),
                     "ess": float(written[f"seg{i}_ess"] or 0.0)}
               for i, seg in enumerate(SEGMENTS) if written[f"seg{i}_rows"]}
-    figures = {"segments": by_seg, "warm_started": has_previous(lake, args.ds), "decay": params.decay, "max_ess": params.max_ess,
+    figures = {"segments": by_seg, "warm_started": previous_ds is not None, "warm_start_ds": previous_ds,
+               "warm_start_gap_days": gap if previous_ds else None, "decay": params.decay, "max_ess": params.max_ess,
                "output": {"rows": written["rows"], "content_hash": written["content_hash"]}}
     write_metrics(lake, "priors", args.ds, figures)
     return figures
-
-
-def has_previous(lake: Lake, ds: str) -> bool:
-    return lake.priors(shift_ds(ds, -1)).is_dir()
 
 
 def main(argv: list[str] | None = None) -> int:

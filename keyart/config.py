@@ -146,6 +146,11 @@ class Settings(BaseSettings):
         "it at (a day's effective impressions) / (1 - decay); a cap below that would forget faster than the "
         "half-life says and keep well-measured artworks as uncertain as a few days of data.")
     prior_min_segment_impressions: int = Field(default=200, ge=0, description="Segments with fewer labelled impressions fall back to the artwork prior.")
+    prior_max_gap_days: int = Field(
+        default=90, ge=1,
+        description="The priors job warm-starts from the newest earlier priors partition at most this many days "
+        "before D, decayed once per day of the gap (a day it did not run must not reset every posterior); older "
+        "than that, every artwork starts from the empirical-Bayes prior. Default: three prior half-lives.")
 
     # --- policy ---------------------------------------------------------------------
     # Flat, so each keeps its own variable; types, rules and defaults are keyart.policy's.

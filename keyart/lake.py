@@ -228,9 +228,9 @@ def mark_plays_delivered(lake: Lake, ds: str | dt.date, delivered_through: dt.da
 
 # --- labelled days ------------------------------------------------------------------------
 
-def labelled_days(lake: Lake, through: str | dt.date) -> list[str]:
-    """Dates of the training partitions on or before ``through``, oldest first."""
-    root = lake.training()
+def partition_days(root: Path, through: str | dt.date) -> list[str]:
+    """Dates of the ``ds=`` partitions under ``root`` that hold Parquet, on or before
+    ``through``, oldest first."""
     if not root.is_dir():
         return []
     last = parse_ds(through)
@@ -244,6 +244,20 @@ def labelled_days(lake: Lake, through: str | dt.date) -> list[str]:
             if day <= last:
                 days.append(day)
     return [fmt_ds(d) for d in sorted(days)]
+
+
+def labelled_days(lake: Lake, through: str | dt.date) -> list[str]:
+    """Dates of the training partitions on or before ``through``, oldest first."""
+    return partition_days(lake.training(), through)
+
+
+def previous_priors_day(lake: Lake, ds: str | dt.date, max_gap_days: int) -> str | None:
+    """The newest priors partition before ``ds`` and at most ``max_gap_days`` before it, or
+    None: a day the priors task did not run must not reset every posterior."""
+    older = partition_days(lake.priors(), shift_ds(ds, -1))
+    if older and parse_ds(older[-1]) >= parse_ds(shift_ds(ds, -max_gap_days)):
+        return older[-1]
+    return None
 
 
 def heldout_day(lake: Lake, ds: str | dt.date) -> str:

@@ -208,3 +208,34 @@ def test_run_warm_starts_from_yesterday_and_rerun_is_identical(spark, lake, sett
     assert json.loads(lake.metrics("priors", DS).read_text())["warm_started"] is True
     priors.run(spark, lake, args(DS, lake.root), settings)
     assertDataFrameEqual(spark.read.parquet(str(lake.priors(DS))), first)
+
+
+def test_a_missed_day_decays_the_newest_earlier_priors_over_the_gap(spark, lake, settings):
+    """The task did not run on D-2 and D-1: D warm-starts from D-3's priors decayed three
+    days, not from the empirical-Bayes start (which would lose every artwork's record)."""
+    arts(spark, "t1-a0", "t1-a1").write.parquet(str(lake.artworks))
+    members(spark).write.parquet(str(lake.members))
+    write_day(frame(spark, "priors", [prior("t1", "t1-a0", 200, 800, 1000), prior("t1", "t1-a1", 100, 900, 1000)]),
+              lake.priors("2026-02-27"))
+    write_day(frame(spark, "priors", [prior("t1", "t1-a0", 1, 1, 2)]), lake.priors("2026-02-20"))  # older: not read
+    write_day(frame(spark, "rewards", labels("t1-a0", [1, 0])), lake.rewards(DS))
+    priors.run(spark, lake, args(DS, lake.root), settings)
+    rows = {r["artwork_id"]: r for r in spark.read.parquet(str(lake.priors(DS))).collect() if r["segment"] == "all"}
+    d3 = 0.5 ** (3 / settings.prior_half_life_days)
+    assert rows["t1-a0"]["alpha"] == pytest.approx(200 * d3 + 1) and rows["t1-a0"]["beta"] == pytest.approx(800 * d3 + 1)
+    assert rows["t1-a1"]["alpha"] == pytest.approx(100 * d3) and rows["t1-a1"]["n_impressions"] == pytest.approx(1000 * d3)
+    figures = json.loads(lake.metrics("priors", DS).read_text())
+    assert figures["warm_started"] is True
+    assert (figures["warm_start_ds"], figures["warm_start_gap_days"]) == ("2026-02-27", 3)
+
+
+def test_priors_older_than_the_gap_limit_are_not_carried(spark, lake, settings):
+    arts(spark, "t1-a0", "t1-a1").write.parquet(str(lake.artworks))
+    members(spark).write.parquet(str(lake.members))
+    write_day(frame(spark, "priors", [prior("t1", "t1-a0", 200, 800, 1000)]), lake.priors("2026-02-27"))
+    write_day(frame(spark, "rewards", labels("t1-a0", [1, 0])), lake.rewards(DS))
+    priors.run(spark, lake, args(DS, lake.root), settings.model_copy(update={"prior_max_gap_days": 2}))
+    rows = {r["artwork_id"]: r for r in spark.read.parquet(str(lake.priors(DS))).collect() if r["segment"] == "all"}
+    assert rows["t1-a0"]["n_impressions"] == pytest.approx(2.0)  # the day's evidence on an empirical-Bayes start
+    figures = json.loads(lake.metrics("priors", DS).read_text())
+    assert figures["warm_started"] is False and figures["warm_start_ds"] is None
