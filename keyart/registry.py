@@ -490,15 +490,23 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 class Resolved:
     """The bundle a model URI points at right now.
 
-    ``identity`` changes exactly when the URI comes to point at another bundle (serving
-    reloads on a change): ``models:/<name>/<version>`` for a registry version,
-    ``<folder>:<bundle_version>`` for a bundle folder.
+    ``identity`` names it for people: ``models:/<name>/<version>`` for a registry version,
+    ``<folder>:<bundle_version>`` for a bundle folder. ``key`` changes exactly when the URI
+    comes to point at another bundle (serving reloads on a change): a version number names a
+    bundle only within one registry, so a registry version's key also carries the bundle
+    checksum it records (``keyart.bundle_sha256``), and a tracking store created again under
+    the same URI, whose version 1 is another bundle, is not mistaken for the old one.
     """
 
     identity: str
     name: str | None = None  # registered model; None for a folder
     version: str | None = None  # registry version number; None for a folder
     path: Path | None = None  # the folder, for a folder URI
+    checksum: str | None = None  # the bundle checksum the registry version records, if any
+
+    @property
+    def key(self) -> str:
+        return f"{self.identity}#sha256:{self.checksum}" if self.checksum else self.identity
 
 
 def resolve(uri: str, settings: Settings | None = None, strict: bool = False) -> Resolved | None:
@@ -521,11 +529,17 @@ def resolve(uri: str, settings: Settings | None = None, strict: bool = False) ->
     if not registry_exists(settings):
         return None
     name, alias, version = parse_model_uri(uri)
-    if version is None:
-        version = get_alias_version(alias, settings, name=name)
-        if version is None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = (client(settings).get_model_version_by_alias(name, alias) if version is None
+              else client(settings).get_model_version(name, version))
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
             return None
-    return Resolved(f"{MODELS_SCHEME}{name}/{version}", name=name, version=str(version))
+        raise
+    return Resolved(f"{MODELS_SCHEME}{name}/{mv.version}", name=name, version=str(mv.version),
+                    checksum=(mv.tags or {}).get(TAG_SHA) or None)
 
 
 def fetch(found: Resolved, settings: Settings | None = None) -> Path:

@@ -262,14 +262,14 @@ class BundleStore:
                                                          "serving": self.current.version if self.current else None})
                 return self._keep_serving()
             self._problem = None
-            identity = found.identity if found is not None else None
+            identity = found.key if found is not None else None
             now = time.monotonic()
             self._retry = {k: v for k, v in self._retry.items() if k == identity}  # the URI moved on
             if identity is None or identity == self._identity or self._skip(identity, now):
                 return self._keep_serving()
             try:
                 path = self.resolver.fetch(found)
-                new = load_bundle(path, identity, self.settings, registry_version=found.version)
+                new = load_bundle(path, found.identity, self.settings, registry_version=found.version)
             except kbundle.BundleError as exc:  # the bundle itself is wrong: refused until the URI moves
                 self._retry.pop(identity, None)
                 self.bad[identity] = str(exc)

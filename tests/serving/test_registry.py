@@ -153,6 +153,39 @@ def test_a_cached_copy_of_another_registrys_version_is_downloaded_again(tmp_path
     assert not path.exists()
 
 
+@pytest.mark.mlflow
+def test_a_running_endpoint_follows_a_registry_created_again_under_the_same_uri(tmp_path, _isolated_home, lgbm_model,
+                                                                                lgbm_model_b):
+    """While the endpoint runs, its tracking database is replaced by another store's (a backup
+    restored with SQLite's backup API) whose version 1 is another bundle. The version number
+    alone says nothing changed; the checksum the version records does, so the endpoint loads
+    the new bundle."""
+    import sqlite3
+
+    s = Settings()
+    (s.home / "mlflow").mkdir(parents=True)
+    client, exp = new_registry(s)
+    make_bundle(tmp_path / "b1", lgbm_model, "first")
+    v = register(client, s.registered_model, exp, tmp_path / "b1", "champion")
+    client.set_model_version_tag(s.registered_model, v, registry.TAG_SHA, registry.bundle_checksum(tmp_path / "b1"))
+    store = BundleStore(s)
+    assert store.poll_once() is True and store.current.version == "first"
+    assert store.poll_once() is False
+
+    other = Settings(mlflow_tracking_uri=f"sqlite:///{tmp_path / 'again.db'}")
+    client, exp = new_registry(other)
+    make_bundle(tmp_path / "b2", lgbm_model_b, "second")
+    v = register(client, other.registered_model, exp, tmp_path / "b2", "champion")
+    assert v == "1"
+    client.set_model_version_tag(other.registered_model, v, registry.TAG_SHA, registry.bundle_checksum(tmp_path / "b2"))
+    src, dst = sqlite3.connect(tmp_path / "again.db"), sqlite3.connect(s.home / "mlflow" / "mlflow.db")
+    src.backup(dst)  # in place, while the endpoint's pooled connections stay open
+    src.close(), dst.close()
+    assert store.poll_once() is True and store.current.version == "second"
+    assert store.current.source == f"models:/{s.registered_model}/1" and store.current.registry_version == "1"
+    assert store.poll_once() is False  # nothing changed since: nothing reloaded
+
+
 def test_export_parity_runs_the_session_serving_runs(tmp_path, monkeypatch):
     import lightgbm as lgb
 
