@@ -4,8 +4,9 @@
     keyart job features --ds 2026-03-01
 
 Reads ``clean/plays`` (``history_days`` back), ``members``, ``catalog/{titles,artworks}``,
-``rewards/ds=D``, ``features/members/ds=X`` and ``priors/ds=X`` for X = each labelled
-impression's day - 1. Writes ``features/members/ds=D/`` and ``features/training/ds=D/``
+``rewards/ds=D``, ``features/members/ds=X`` and the priors serving decided with for X = each
+labelled impression's day - 1 (``priors/ds=X``, or after a day the priors task did not run the
+newest partition before it: :func:`served_priors`). Writes ``features/members/ds=D/`` and ``features/training/ds=D/``
 (columns in docs/architecture.md) and ``metrics/features/ds=D/metrics.json``.
 
 Also writes the day's tag vocabulary, ``features/vocabulary/ds=D/vocabulary.json``
@@ -60,7 +61,7 @@ from keyart.jobs.common import (
     write_day,
     write_metrics,
 )
-from keyart.lake import Lake, parse_ds, shift_ds
+from keyart.lake import Lake, parse_ds, previous_priors_day, shift_ds
 
 log = logging.getLogger(__name__)
 
@@ -678,13 +679,34 @@ class Inputs:
     labelled: DataFrame | None = None
 
 
-def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, response_days: int = RESPONSE_DAYS) -> Inputs:
+def served_priors(spark: SparkSession, lake: Lake, known_days: Sequence[str], max_gap_days: int) -> DataFrame:
+    """Per known day k (``prior_ds`` = k), the priors the bundle served on k + 1 was exported
+    with: ``priors/ds=k``, or, when the priors task did not run on k (so neither did export,
+    and serving kept the bundle before), the newest partition before it, at most
+    ``max_gap_days`` before k + 1, as :func:`keyart.lake.previous_priors_day` finds for the
+    priors job itself. Empty when there is none."""
+    frames = []
+    for k in known_days:
+        source = previous_priors_day(lake, shift_ds(k, 1), max_gap_days)
+        if source is not None:
+            frames.append(read_days(spark, lake.priors, [source], PRIORS.spark_schema())
+                          .withColumn("prior_ds", F.lit(k).cast("date")))
+    if not frames:
+        return read_days(spark, lake.priors, [], PRIORS.spark_schema(), ds_column="prior_ds")
+    out = frames[0]
+    for df in frames[1:]:
+        out = out.unionByName(df)
+    return out
+
+
+def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, response_days: int,
+            prior_max_gap_days: int) -> Inputs:
     rewards = read_days(spark, lake.rewards, [ds], REWARDS.spark_schema())
     days = sorted({r[0].isoformat() for r in rewards.select("impression_ds").distinct().collect()})
     known_days = sorted({shift_ds(d, -1) for d in days})
     first = min([ds, *known_days])
     plays = read_range(spark, lake.clean("plays"), shift_ds(first, -history_days), ds, PLAYS.spark_schema())
-    priors = read_days(spark, lake.priors, known_days, PRIORS.spark_schema(), ds_column="prior_ds")
+    priors = served_priors(spark, lake, known_days, prior_max_gap_days)
     labelled = read_range(spark, lake.rewards(), shift_ds(first, -response_days), ds, REWARDS.spark_schema(), ds_column="labelled_ds")
     return Inputs(
         plays=plays, titles=read_table(spark, lake.titles, TITLES), artworks=read_table(spark, lake.artworks, ARTWORKS),
@@ -724,7 +746,7 @@ def load(snapshot: DataFrame, training: DataFrame, lake: Lake, ds: str) -> None:
 def run(spark: SparkSession, lake: Lake, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     params = SnapshotParams.from_settings(args.ds, settings)
     parse_ds(args.ds)
-    inputs = extract(spark, lake, args.ds, params.history_days, params.response_days)
+    inputs = extract(spark, lake, args.ds, params.history_days, params.response_days, settings.prior_max_gap_days)
     counts = catalog_counts(inputs.artworks, inputs.titles)
     vocabularies = {day: vocabulary_for(lake, day, counts) for day in inputs.snapshot_days}
     # today's is learned afresh from today's catalog on top of the slots before it (a rerun gives the same)
