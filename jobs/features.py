@@ -6,8 +6,9 @@
 Reads ``clean/plays`` (``history_days`` back), ``members``, ``catalog/{titles,artworks}``,
 ``rewards/ds=D``, ``features/members/ds=X`` and the priors serving decided with for X = each
 labelled impression's day - 1 (``priors/ds=X``, or after a day the priors task did not run the
-newest partition before it: :func:`served_priors`). Writes ``features/members/ds=D/`` and ``features/training/ds=D/``
-(columns in docs/architecture.md) and ``metrics/features/ds=D/metrics.json``.
+newest partition before it: :func:`served_priors`). Writes ``features/members/ds=D/`` and
+``features/training/ds=D/`` (columns in docs/architecture.md) and
+``metrics/features/ds=D/metrics.json``.
 
 Also writes the day's tag vocabulary, ``features/vocabulary/ds=D/vocabulary.json``
 (:func:`keyart.feature_spec.learn_vocabulary`): the catalog's tags counted over its artworks
@@ -35,6 +36,7 @@ vocabulary that was never written is computed from the data.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -693,10 +695,7 @@ def served_priors(spark: SparkSession, lake: Lake, known_days: Sequence[str], ma
                           .withColumn("prior_ds", F.lit(k).cast("date")))
     if not frames:
         return read_days(spark, lake.priors, [], PRIORS.spark_schema(), ds_column="prior_ds")
-    out = frames[0]
-    for df in frames[1:]:
-        out = out.unionByName(df)
-    return out
+    return functools.reduce(DataFrame.unionByName, frames)
 
 
 def extract(spark: SparkSession, lake: Lake, ds: str, history_days: int, response_days: int,
