@@ -189,28 +189,26 @@ def test_run_writes_snapshot_and_training_and_rerun_is_identical(spark, lake, se
 def test_after_a_day_without_priors_training_rows_see_the_priors_serving_kept(spark, tmp_path, settings):
     """The priors task did not run on 02-28 and 03-01, so neither did export: serving kept the
     bundle exported on 02-27, with 02-27's priors, for the impressions of 03-01 and 03-02. Their
-    training rows must carry those priors, as if 02-28's and 03-01's partitions held them, not
-    the missing-prior default."""
+    training rows must carry those priors, not the missing-prior default."""
     rewards, _, priors, artworks, titles = training_inputs(spark)
     priors = priors.drop("prior_ds")
 
-    def run_on(name, prior_days):
-        lake = Lake(tmp_path / name)
-        titles.write.parquet(str(lake.titles))
-        artworks.write.parquet(str(lake.artworks))
-        frame(spark, "members", [member("m1"), member("m9", "kids")]).write.parquet(str(lake.members))
-        write_day(frame(spark, "plays", [play("m1", "t1", "2026-02-26 20:00", 50)]), lake.clean("plays", "2026-02-26"))
-        write_day(rewards, lake.rewards(DS))
-        for day in prior_days:
-            write_day(priors, lake.priors(day))
-        features.run(spark, lake, args(DS, lake.root), settings)
-        return spark.read.parquet(str(lake.training(DS))).orderBy("event_id", "artwork_id").collect()
-
-    gap = run_on("gap", ["2026-02-27"])
+    lake = Lake(tmp_path / "lake")
+    titles.write.parquet(str(lake.titles))
+    artworks.write.parquet(str(lake.artworks))
+    frame(spark, "members", [member("m1"), member("m9", "kids")]).write.parquet(str(lake.members))
+    write_day(frame(spark, "plays", [play("m1", "t1", "2026-02-26 20:00", 50)]), lake.clean("plays", "2026-02-26"))
+    write_day(rewards, lake.rewards(DS))
+    write_day(priors, lake.priors("2026-02-27"))
+    features.run(spark, lake, args(DS, lake.root), settings)
     mean = feature_spec.FEATURE_NAMES.index("art_prior_mean")
-    assert {r["artwork_id"]: r["features"][mean] for r in gap if r["event_id"] == "e1"} == \
-        pytest.approx({"t1-a0": 2 / 10, "t1-a1": 5 / 10})  # 02-27's priors, not the default's 0.1
-    assert gap == run_on("daily", ["2026-02-27", "2026-02-28", "2026-03-01"])
+    assert {r["artwork_id"]: r["features"][mean] for r in spark.read.parquet(str(lake.training(DS))).collect()
+            if r["event_id"] == "e1"} == pytest.approx({"t1-a0": 2 / 10, "t1-a1": 5 / 10})  # 02-27's, not the default's 0.1
+    # what the job looked them up in: 02-27's rows, as each known day's, whole
+    served = features.served_priors(spark, lake, ["2026-02-28", "2026-03-01"], settings.prior_max_gap_days)
+    assertDataFrameEqual(served, priors.withColumn("prior_ds", F.lit("2026-02-28").cast("date")).unionByName(
+        priors.withColumn("prior_ds", F.lit("2026-03-01").cast("date"))))
+    assert features.served_priors(spark, lake, ["2026-03-01"], 2).count() == 0  # older than the gap limit
 
 
 def test_member_responses_are_the_spec_formula_on_data_before_the_day(spark):
