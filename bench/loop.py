@@ -137,6 +137,7 @@ def run_seed(spark, seed: int, size: dict[str, int], start: str, workdir: Path, 
                                            "noncontextual": float(nc_day.reward.mean()), "vw": float(vw_day.reward.mean())},
                     "keyart_served": served, "keyart_run": run, "keyart_rewards": summary.get("rewards"),
                 })
+                log(f"seed {seed} day {k} {ds}: " + day_line(days[-1]))
             try:
                 ope = ope_rows(world, lake, days, s.attribution_window_hours)
             except Exception as exc:  # the check must not cost the run's figures
@@ -147,7 +148,19 @@ def run_seed(spark, seed: int, size: dict[str, int], start: str, workdir: Path, 
             pipe.close()
     timings.update({f"keyart_{k}_s": v for k, v in pipe.timings.items()})
     timings["total_s"] = time.perf_counter() - t_seed
-    return {"seed": seed, "days": days, "ope": ope, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    result = {"seed": seed, "days": days, "ope": ope, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    # a long run stopped later still leaves every finished seed's figures
+    (root / "seed.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def day_line(d: dict[str, Any]) -> str:
+    """One day's lift capture per arm, for the progress log."""
+    from keyart.bench.loop_arms import lift_capture
+
+    return "lift capture " + ", ".join(
+        f"{arm} {lift_capture(d['value'][arm], d['value']['random'], d['oracle']):.3f}"
+        for arm in ARMS if arm != "random")
 
 
 def ope_rows(world, lake, days: list[dict[str, Any]], window_hours: float) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from keyart.bench.loop import aggregate, goal
+from keyart.bench.loop import aggregate, day_line, goal
 from keyart.bench.loop_arms import NonContextualArm, VWArm, lift_capture
 from keyart.lake import Lake, shift_ds
 from keyart.ope import Bootstrap, LoggedPages, evaluate_policies, weight_diagnostics
@@ -78,6 +78,11 @@ def test_aggregate_lift_and_regret():
     assert k["cumulative_regret"]["max"] == pytest.approx(10.0)
     assert rows[0]["arms"]["random"]["lift_capture"]["mean"] == 0.0
     assert goal(rows)["met"] is None  # no day >= 1: not measured
+
+
+def test_day_line_gives_each_learning_arm_its_lift_capture():
+    day = {"oracle": 0.2, "value": {"keyart": 0.18, "random": 0.1, "noncontextual": 0.15, "vw": 0.1}}
+    assert day_line(day) == "lift capture keyart 0.800, noncontextual 0.500, vw 0.000"
 
 
 def _rows(keyart: list[float], vw: list[float], nc: list[float]) -> list[dict]:
