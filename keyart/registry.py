@@ -354,10 +354,18 @@ def get_alias_version(alias: str, settings: Settings | None = None, name: str | 
     settings = settings or default_settings()
     if not registry_exists(settings):
         return None
+    mv = _model_version(name or settings.registered_model, alias, None, settings)
+    return None if mv is None else str(mv.version)
+
+
+def _model_version(name: str, alias: str | None, version: str | None, settings: Settings):
+    """The ModelVersion behind ``alias`` (or number ``version``) of ``name``, or None when the
+    registry has no such model, alias or version; other registry errors propagate."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client(settings).get_model_version_by_alias(name or settings.registered_model, alias).version)
+        return (client(settings).get_model_version_by_alias(name, alias) if version is None
+                else client(settings).get_model_version(name, version))
     except MlflowException as exc:
         if exc.error_code in _MISSING:
             return None
@@ -529,15 +537,9 @@ def resolve(uri: str, settings: Settings | None = None, strict: bool = False) ->
     if not registry_exists(settings):
         return None
     name, alias, version = parse_model_uri(uri)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = (client(settings).get_model_version_by_alias(name, alias) if version is None
-              else client(settings).get_model_version(name, version))
-    except MlflowException as exc:
-        if exc.error_code in _MISSING:
-            return None
-        raise
+    mv = _model_version(name, alias, version, settings)
+    if mv is None:
+        return None
     return Resolved(f"{MODELS_SCHEME}{name}/{mv.version}", name=name, version=str(mv.version),
                     checksum=(mv.tags or {}).get(TAG_SHA) or None)
 
@@ -547,7 +549,7 @@ def fetch(found: Resolved, settings: Settings | None = None) -> Path:
     and verified once, see :func:`download_bundle`)."""
     if found.path is not None:
         return found.path
-    return download_bundle(found.version, settings, name=found.name)
+    return download_bundle(found.version, settings, name=found.name, checksum=found.checksum)
 
 
 def bundle_path(uri: str, settings: Settings | None = None) -> Path | None:
@@ -602,7 +604,12 @@ def find_bundle_dir(root: Path) -> Path:
     return hits[0].parent
 
 
-def download_bundle(version: str | int, settings: Settings | None = None, name: str | None = None) -> Path:
+_LOOK_UP: Any = object()
+"""``download_bundle``'s default ``checksum``: read what the version records from the registry."""
+
+
+def download_bundle(version: str | int, settings: Settings | None = None, name: str | None = None,
+                    checksum: str | None = _LOOK_UP) -> Path:
     """Version ``version`` of ``name`` (default: the registered model) as a verified folder
     ``<cache>/<name>-v<version>/``, downloaded once.
 
@@ -615,7 +622,9 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
     the same home (``make demo`` twice, a restored or re-created tracking database) numbers
     its versions from 1 again. So a cached copy is used only when its checksum
     (:func:`bundle_checksum`) is the one the version records (``keyart.bundle_sha256``), and
-    a download that does not match it is refused (:class:`RegistryError`).
+    a download that does not match it is refused (:class:`RegistryError`). A caller that has
+    just read the version (:func:`resolve`) passes the checksum it records as ``checksum``
+    (None: it records none); by default it is read from the registry.
     """
     import mlflow.artifacts
 
@@ -623,7 +632,7 @@ def download_bundle(version: str | int, settings: Settings | None = None, name: 
     name = name or settings.registered_model
     cache = bundle_cache_dir(settings)
     target = cache / f"{name}-v{version}"
-    expected = _recorded_checksum(name, version, settings)
+    expected = _recorded_checksum(name, version, settings) if checksum is _LOOK_UP else checksum
     if target.is_dir():
         try:
             bundle.verify(target)

@@ -4,6 +4,7 @@ the one ONNX scorer it shares with export's parity check."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -145,6 +146,14 @@ def test_a_cached_copy_of_another_registrys_version_is_downloaded_again(tmp_path
     store = BundleStore(second)
     assert store.poll_once() is True and store.current.version == "second"  # what the endpoint serves
     assert [p.name for p in registry.bundle_cache_dir(second).iterdir()] == [path.name]  # nothing left aside
+
+    # fetch checks a copy against the checksum resolve read with the version (no second read)
+    found = registry.resolve(registry.champion_uri(second), second)
+    assert found.checksum == registry.bundle_checksum(tmp_path / "b2")
+    assert registry.fetch(found, second) == path
+    with pytest.raises(registry.RegistryError, match="not the one the version records"):
+        registry.fetch(dataclasses.replace(found, checksum="f" * 64), second)
+    assert not path.exists()
 
     # a version whose artifacts are not the bundle it records is refused, not cached
     client.set_model_version_tag(second.registered_model, v, registry.TAG_SHA, "0" * 64)
