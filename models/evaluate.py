@@ -78,6 +78,16 @@ log = logging.getLogger(__name__)
 BASELINES = ("random", "noncontextual")
 
 
+BASELINE_SAMPLES = 128
+"""Monte Carlo draws per impression for the non-contextual baseline's probabilities
+(``beta_ts``). Its Beta priors move at every held-out impression (:func:`online_priors`), so
+each impression gets its own estimate, and at serving's 1,024 draws this was most of
+evaluation's time. Each estimate is unbiased and IPS, SNIPS and DR are (ratios of) sums
+linear in the target's probabilities, so the draws' error averages out over the day: at
+128 draws it moves the day's estimate by a small fraction of its bootstrap interval
+(tests/models/test_baseline_samples.py)."""
+
+
 def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.ndarray]],
                    cfg: PolicyConfig, seed: int = 0, baselines: bool = True,
                    priors: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -102,7 +112,8 @@ def policy_targets(pages: LoggedPages, rows, scorers: dict[str, Callable[[], np.
         return out
     zeros = np.zeros(pages.n_rows)
     out["random"] = probabilities(replace(cfg, name="random"), zeros, pages.offsets, a, b, n)
-    out["noncontextual"] = probabilities(replace(cfg, name="beta_ts"), zeros, pages.offsets, a, b, n, rng)
+    out["noncontextual"] = probabilities(replace(cfg, name="beta_ts", thompson_samples=BASELINE_SAMPLES), zeros,
+                                         pages.offsets, a, b, n, rng)
     return out
 
 
