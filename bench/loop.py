@@ -164,12 +164,14 @@ def day_line(d: dict[str, Any]) -> str:
 
 
 def ope_rows(world, lake, days: list[dict[str, Any]], window_hours: float) -> list[dict[str, Any]]:
-    """Every daily run's OPE interval for the logging policy beside its true value.
+    """Every daily run's OPE intervals beside their true values: for the logging policy and,
+    when the run had a champion, for the paired difference candidate - champion the gate
+    decided on (``quantity``).
 
-    The truth is the exact expected quality play of what the held-out impressions showed
-    (:func:`keyart.demo.report.heldout_truths`), scaled by the share of quality plays that
-    start inside the attribution window (logged rewards see only those)."""
-    from keyart.demo.report import heldout_truths
+    The truths are exact on the held-out impressions (:func:`keyart.demo.report.heldout_truths`:
+    for the logging policy the expected quality play of what they showed), scaled by the share
+    of quality plays that start inside the attribution window (logged rewards see only those)."""
+    from keyart.demo.report import DIFFERENCE, heldout_truths, truth_pairs
     from keyart.ope import ESTIMATORS
     from keyart.sim.traffic import p_delay_within
 
@@ -182,15 +184,18 @@ def ope_rows(world, lake, days: list[dict[str, Any]], window_hours: float) -> li
         path = lake.run_dir(run["ds"]) / "evaluation.json"
         ev = json.loads(path.read_text())
         truth = heldout_truths(world, lake, run["ds"], ev)
-        est = ev.get("policies", {}).get("logging", {})
-        for estimator in ESTIMATORS:
-            e = est.get(estimator)
-            if e:
-                true = truth["logging"] * seen
-                out.append({"run": run["ds"], "heldout_part": truth["heldout_part"], "impressions": truth["impressions"],
-                            "estimator": estimator, "estimate": e["estimate"], "lo": e["lo"], "hi": e["hi"],
-                            "true": true, "covered": bool(e["lo"] <= true <= e["hi"]),
-                            "ess_share": (ev.get("weights") or {}).get("logging", {}).get("ess_share")})
+        for quantity, true, est in truth_pairs(ev, truth, seen):
+            if quantity not in ("logging", DIFFERENCE):
+                continue
+            for estimator in ESTIMATORS:
+                e = est.get(estimator)
+                if e:
+                    out.append({"run": run["ds"], "quantity": quantity, "heldout_part": truth["heldout_part"],
+                                "impressions": truth["impressions"], "estimator": estimator,
+                                "estimate": e["estimate"], "lo": e["lo"], "hi": e["hi"],
+                                "true": true, "covered": bool(e["lo"] <= true <= e["hi"]),
+                                "ess_share": (ev.get("weights") or {}).get("logging", {}).get("ess_share")
+                                if quantity == "logging" else None})
     return out
 
 
@@ -248,17 +253,26 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ope_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Coverage of the logging policy's intervals over every run of every seed, per estimator."""
+    """Over every run of every seed, per estimator: the coverage of the logging policy's
+    intervals (``by_estimator``) and of the gate's paired difference candidate - champion
+    (``difference_by_estimator``, with the mean interval width and mean |estimate - truth|)."""
     rows = [r for s in per_seed for r in s.get("ope", []) if "error" not in r]
-    out: dict[str, Any] = {}
+    by: dict[str, dict[str, Any]] = {"logging": {}, "candidate_minus_champion": {}}
     for r in rows:
-        e = out.setdefault(r["estimator"], {"runs": 0, "covered": 0})
+        e = by.setdefault(r.get("quantity", "logging"), {}).setdefault(
+            r["estimator"], {"runs": 0, "covered": 0, "width": 0.0, "abs_error": 0.0})
         e["runs"] += 1
         e["covered"] += int(r["covered"])
-    for e in out.values():
-        e["coverage"] = e["covered"] / e["runs"]
+        e["width"] += r["hi"] - r["lo"]
+        e["abs_error"] += abs(r["estimate"] - r["true"])
+    for table in by.values():
+        for e in table.values():
+            e["coverage"] = e["covered"] / e["runs"]
+            e["mean_width"] = e.pop("width") / e["runs"]
+            e["mean_abs_error"] = e.pop("abs_error") / e["runs"]
     shares = [r["ess_share"] for r in rows if r.get("ess_share") is not None]
-    return {"by_estimator": out, "logging_ess_share_min": min(shares) if shares else None}
+    return {"by_estimator": by["logging"], "difference_by_estimator": by["candidate_minus_champion"],
+            "logging_ess_share_min": min(shares) if shares else None}
 
 
 def _mm(s: dict[str, float], fmt: str) -> str:
@@ -301,6 +315,10 @@ def format_tables(r: dict[str, Any]) -> str:
         lines += ["", "OPE of the logging policy on each run's held-out impressions (truth from the simulator): "
                   + ", ".join(f"{e} {v['covered']}/{v['runs']}" for e, v in o["by_estimator"].items())
                   + f" intervals cover; smallest ESS share {o['logging_ess_share_min']:.3f}"]
+    if o.get("difference_by_estimator"):
+        lines += ["The gate's paired difference candidate - champion, same truth: " + ", ".join(
+            f"{e} {v['covered']}/{v['runs']} cover, mean width {v['mean_width']:.5f}, mean |error| {v['mean_abs_error']:.5f}"
+            for e, v in o["difference_by_estimator"].items())]
     verdict = {True: "MET", False: "NOT MET", None: "not measured"}
     lines.append("")
     for g in r["goal"].values():

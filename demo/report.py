@@ -232,7 +232,11 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
                    ``keyart.models.evaluate`` computed them: with the same seed and the
                    Beta priors of serving's online rule over the held-out day
                    (:func:`keyart.models.evaluate.online_priors`, evaluation.json's
-                   ``online_priors.window_hours``, else ``window_hours``).
+                   ``online_priors.window_hours``, else ``window_hours``);
+    ``champion``   when the run valued a champion whose bundle is still on disk: the same
+                   for the champion's distribution as evaluation built it (what its bundle
+                   served where it served, rebuilt elsewhere), so ``candidate - champion``
+                   is the true paired difference the gate decided on.
     """
     import lightgbm as lgb
     import pyarrow.compute as pc
@@ -269,9 +273,32 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
     priors = online_priors(pages, rows, window)
     probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False,
                            priors=priors)["candidate"]
-    return {"heldout_ds": held.day, "heldout_part": held.part,
-            "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
-            "candidate": float((probs * q).sum() / pages.n_impressions)}
+    out = {"heldout_ds": held.day, "heldout_part": held.part,
+           "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
+           "candidate": float((probs * q).sum() / pages.n_impressions)}
+    champion = champion_probabilities(held, evaluation, cfg, priors)
+    if champion is not None:
+        out["champion"] = float((champion * q).sum() / pages.n_impressions)
+    return out
+
+
+def champion_probabilities(held, evaluation: dict[str, Any], cfg: P.PolicyConfig,
+                           priors: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray | None:
+    """The champion's distribution over ``held``'s candidate rows as evaluation built it, or
+    None when the run valued no champion or its bundle is no longer on disk."""
+    from keyart import bundle
+    from keyart.models.evaluate import as_served, policy_targets
+    from keyart.scoring import OnnxScorer
+
+    path = (evaluation.get("champion") or {}).get("bundle")
+    if "champion" not in evaluation.get("policies", {}) or not path or not Path(path).is_dir():
+        return None
+    manifest = bundle.verify(Path(path))
+    champion_cfg = P.PolicyConfig(**manifest["policy"]) if isinstance(manifest.get("policy"), dict) else cfg
+    scorer = OnnxScorer(Path(path))
+    rebuilt = policy_targets(held.pages, held.rows, {"champion": lambda: scorer.predict(held.X).astype(np.float64)},
+                             champion_cfg, baselines=False, priors=priors)["champion"]
+    return as_served(held.pages, held.rows, rebuilt, manifest.version)[0]
 
 
 def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -> list[dict[str, Any]]:
@@ -292,9 +319,7 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
         ev = json.loads(path.read_text())
         truths = heldout_truths(world, lake, r.ds, ev, window_hours)
         same = bool((ev.get("candidate_vs_logging") or {}).get("same_policy"))
-        for who in ("logging", "candidate"):
-            truth = truths[who] * seen
-            est = ev.get("policies", {}).get(who, {})
+        for who, truth, est in truth_pairs(ev, truths, seen):
             for estimator in ESTIMATORS:
                 e = est.get(estimator)
                 if e:
@@ -303,6 +328,21 @@ def ope_rows(world, lake: Lake, results: list[DayResult], window_hours: float) -
                                 "estimate": e.get("estimate"), "lo": e.get("lo"), "hi": e.get("hi"), "true": truth,
                                 "covered": bool(e.get("lo", np.inf) <= truth <= e.get("hi", -np.inf)),
                                 "candidate_is_logging": same})
+    return out
+
+
+DIFFERENCE = "candidate_minus_champion"
+
+
+def truth_pairs(evaluation: dict[str, Any], truths: dict[str, Any], seen: float) -> list[tuple[str, float, dict]]:
+    """(what, its true value, its estimates by estimator) for the logging policy, the
+    candidate, and with a champion the champion and the paired difference the gate reads."""
+    policies = evaluation.get("policies", {})
+    out = [(who, truths[who] * seen, policies.get(who, {})) for who in ("logging", "candidate", "champion")
+           if who in truths]
+    if "champion" in truths:
+        out.append((DIFFERENCE, (truths["candidate"] - truths["champion"]) * seen,
+                    (evaluation.get("difference") or {}).get(DIFFERENCE, {})))
     return out
 
 
@@ -500,7 +540,10 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                   "serving's online rule held at each impression, as evaluation computed them) times each "
                   "candidate's expected quality play. Both are scaled by the exact share of plays that start "
                   f"inside the attribution window ({settings.attribution_window_hours:g} h), since logged rewards "
-                  "only see those. The candidate's value when it actually served is in the table above.", "",
+                  "only see those. With a champion, the same for the champion's distribution as evaluation built it "
+                  "(what its bundle served where it served, rebuilt elsewhere) and for the paired difference "
+                  "candidate − champion the gate decides on. The candidate's value when it actually served is in "
+                  "the table above.", "",
                   "| run | held-out impressions | policy | estimator | estimate | 95% interval | true | covered |",
                   "|---|---|---|---|---|---|---|---|"]
         same = [r["run"] for r in ope if r.get("candidate_is_logging")]
@@ -510,8 +553,9 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
                          f"[{_fmt(row['lo'])}, {_fmt(row['hi'])}] | {_fmt(row['true'])} | {'yes' if row['covered'] else 'no'} |")
         lines += ["", "Columns: **run** the daily run (its ds); **held-out impressions** how many impressions it "
                   "valued the policies on (`late`: the late part of the first labelled day, `all`: the whole "
-                  "held-out day); **policy** `logging` (what was served then) or `candidate` (the run's own "
-                  "model behind the exploration policy); **estimator** replay, IPS, SNIPS or DR; **estimate** and "
+                  "held-out day); **policy** `logging` (what was served then), `candidate` (the run's own "
+                  "model behind the exploration policy), `champion` (the champion it was compared with) or "
+                  "`candidate_minus_champion` (their paired difference); **estimator** replay, IPS, SNIPS or DR; **estimate** and "
                   "**95% interval** the estimator's value and its bootstrap interval (clustered by member); **true** "
                   "the exact value on the same impressions; **covered** whether the interval holds it.", ""]
         if same:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from keyart.demo.report import DayResult, _plots, _served_by, day_over_day, headline
+from keyart.demo.report import (
+    DIFFERENCE,
+    DayResult,
+    _plots,
+    _served_by,
+    day_over_day,
+    headline,
+    truth_pairs,
+)
 from keyart.ope import ESTIMATORS
 
 
@@ -56,3 +64,17 @@ def test_plots_are_written_with_one_tick_per_run(tmp_path):
 def test_take_rate_plot_scales_with_the_days(tmp_path, n_days):
     days = [DayResult(f"2026-11-{i + 1:02d}", "v", 10, 0.05, 0.05, 0.04, 0.08, None, 0.05) for i in range(n_days)]
     assert _plots(tmp_path, days, [], {}, {}) == ["take_rate.png"]
+
+
+def test_truth_pairs_give_the_gates_paired_difference_when_a_champion_was_valued():
+    est = {"snips": {"estimate": 0.001, "lo": -0.002, "hi": 0.004}}
+    ev = {"policies": {"logging": {"snips": 1}, "candidate": {"snips": 2}, "champion": {"snips": 3}},
+          "difference": {DIFFERENCE: est}}
+    truths = {"logging": 0.05, "candidate": 0.06, "champion": 0.055, "heldout_ds": "2026-11-02"}
+    pairs = truth_pairs(ev, truths, seen=0.5)
+    assert [(w, e) for w, _, e in pairs] == [("logging", {"snips": 1}), ("candidate", {"snips": 2}),
+                                             ("champion", {"snips": 3}), (DIFFERENCE, est)]
+    assert [t for _, t, _ in pairs] == pytest.approx([0.025, 0.03, 0.0275, 0.0025])
+    # no champion valued (or its bundle gone): no champion and no difference
+    del truths["champion"]
+    assert [w for w, _, _ in truth_pairs(ev, truths, seen=0.5)] == ["logging", "candidate"]

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from keyart.bench.loop import aggregate, day_line, goal
+from keyart.bench.loop import aggregate, day_line, goal, ope_summary
 from keyart.bench.loop_arms import NonContextualArm, VWArm, lift_capture
 from keyart.lake import Lake, shift_ds
 from keyart.ope import Bootstrap, LoggedPages, evaluate_policies, weight_diagnostics
@@ -83,6 +83,24 @@ def test_aggregate_lift_and_regret():
 def test_day_line_gives_each_learning_arm_its_lift_capture():
     day = {"oracle": 0.2, "value": {"keyart": 0.18, "random": 0.1, "noncontextual": 0.15, "vw": 0.1}}
     assert day_line(day) == "lift capture keyart 0.800, noncontextual 0.500, vw 0.000"
+
+
+def test_ope_summary_keeps_the_logging_policy_and_the_gates_difference_apart():
+    def row(quantity, estimator, estimate, lo, hi, true, ess=None):
+        return {"quantity": quantity, "estimator": estimator, "estimate": estimate, "lo": lo, "hi": hi, "true": true,
+                "covered": lo <= true <= hi, "ess_share": ess}
+
+    d = "candidate_minus_champion"
+    per_seed = [{"ope": [row("logging", "snips", 0.05, 0.04, 0.06, 0.055, 1.0), row(d, "snips", 0.001, -0.003, 0.005, 0.002),
+                         row(d, "dr", 0.0015, -0.001, 0.004, 0.002), {"error": "failed"}]},
+                {"ope": [row(d, "snips", -0.004, -0.007, -0.001, 0.0005)]}]
+    o = ope_summary(per_seed)
+    assert o["by_estimator"]["snips"]["runs"] == 1 and o["by_estimator"]["snips"]["coverage"] == 1.0
+    snips = o["difference_by_estimator"]["snips"]
+    assert (snips["runs"], snips["covered"], snips["coverage"]) == (2, 1, 0.5)
+    assert snips["mean_width"] == pytest.approx(0.007) and snips["mean_abs_error"] == pytest.approx(0.00275)
+    assert o["difference_by_estimator"]["dr"]["mean_width"] == pytest.approx(0.005)
+    assert o["logging_ess_share_min"] == 1.0
 
 
 def _rows(keyart: list[float], vw: list[float], nc: list[float]) -> list[dict]:
