@@ -38,6 +38,8 @@ from keyart.policy import (
 )
 
 TrainWeighting = Literal["none", "sqrt", "clipped"]
+PromotionEstimator = Literal["replay", "ips", "snips", "dr"]
+DEFAULT_PROMOTION_ESTIMATOR = "dr"
 """How the reward model weights rows of non-uniform logs (keyart.models.reward_model)."""
 
 CONFIG_ENV = "KEYART_CONFIG"
@@ -176,6 +178,7 @@ class Settings(BaseSettings):
     registered_model: str = "keyart-artwork"
     promotion_margin: float = Field(default=0.0, description="A challenger that is not fresher than the champion's model (a backfill, a retrain of the same day) is promoted only when the lower bound of its paired OPE difference challenger - champion exceeds this.")
     promotion_noninferiority_margin: float = Field(default=0.05, ge=0, lt=1, description="delta of the gate's non-inferiority rule, as a fraction of the champion's estimated value: a fresher challenger is promoted unless the pooled paired difference is credibly below -delta * V_champion (docs/mlflow.md).")
+    promotion_estimator: PromotionEstimator = Field(default=DEFAULT_PROMOTION_ESTIMATOR, description="OPE estimator of the paired difference challenger - champion the gate decides on (docs/mlflow.md): dr (default: the reward model's prediction as a control variate, unbiased with the logged propensities and with narrower intervals), snips, ips or replay.")
     promotion_pool_days: int = Field(default=7, ge=1, description="The gate pools the paired differences against the same champion model over the held-out days of this many most recent days (today's included).")
 
     # --- data quality ---------------------------------------------------------------

@@ -7,7 +7,7 @@ The rule (:func:`decide`, pure) for the trained version registered for ``ds``:
 3. evaluation must have compared it with the current champion's model, on the same
    held-out impressions: the paired difference d = V_challenger - V_champion with its
    bootstrap interval [lo, hi] (``evaluation.json``'s ``difference.candidate_minus_champion``,
-   SNIPS by default);
+   by the estimator the setting ``promotion_estimator`` names, DR by default);
 4. **hard block**: if hi < 0 the challenger is clearly worse and is never promoted,
    whatever the margin or the earlier days;
 5. a challenger that is not fresher than the champion's model (trained for an earlier or the
@@ -48,14 +48,14 @@ from typing import Any
 from scipy.stats import norm
 
 from keyart import bundle, registry
-from keyart.config import Settings
+from keyart.config import DEFAULT_PROMOTION_ESTIMATOR, Settings
 from keyart.config import settings as default_settings
 from keyart.lake import Lake, fmt_ds, shift_ds
 from keyart.ope import ESTIMATORS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ESTIMATOR = "snips"
+DEFAULT_ESTIMATOR = DEFAULT_PROMOTION_ESTIMATOR  # the setting promotion_estimator's default
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
 LEVEL = 0.95
 """Two-sided level of evaluation's bootstrap intervals (keyart.ope.Bootstrap's default)."""
@@ -365,7 +365,8 @@ def _decision_record(tags: Mapping[str, str], decision: GateDecision) -> dict[st
     return {"decision": decision.decision, "reason": decision.reason, "at": tags.get("keyart.gate.at"),
             "champion_before": tags.get("keyart.gate.champion_before"),
             "champion_after": tags.get("keyart.gate.champion_after"),
-            "published": tags.get(PUBLISHED_TAG), "publish_note": tags.get(PUBLISH_NOTE_TAG, "")}
+            "published": tags.get(PUBLISHED_TAG), "publish_note": tags.get(PUBLISH_NOTE_TAG, ""),
+            "estimator": tags.get("keyart.gate.estimator")}
 
 
 def _record(mv: Any, tags: dict[str, str], figures: dict[str, float | None], settings: Settings) -> None:
@@ -379,11 +380,12 @@ def _record(mv: Any, tags: dict[str, str], figures: dict[str, float | None], set
                 c.log_metric(mv.run_id, key, float(value))
 
 
-def gate(ds: str, settings: Settings | None = None, estimator: str = DEFAULT_ESTIMATOR,
+def gate(ds: str, settings: Settings | None = None, estimator: str | None = None,
          force: bool = False) -> GateResult:
     """Run the promotion gate for the newest trained version registered for ``ds``, then
-    publish the day's tables."""
+    publish the day's tables. ``estimator``: default the setting ``promotion_estimator``."""
     settings = registry.configure(settings)
+    estimator = estimator or settings.promotion_estimator
     ds = fmt_ds(ds)
     found = registry.versions_for_ds(ds, settings)
     if not found:
@@ -456,8 +458,9 @@ def _refused(ds: str, why: str, settings: Settings) -> GateResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds", required=True, help="partition date YYYY-MM-DD whose version to gate")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=DEFAULT_ESTIMATOR,
-                        help="OPE estimator of the paired difference against the champion (default snips)")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                        help="OPE estimator of the paired difference against the champion (default: the setting "
+                        f"promotion_estimator, {DEFAULT_ESTIMATOR} unless set)")
     parser.add_argument("--force", action="store_true", help="decide again even if already gated")
 
 

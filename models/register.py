@@ -275,16 +275,18 @@ def _log_artifacts(rec: RunRecord, settings: Settings) -> list[str]:
     margin = settings.promotion_noninferiority_margin
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        made = report.make_plots(rec.run_dir, rec.train, rec.evaluation, out / "plots", noninferiority_margin=margin)
+        made = report.make_plots(rec.run_dir, rec.train, rec.evaluation, out / "plots", noninferiority_margin=margin,
+                                 gate_estimator=settings.promotion_estimator)
         lineage = {**rec.lineage, "source_run": mlflow.active_run().info.run_id}
         card = report.model_card(ds=rec.ds, manifest=rec.manifest, train=rec.train, evaluation=rec.evaluation,
-                                 lineage=lineage, notes=made.notes, noninferiority_margin=margin)
+                                 lineage=lineage, notes=made.notes, noninferiority_margin=margin,
+                                 gate_estimator=settings.promotion_estimator)
         (out / "model_card.md").write_text(card)
         mlflow.log_artifact(str(out / "model_card.md"))
         if made.plots:
             mlflow.log_artifacts(str(out / "plots"), artifact_path="plots")
         mlflow.set_tag("mlflow.note.content", card[:MAX_TAG_CHARS])
-    rows = report.comparison_rows(rec.evaluation, margin)
+    rows = report.comparison_rows(rec.evaluation, margin, settings.promotion_estimator)
     if rows:
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=COMPARISON_FILE)
     for name in ("train.json", "evaluation.json"):
@@ -381,7 +383,8 @@ def record_decision(version: str, decision: Mapping[str, Any], settings: Setting
     (decision section), ``plots/challenger_vs_champion.png`` and the run description.
 
     ``decision`` holds ``decision``, ``reason``, ``at``, ``champion_before``,
-    ``champion_after``, ``published``, ``publish_note`` and ``figures`` (the gate's).
+    ``champion_after``, ``published``, ``publish_note``, ``estimator`` (the one the gate read)
+    and ``figures`` (the gate's).
     The card is rebuilt from the run's own artifacts, so this works wherever the run is."""
     mv = registry.get_version(version, settings)
     ds = mv.tags.get(registry.TAG_DS, "?")
@@ -406,13 +409,15 @@ def record_decision(version: str, decision: Mapping[str, Any], settings: Setting
         evaluation = files["evaluation.json"]
         plots = out / "plots"
         plots.mkdir()
+        gate_estimator = decision.get("estimator") or settings.promotion_estimator
         drawn = report.difference_plot(evaluation, plots / "challenger_vs_champion.png", margin,
-                                       {**decision, "version": version})
+                                       {**decision, "version": version}, gate_estimator)
         notes = [n for n in (mv.tags.get("keyart.report_notes") or "").split("; ") if n]
         lineage = {k: mv.tags[f"keyart.{k}"] for k in LINEAGE_KEYS if f"keyart.{k}" in mv.tags}
         card = report.model_card(ds=ds, manifest=files[f"bundle/{bundle.MANIFEST}"], train=files["train.json"],
                                  evaluation=evaluation, lineage=lineage, notes=notes,
-                                 decision={**decision, "version": version}, noninferiority_margin=margin)
+                                 decision={**decision, "version": version}, noninferiority_margin=margin,
+                                 gate_estimator=gate_estimator)
         (out / "model_card.md").write_text(card)
         c.log_artifact(mv.run_id, str(out / "model_card.md"))
         if isinstance(drawn, Path):

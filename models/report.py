@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keyart.config import DEFAULT_PROMOTION_ESTIMATOR  # noqa: E402
 from keyart.ope import ESTIMATORS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ POLICIES = ("candidate", "champion", "logging", "random", "noncontextual")
 SHARE_POLICIES = ("candidate", "champion", "logging")
 TOP_N = 25
 DIFFERENCE_KEY = "candidate_minus_champion"
-GATE_ESTIMATOR = "snips"
+GATE_ESTIMATOR = DEFAULT_PROMOTION_ESTIMATOR  # what the gate reads unless the setting promotion_estimator says otherwise
 
 
 @dataclass
@@ -182,7 +183,8 @@ def _cell(evaluation: Mapping[str, Any], section: str, name: str, est: str) -> M
     return cell if isinstance(cell, Mapping) and cell.get("estimate") is not None else None
 
 
-def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float) -> list[dict[str, Any]]:
+def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float,
+                    gate_estimator: str = GATE_ESTIMATOR) -> list[dict[str, Any]]:
     """Challenger (the run's candidate) beside the champion, per estimator: both values and
     the paired difference with their 95% intervals, and -delta (delta = margin x the
     champion's value), the bound the gate holds the difference's lower end against.
@@ -196,7 +198,7 @@ def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float)
             continue
         v = float(champ["estimate"])
         delta = noninferiority_margin * v if v > 0 else 0.0
-        row: dict[str, Any] = {"estimator": est, "gate_reads": est == GATE_ESTIMATOR}
+        row: dict[str, Any] = {"estimator": est, "gate_reads": est == gate_estimator}
         for label, c in (("challenger", cand), ("champion", champ), ("difference", diff)):
             for k in ("estimate", "lo", "hi"):
                 row[f"{label}_{k}"] = float(c[k]) if c is not None and c.get(k) is not None else None
@@ -206,11 +208,12 @@ def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float)
 
 
 def difference_plot(evaluation: Mapping[str, Any], out: Path, noninferiority_margin: float,
-                    decision: Mapping[str, Any] | None = None) -> Path | str:
+                    decision: Mapping[str, Any] | None = None, gate_estimator: str = GATE_ESTIMATOR) -> Path | str:
     """The paired difference challenger − champion per estimator with its interval, against
     0 (hard block when the whole interval is below it) and −delta (the non-inferiority
     bound); the gate's pooled interval too, once the gate has run."""
-    rows = [r for r in comparison_rows(evaluation, noninferiority_margin) if r["difference_estimate"] is not None]
+    rows = [r for r in comparison_rows(evaluation, noninferiority_margin, gate_estimator)
+            if r["difference_estimate"] is not None]
     if not rows:
         return ("challenger vs champion: no paired difference in evaluation.json "
                 "(no champion was valued: the first model is promoted on parity alone)")
@@ -273,11 +276,12 @@ def feature_importance_plot(train: Mapping[str, Any], model_txt: Path, out: Path
 
 def make_plots(run_dir: Path, train: Mapping[str, Any], evaluation: Mapping[str, Any],
                out_dir: Path, noninferiority_margin: float = 0.05,
-               decision: Mapping[str, Any] | None = None) -> Report:
+               decision: Mapping[str, Any] | None = None, gate_estimator: str = GATE_ESTIMATOR) -> Report:
     """Draw every plot into ``out_dir``; a plot that cannot be drawn becomes a note."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[str, Callable[[Path], Path | str]]] = [
-        ("challenger_vs_champion.png", lambda p: difference_plot(evaluation, p, noninferiority_margin, decision)),
+        ("challenger_vs_champion.png", lambda p: difference_plot(evaluation, p, noninferiority_margin, decision,
+                                                                         gate_estimator)),
         ("take_rate_by_policy.png", lambda p: take_rate_plot(evaluation, p)),
         ("calibration.png", lambda p: calibration_plot(evaluation, train, p)),
         ("per_title_lift.png", lambda p: per_title_lift_plot(evaluation, p)),
@@ -329,7 +333,8 @@ def decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float) -> list[str]:
+def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float,
+                     gate_estimator: str = GATE_ESTIMATOR) -> list[str]:
     """The challenger-vs-champion table of the card."""
     lines = ["## Challenger vs champion", ""]
     if not rows:
@@ -341,7 +346,7 @@ def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float) -
         lines.append(f"| {name} | {_iv(r, 'challenger')} | {_iv(r, 'champion')} | "
                      f"{_iv(r, 'difference', signed=True)} | {r['minus_delta']:+.5f} |")
     lines += ["", f"Values are take rates with 95% bootstrap intervals; the difference is paired (both "
-              f"policies on the same resampled impressions). The gate reads {GATE_ESTIMATOR}: a fresher "
+              f"policies on the same resampled impressions). The gate reads {gate_estimator}: a fresher "
               f"challenger is promoted unless the difference's lower bound (or that of the difference pooled "
               f"over recent held-out days) is at or below −δ, δ = {noninferiority_margin:g} × V_champion; "
               "an upper bound below 0 always blocks. See `plots/challenger_vs_champion.png`.", ""]
@@ -351,7 +356,7 @@ def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float) -
 def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any],
                evaluation: Mapping[str, Any], lineage: Mapping[str, Any],
                notes: list[str], decision: Mapping[str, Any] | None = None,
-               noninferiority_margin: float = 0.05) -> str:
+               noninferiority_margin: float = 0.05, gate_estimator: str = GATE_ESTIMATOR) -> str:
     """A short Markdown model card for the run and its registered version: the gate's
     decision first (pending until the gate runs), then challenger vs champion, identity,
     training, the offline evaluation of every policy and ONNX parity."""
@@ -363,7 +368,10 @@ def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any]
         f"`{policy_name}` exploration policy; exported to ONNX and shipped as a bundle.", "",
     ]
     lines += decision_lines(decision)
-    lines += comparison_lines(comparison_rows(evaluation, noninferiority_margin), noninferiority_margin)
+    if decision and decision.get("estimator"):  # what the gate actually read
+        gate_estimator = str(decision["estimator"])
+    lines += comparison_lines(comparison_rows(evaluation, noninferiority_margin, gate_estimator),
+                              noninferiority_margin, gate_estimator)
     lines += [
         "## Identity", "",
         f"- bundle version: `{manifest.get('bundle_version')}`",

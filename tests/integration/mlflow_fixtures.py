@@ -90,23 +90,37 @@ def _estimate(values: np.ndarray, weights: np.ndarray, self_normalised: bool) ->
     return {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
 
 
-def _value(held: HeldOut, chosen: np.ndarray, on_policy: bool = False) -> dict[str, dict[str, float]]:
-    """Replay/IPS/SNIPS of a deterministic policy (chosen arm [n]) on uniform logs.
+def _mean_interval(terms: np.ndarray) -> dict[str, float]:
+    est, se = float(terms.mean()), float(terms.std(ddof=1) / np.sqrt(len(terms)))
+    return {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
 
-    ``on_policy`` values the logging policy itself (importance weights 1).
+
+def _dr_terms(held: HeldOut, chosen: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Doubly robust terms of a deterministic policy: q of its arm plus the weighted residual."""
+    rows = np.arange(len(held.shown))
+    w = (chosen == held.shown) * float(K)
+    return q[rows, chosen] + w * (held.reward - q[rows, held.shown])
+
+
+def _value(held: HeldOut, chosen: np.ndarray, q: np.ndarray, on_policy: bool = False) -> dict[str, dict[str, float]]:
+    """Replay/IPS/SNIPS/DR of a deterministic policy (chosen arm [n]) on uniform logs; ``q``
+    [n, K] the candidate's predictions (DR's reward model).
+
+    ``on_policy`` values the logging policy itself (importance weights 1; DR is its mean reward).
     """
     match = (chosen == held.shown).astype(float)
     w = np.ones_like(match) if on_policy else match * K
     replay = _estimate(held.reward[match > 0], np.ones(int(match.sum())), self_normalised=True)
     return {"replay": replay, "ips": _estimate(held.reward, w, False),
-            "snips": _estimate(held.reward, w, True)}
+            "snips": _estimate(held.reward, w, True),
+            "dr": _estimate(held.reward, w, False) if on_policy else _mean_interval(_dr_terms(held, chosen, q))}
 
 
-def _difference(held: HeldOut, a: np.ndarray, b: np.ndarray) -> dict[str, dict[str, float]]:
-    """Paired IPS/SNIPS difference V_a - V_b of two deterministic policies (linearised intervals)."""
+def _difference(held: HeldOut, a: np.ndarray, b: np.ndarray, q: np.ndarray) -> dict[str, dict[str, float]]:
+    """Paired IPS/SNIPS/DR difference V_a - V_b of two deterministic policies (linearised intervals)."""
     w_a, w_b = (a == held.shown) * float(K), (b == held.shown) * float(K)
     n = len(held.shown)
-    out = {}
+    out = {"dr": _mean_interval(_dr_terms(held, a, q) - _dr_terms(held, b, q))}
     for name in ("ips", "snips"):
         if name == "ips":
             est = float((w_a * held.reward).mean() - (w_b * held.reward).mean())
@@ -121,10 +135,13 @@ def _difference(held: HeldOut, a: np.ndarray, b: np.ndarray) -> dict[str, dict[s
     return out
 
 
-def greedy_choice(booster: lgb.Booster, held: HeldOut) -> np.ndarray:
+def predictions(booster: lgb.Booster, held: HeldOut) -> np.ndarray:
     n = len(held.shown)
-    scores = booster.predict(held.x.reshape(n * K, -1)).reshape(n, K)
-    return scores.argmax(axis=1)
+    return booster.predict(held.x.reshape(n * K, -1)).reshape(n, K)
+
+
+def greedy_choice(booster: lgb.Booster, held: HeldOut) -> np.ndarray:
+    return predictions(booster, held).argmax(axis=1)
 
 
 @dataclass(frozen=True)
@@ -143,19 +160,20 @@ def evaluation(booster: lgb.Booster, champion: Champion | None, held: HeldOut,
     """
     n = len(held.shown)
     rng = np.random.default_rng(3)
-    cand = greedy_choice(booster, held)
+    q = predictions(booster, held)
+    cand = q.argmax(axis=1)
     policies = {
-        "candidate": _value(held, cand),
-        "logging": _value(held, held.shown, on_policy=True),
-        "random": _value(held, rng.integers(0, K, n)),
-        "noncontextual": _value(held, np.zeros(n, dtype=int)),
+        "candidate": _value(held, cand, q),
+        "logging": _value(held, held.shown, q, on_policy=True),
+        "random": _value(held, rng.integers(0, K, n), q),
+        "noncontextual": _value(held, np.zeros(n, dtype=int), q),
     }
     info: dict = {"source": "no champion registered"}
     difference = {}
     if champion is not None:
         champ = greedy_choice(champion.booster, held)
-        policies["champion"] = _value(held, champ)
-        difference = {"candidate_minus_champion": _difference(held, cand, champ)}
+        policies["champion"] = _value(held, champ, q)
+        difference = {"candidate_minus_champion": _difference(held, cand, champ, q)}
         info = {"source": "registry", "bundle_version": champion.bundle_version}
     base = policies["logging"]["snips"]["estimate"]
     lift = {p: {e: {k: v / base - 1.0 for k, v in iv.items()} for e, iv in by_est.items()}

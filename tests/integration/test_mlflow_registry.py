@@ -128,9 +128,13 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path, tmp_
                 "timing.train.fit_s", "timing.evaluate.ope_s", "timing.register_s", "gate.promoted"):
         assert key in metrics, key
     assert metrics["gate.promoted"] == 0.0
-    assert metrics["difference.candidate_minus_champion.snips.hi"] < 0.0
-    assert metrics["gate.difference_lo"] == metrics["difference.candidate_minus_champion.snips.lo"]
+    gate_est = settings.promotion_estimator
+    assert gate_est == "dr" and tags["keyart.gate.estimator"] == gate_est
+    for est in ("snips", gate_est):  # clearly worse by every estimator; the gate reads its own
+        assert metrics[f"difference.candidate_minus_champion.{est}.hi"] < 0.0
+    assert metrics["gate.difference_lo"] == metrics[f"difference.candidate_minus_champion.{gate_est}.lo"]
     assert tags["keyart.gate.decision"] == KEPT and "hard block" in tags["keyart.gate.reason"]
+    assert tags["keyart.gate.reason"].startswith(f"{gate_est} challenger - champion")
     assert tags["keyart.gate.published"] == "3"
     evidence = json.loads(registry.get_version("2", settings).tags["keyart.gate.evidence"])
     assert evidence["heldout_ds"] == DAY1
@@ -155,6 +159,7 @@ def test_two_days_gate_promote_rollback(backend: str, _isolated_home: Path, tmp_
     assert snips[col["difference_hi"]] < 0
     assert snips[col["champion_estimate"]] == pytest.approx(metrics["ope.champion.snips.estimate"], rel=1e-9)
     assert snips[col["minus_delta"]] == pytest.approx(-0.05 * metrics["ope.champion.snips.estimate"])
+    assert {r[col["estimator"]] for r in table["data"] if r[col["gate_reads"]]} == {gate_est}
     # the model card (the run description) opens with the gate's decision, rewritten after it ran
     card = tags["mlflow.note.content"]
     assert card.index("## Decision") < card.index("## Challenger vs champion") < card.index("## Identity")

@@ -70,8 +70,8 @@ PREVIOUS_GOOD = (ev(0.002, 0.0045, "2026-11-09"), ev(0.003, 0.0045, "2026-11-08"
     ({"eval_champion_model": "sha256:old"}, KEPT, "re-run evaluate"),
     # a refreshed champion serves the same model: the evaluation is not stale
     ({"eval_champion_model": "sha256:c", "champion_version": "8"}, PROMOTED, "champion v8"),
-    ({"today": None}, KEPT, "no paired snips difference"),
-    ({"today": Evidence(H, float("nan"), float("nan"), float("nan"))}, KEPT, "no paired snips difference"),
+    ({"today": None}, KEPT, "no paired dr difference"),
+    ({"today": Evidence(H, float("nan"), float("nan"), float("nan"))}, KEPT, "no paired dr difference"),
 ])  # fmt: skip
 def test_gate_rule(kw, decision, reason):
     got = decide(inputs(**kw))

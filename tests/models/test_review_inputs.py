@@ -101,18 +101,20 @@ def _evaluation(champion: bool = True) -> dict:
     policies = {p: {e: dict(iv) for e in ("replay", "ips", "snips", "dr")} for p in ("candidate", "logging")}
     out = {"heldout_ds": "2026-11-02", "n_impressions": 1000, "policies": policies}
     if champion:
-        policies["champion"] = {e: {"estimate": 0.058, "lo": 0.053, "hi": 0.063} for e in ("ips", "snips")}
+        policies["champion"] = {e: {"estimate": 0.058, "lo": 0.053, "hi": 0.063} for e in ("ips", "snips", "dr")}
         out["difference"] = {"candidate_minus_champion": {e: {"estimate": 0.002, "lo": -0.004, "hi": 0.008}
-                                                          for e in ("ips", "snips")}}
+                                                          for e in ("ips", "snips", "dr")}}
     return out
 
 
 def test_comparison_rows_and_the_difference_plot(tmp_path):
     rows = report.comparison_rows(_evaluation(), 0.05)
-    assert [r["estimator"] for r in rows] == ["ips", "snips"]
-    snips = rows[1]
-    assert snips["gate_reads"] and snips["minus_delta"] == pytest.approx(-0.05 * 0.058)
-    assert (snips["difference_lo"], snips["challenger_estimate"], snips["champion_hi"]) == (-0.004, 0.060, 0.063)
+    assert [r["estimator"] for r in rows] == ["ips", "snips", "dr"]
+    assert [r["gate_reads"] for r in rows] == [False, False, True]  # the gate reads dr unless set otherwise
+    assert [r["gate_reads"] for r in report.comparison_rows(_evaluation(), 0.05, "snips")] == [False, True, False]
+    dr = rows[2]
+    assert dr["minus_delta"] == pytest.approx(-0.05 * 0.058)
+    assert (dr["difference_lo"], dr["challenger_estimate"], dr["champion_hi"]) == (-0.004, 0.060, 0.063)
     out = report.difference_plot(_evaluation(), tmp_path / "d.png", 0.05,
                                  {"decision": "promoted", "figures": {"pooled": 0.003, "pooled_lo": -0.001,
                                                                       "pooled_hi": 0.007, "pooled_days": 2.0}})
@@ -126,10 +128,12 @@ def test_the_model_card_opens_with_the_decision_once_the_gate_ran():
                   lineage={}, notes=[])
     pending = report.model_card(**kwargs)
     assert pending.index("## Decision") < pending.index("## Challenger vs champion") < pending.index("## Identity")
-    assert "Pending" in pending and "| **snips** (gate) |" in pending and "-0.00290" in pending
+    assert "Pending" in pending and "| **dr** (gate) |" in pending and "-0.00290" in pending
+    assert "The gate reads dr" in pending
     decided = report.model_card(**kwargs, decision={"decision": "kept", "reason": "snips ... may be worse by more than delta",
-                                                    "version": "4", "champion_after": "5"})
+                                                    "version": "4", "champion_after": "5", "estimator": "snips"})
     assert "**kept**" in decided and "> snips ... may be worse by more than delta" in decided
     assert "Pending" not in decided and "- champion after: `5`" in decided
+    assert "| **snips** (gate) |" in decided and "The gate reads snips" in decided  # the one it did read
     first = report.model_card(**{**kwargs, "evaluation": _evaluation(champion=False)})
     assert "promoted on parity alone" in first
