@@ -184,6 +184,7 @@ def ope_rows(world, lake, days: list[dict[str, Any]], window_hours: float) -> li
         path = lake.run_dir(run["ds"]) / "evaluation.json"
         ev = json.loads(path.read_text())
         truth = heldout_truths(world, lake, run["ds"], ev)
+        out.append({"run": run["ds"], "quantity": "lift_capture", **lift_decomposition(truth)})
         for quantity, true, est in truth_pairs(ev, truth, seen):
             if quantity not in ("logging", DIFFERENCE):
                 continue
@@ -252,11 +253,37 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+DECOMPOSITION = ("candidate", "candidate_greedy", "candidate_model_only", "champion")
+"""What :func:`lift_decomposition` values on a run's held-out impressions."""
+
+
+def lift_decomposition(truth: dict[str, Any]) -> dict[str, float]:
+    """Lift capture on a run's held-out impressions (:func:`keyart.demo.report.heldout_truths`)
+    of the candidate as it would serve (its exploration policy), greedy on the same blended
+    score, greedy on the model alone, and the champion it was compared with: how much of the
+    gap exploration, the prior blend and the gate's choice each cost."""
+    from keyart.bench.loop_arms import lift_capture
+
+    return {k: lift_capture(truth[k], truth["random"], truth["oracle"]) for k in DECOMPOSITION if k in truth}
+
+
+def decomposition_summary(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per daily run (in order), :func:`lift_decomposition`'s mean over seeds."""
+    runs: dict[int, dict[str, list[float]]] = {}
+    for s in per_seed:
+        rows = [r for r in s.get("ope", []) if r.get("quantity") == "lift_capture"]
+        for i, r in enumerate(rows):
+            for k in DECOMPOSITION:
+                if k in r:
+                    runs.setdefault(i, {}).setdefault(k, []).append(r[k])
+    return [{"run": i + 1, **{k: sum(v) / len(v) for k, v in by.items()}} for i, by in sorted(runs.items())]
+
+
 def ope_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Over every run of every seed, per estimator: the coverage of the logging policy's
     intervals (``by_estimator``) and of the gate's paired difference candidate - champion
     (``difference_by_estimator``, with the mean interval width and mean |estimate - truth|)."""
-    rows = [r for s in per_seed for r in s.get("ope", []) if "error" not in r]
+    rows = [r for s in per_seed for r in s.get("ope", []) if "error" not in r and "estimator" in r]
     by: dict[str, dict[str, Any]] = {"logging": {}, "candidate_minus_champion": {}}
     for r in rows:
         e = by.setdefault(r.get("quantity", "logging"), {}).setdefault(
@@ -272,7 +299,8 @@ def ope_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             e["mean_abs_error"] = e.pop("abs_error") / e["runs"]
     shares = [r["ess_share"] for r in rows if r.get("ess_share") is not None]
     return {"by_estimator": by["logging"], "difference_by_estimator": by["candidate_minus_champion"],
-            "logging_ess_share_min": min(shares) if shares else None}
+            "logging_ess_share_min": min(shares) if shares else None,
+            "lift_decomposition": decomposition_summary(per_seed)}
 
 
 def _mm(s: dict[str, float], fmt: str) -> str:
@@ -319,6 +347,13 @@ def format_tables(r: dict[str, Any]) -> str:
         lines += ["The gate's paired difference candidate - champion, same truth: " + ", ".join(
             f"{e} {v['covered']}/{v['runs']} cover, mean width {v['mean_width']:.5f}, mean |error| {v['mean_abs_error']:.5f}"
             for e, v in o["difference_by_estimator"].items())]
+    if o.get("lift_decomposition"):
+        lines += ["", "Each daily run's model on its held-out impressions, lift capture (mean over seeds): as served "
+                  "(exploration), greedy, greedy on the model alone (no prior blend), and the champion it was compared with",
+                  f"{'run':<4}" + "".join(f"{k:>22}" for k in DECOMPOSITION)]
+        for row in o["lift_decomposition"]:
+            lines.append(f"{row['run']:<4}" + "".join(f"{row[k]:>22.3f}" if k in row else f"{'-':>22}"
+                                                      for k in DECOMPOSITION))
     verdict = {True: "MET", False: "NOT MET", None: "not measured"}
     lines.append("")
     for g in r["goal"].values():

@@ -9,7 +9,7 @@ pipeline itself never reads; the gate's story comes from the MLflow registry.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,9 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
                    Beta priors of serving's online rule over the held-out day
                    (:func:`keyart.models.evaluate.online_priors`, evaluation.json's
                    ``online_priors.window_hours``, else ``window_hours``);
+    ``candidate_greedy``, ``candidate_model_only``: the candidate's model without exploration
+                   (greedy on the blended score) and without the prior blend as well
+                   (``prior_blend_n0`` 0); ``oracle`` and ``random`` on the same impressions;
     ``champion``   when the run valued a champion whose bundle is still on disk: the same
                    for the champion's distribution as evaluation built it (what its bundle
                    served where it served, rebuilt elsewhere), so ``candidate - champion``
@@ -271,11 +274,22 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
     # would be uniform: a different policy from the one evaluated)
     window = float((evaluation.get("online_priors") or {}).get("window_hours", window_hours))
     priors = online_priors(pages, rows, window)
-    probs = policy_targets(pages, rows, {"candidate": lambda: booster.predict(held.X)}, cfg, baselines=False,
+    scores = booster.predict(held.X)
+    n = pages.n_impressions
+    probs = policy_targets(pages, rows, {"candidate": lambda: scores}, cfg, baselines=False,
                            priors=priors)["candidate"]
     out = {"heldout_ds": held.day, "heldout_part": held.part,
-           "impressions": pages.n_impressions, "logging": float(q[pages.logged_row].mean()),
-           "candidate": float((probs * q).sum() / pages.n_impressions)}
+           "impressions": n, "logging": float(q[pages.logged_row].mean()),
+           "candidate": float((probs * q).sum() / n)}
+    # where the candidate's lift goes: the same model without exploration, and without the
+    # prior blend either; the oracle and uniform random on the same impressions
+    for name, variant in (("candidate_greedy", replace(cfg, name="greedy")),
+                          ("candidate_model_only", replace(cfg, name="greedy", prior_blend_n0=0.0))):
+        p = P.probabilities(variant, scores, pages.offsets, *priors,
+                            model_mean=P.residual_means(variant, scores, rows["artwork_id"].astype(str).to_numpy()))
+        out[name] = float((p * q).sum() / n)
+    out["oracle"] = float(np.maximum.reduceat(q, pages.offsets[:-1]).sum() / n)
+    out["random"] = float((np.add.reduceat(q, pages.offsets[:-1]) / np.diff(pages.offsets)).sum() / n)
     champion = champion_probabilities(held, evaluation, cfg, priors)
     if champion is not None:
         out["champion"] = float((champion * q).sum() / pages.n_impressions)

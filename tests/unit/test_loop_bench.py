@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from keyart.bench.loop import aggregate, day_line, goal, ope_summary
+from keyart.bench.loop import aggregate, day_line, goal, lift_decomposition, ope_summary
 from keyart.bench.loop_arms import NonContextualArm, VWArm, lift_capture
 from keyart.lake import Lake, shift_ds
 from keyart.ope import Bootstrap, LoggedPages, evaluate_policies, weight_diagnostics
@@ -101,6 +101,21 @@ def test_ope_summary_keeps_the_logging_policy_and_the_gates_difference_apart():
     assert snips["mean_width"] == pytest.approx(0.007) and snips["mean_abs_error"] == pytest.approx(0.00275)
     assert o["difference_by_estimator"]["dr"]["mean_width"] == pytest.approx(0.005)
     assert o["logging_ess_share_min"] == 1.0
+
+
+def test_lift_decomposition_per_run_and_its_mean_over_seeds():
+    truth = {"random": 0.04, "oracle": 0.08, "candidate": 0.068, "candidate_greedy": 0.07,
+             "candidate_model_only": 0.072, "champion": 0.066, "logging": 0.05}
+    d = lift_decomposition(truth)
+    assert d == pytest.approx({"candidate": 0.7, "candidate_greedy": 0.75, "candidate_model_only": 0.8,
+                               "champion": 0.65})
+    assert "champion" not in lift_decomposition({k: v for k, v in truth.items() if k != "champion"})
+    seeds = [{"ope": [{"quantity": "lift_capture", **d}, {"quantity": "lift_capture", "candidate": 0.9}]},
+             {"ope": [{"quantity": "lift_capture", **{**d, "candidate": 0.8}}]}]
+    runs = ope_summary(seeds)["lift_decomposition"]
+    assert [r["run"] for r in runs] == [1, 2]
+    assert runs[0]["candidate"] == pytest.approx(0.75) and runs[0]["champion"] == pytest.approx(0.65)
+    assert runs[1] == {"run": 2, "candidate": 0.9}
 
 
 def _rows(keyart: list[float], vw: list[float], nc: list[float]) -> list[dict]:
