@@ -482,11 +482,7 @@ def create_app(settings: config.Settings | None = None, model_uri: str | None = 
         if decided.inference_s is not None:
             m.inference.observe(decided.inference_s)
         m.stats.record_page(decided.table, decided.table.artwork_ids, decided.shown_rows, decided.propensity)
-        fb = "true" if body["fallback"] else "false"
-        m.pages.labels(fallback=fb).inc()
-        m.decisions.labels(policy=body["policy"], fallback=fb).inc(len(body["decisions"]))
-        if body["fallback"]:
-            m.fallbacks.inc()
+        m.count_page(body["policy"], body["fallback"], len(body["decisions"]))
         end = time.perf_counter()
         scope[STAGES_KEY] = (scope.get(STAGES_KEY_BODY, handler_at), handler_at, *decided.stages, logged - start,
                              counted - logged, end - counted, end)

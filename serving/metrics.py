@@ -45,6 +45,7 @@ ROUTES = ("/v1/artwork", "/v1/reward", "/healthz", "/readyz", "/metrics", "/open
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.025, 0.05, 0.1)
 PROPENSITY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+FOLD_PAGES = 64  # DecisionStats folds decided pages into its counters this many at a time (and on every read)
 MAX_ARTWORK_SERIES = 2000  # beyond this, the least shown artworks are summed as artwork_id="_other"
 REWARD_WINDOW_S = 3600
 REWARD_SLOT_S = 60
@@ -110,6 +111,7 @@ class DecisionStats(Collector):
         self._bounds = np.asarray(PROPENSITY_BUCKETS, dtype=np.float64)
         self._buckets = np.zeros(len(PROPENSITY_BUCKETS) + 1, dtype=np.int64)  # last: +Inf overflow (never)
         self._p_sum = 0.0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # pages not folded yet: (shown rows, propensities)
         n_slots = REWARD_WINDOW_S // REWARD_SLOT_S
         self._slot_minute = np.full(n_slots, -1, dtype=np.int64)
         self._slot_decisions = np.zeros(n_slots, dtype=np.int64)
@@ -125,7 +127,9 @@ class DecisionStats(Collector):
         return i
 
     def _bind(self, table: object, artwork_ids: Sequence[str]) -> None:
-        """Map the rows of a (new) artwork table onto counter slots, kept across bundle swaps."""
+        """Map the rows of a (new) artwork table onto counter slots, kept across bundle swaps
+        (the pages of the old table are folded first: their rows are that table's)."""
+        self._fold()
         slots = np.empty(len(artwork_ids), dtype=np.int64)
         for r, a in enumerate(artwork_ids):
             j = self._index.get(a)
@@ -140,16 +144,38 @@ class DecisionStats(Collector):
     def record_page(self, table: object, artwork_ids: Sequence[str], shown_rows: np.ndarray,
                     propensities: np.ndarray, now: float | None = None) -> None:
         """Count one decided page: ``shown_rows`` [T] rows of ``table`` (whose ids are
-        ``artwork_ids``), ``propensities`` [T]."""
+        ``artwork_ids``), ``propensities`` [T].
+
+        The page is kept as it is and folded into the per-artwork counts and the propensity
+        histogram with up to ``FOLD_PAGES - 1`` others in a few vector operations (and
+        whenever they are read), so a page costs a list append, not a handful of numpy calls
+        on 40 numbers; the decisions of the reward rate are counted at once."""
         p = np.asarray(propensities, dtype=np.float64)
         with self._lock:
             if table is not self._table:
                 self._bind(table, artwork_ids)
-            np.add.at(self._counts, self._rows_to_slot[shown_rows], 1)
-            self._buckets += np.bincount(np.searchsorted(self._bounds, p, side="left"),
-                                         minlength=len(self._buckets))[: len(self._buckets)]
-            self._p_sum += float(p.sum())
+            self._pending.append((shown_rows, p))
+            if len(self._pending) >= FOLD_PAGES:
+                self._fold()
             self._slot_decisions[self._slot(time.time() if now is None else now)] += len(p)
+
+    def _fold(self) -> None:
+        """Fold the pending pages into the counters (lock held): the same counts, and the
+        propensity sum added page by page in the order the pages came, as when each page was
+        counted on its own."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        rows = np.concatenate([r for r, _ in pending])
+        p = np.concatenate([q for _, q in pending])
+        np.add.at(self._counts, self._rows_to_slot[rows], 1)
+        self._buckets += np.bincount(np.searchsorted(self._bounds, p, side="left"),
+                                     minlength=len(self._buckets))[: len(self._buckets)]
+        p_sum = self._p_sum
+        for _, q in pending:
+            p_sum += float(q.sum())
+        self._p_sum = p_sum
 
     def record_reward(self, reward: int, now: float | None = None) -> None:
         if reward:
@@ -167,6 +193,7 @@ class DecisionStats(Collector):
 
     def artwork_counts(self) -> dict[str, int]:
         with self._lock:
+            self._fold()
             return {a: int(c) for a, c in zip(self._ids, self._counts.tolist(), strict=True) if c}
 
     def collect(self) -> Iterator[Any]:
@@ -179,6 +206,7 @@ class DecisionStats(Collector):
             fam.add_metric(["_other"], sum(c for _, c in ranked[MAX_ARTWORK_SERIES:]))
         yield fam
         with self._lock:
+            self._fold()
             cumulative = np.cumsum(self._buckets).tolist()
             p_sum = self._p_sum
         buckets = [(repr(b), c) for b, c in zip(PROPENSITY_BUCKETS, cumulative, strict=False)]
@@ -228,6 +256,38 @@ class Metrics:
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         PlatformCollector(registry=r)  # python_info
         GCCollector(registry=r)  # python_gc_*
+        # labelled children by label values, looked up once: ``.labels()`` costs a lock, a
+        # dict look-up and argument checks per call, several times a page
+        self._page_children: dict[tuple[str, bool], tuple[Any, Any, Any]] = {}
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def count_page(self, policy: str, fallback: bool, decisions: int) -> None:
+        """One decided page: ``keyart_pages_total{fallback}``, ``keyart_decisions_total{policy,
+        fallback}`` by ``decisions`` and, without a model, ``keyart_fallback_pages_total``."""
+        children = self._page_children.get((policy, fallback))
+        if children is None:
+            fb = "true" if fallback else "false"
+            children = self._page_children[(policy, fallback)] = (
+                self.pages.labels(fallback=fb), self.decisions.labels(policy=policy, fallback=fb),
+                self.fallbacks if fallback else None)
+        pages, decided, fallbacks = children
+        pages.inc()
+        decided.inc(decisions)
+        if fallbacks is not None:
+            fallbacks.inc()
+
+    def count_request(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request: ``keyart_requests_total{route,status}`` and
+        ``keyart_request_seconds{route}``; a 4xx also counts as a rejection."""
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = self._request_children[(route, status)] = (
+                self.requests.labels(route=route, status=str(status)), self.latency.labels(route=route))
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
+        if 400 <= status < 500:
+            self.reject(route, str(status))
 
     def set_model(self, version: str | None, source: str | None, registry_version: str | None = None,
                   signed_by: str | None = None) -> None:
@@ -274,10 +334,7 @@ class MetricsMiddleware:
         finally:
             m = self.metrics
             end = time.perf_counter()
-            m.requests.labels(route=route, status=str(status)).inc()
-            m.latency.labels(route=route).observe(end - start)
-            if 400 <= status < 500:
-                m.reject(route, str(status))
+            m.count_request(route, status, end - start)
             timed = scope.get(STAGES_KEY)
             if timed is not None and status == 200:
                 # [body read at, handler start, decision stages..., handler end]
