@@ -292,7 +292,7 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
     out["random"] = float((np.add.reduceat(q, pages.offsets[:-1]) / np.diff(pages.offsets)).sum() / n)
     champion = champion_probabilities(held, evaluation, cfg, priors)
     if champion is not None:
-        out["champion"] = float((champion * q).sum() / pages.n_impressions)
+        out["champion"] = float((champion * q).sum() / n)
     return out
 
 

@@ -38,9 +38,10 @@ from keyart.policy import (
 )
 
 TrainWeighting = Literal["none", "sqrt", "clipped"]
+"""How the reward model weights rows of non-uniform logs (keyart.models.reward_model)."""
 PromotionEstimator = Literal["replay", "ips", "snips", "dr"]
 DEFAULT_PROMOTION_ESTIMATOR = "dr"
-"""How the reward model weights rows of non-uniform logs (keyart.models.reward_model)."""
+"""The OPE estimator the promotion gate reads unless ``promotion_estimator`` says otherwise (docs/mlflow.md)."""
 
 CONFIG_ENV = "KEYART_CONFIG"
 DEFAULT_CONFIG_FILE = Path("keyart.yaml")
