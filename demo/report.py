@@ -529,7 +529,8 @@ def write_report(out: Path, world, lake: Lake, results: list[DayResult], days: l
     if story:
         lines += ["## What the gate decided, day by day", "",
                   "Each daily run trains a challenger on the data up to its day; the gate compares it with the "
-                  "champion on the held-out day (paired SNIPS difference, non-inferiority with δ, docs/mlflow.md) "
+                  f"champion on the held-out day (the paired {settings.promotion_estimator} difference, "
+                  "non-inferiority with δ, docs/mlflow.md) "
                   "and either promotes it or keeps the champion's model and republishes it with the day's tables "
                   "(a table refresh). The endpoint serves the champion on the next day.", "",
                   "| run (ds) | challenger | decision | champion after | serves the model of | reason |",
