@@ -283,10 +283,11 @@ def heldout_truths(world, lake: Lake, ds: str, evaluation: dict[str, Any], windo
            "candidate": float((probs * q).sum() / n)}
     # where the candidate's lift goes: the same model without exploration, and without the
     # prior blend either; the oracle and uniform random on the same impressions
+    artworks = rows["artwork_id"].astype(str).to_numpy()
     for name, variant in (("candidate_greedy", replace(cfg, name="greedy")),
                           ("candidate_model_only", replace(cfg, name="greedy", prior_blend_n0=0.0))):
         p = P.probabilities(variant, scores, pages.offsets, *priors,
-                            model_mean=P.residual_means(variant, scores, rows["artwork_id"].astype(str).to_numpy()))
+                            model_mean=P.residual_means(variant, scores, artworks))
         out[name] = float((p * q).sum() / n)
     out["oracle"] = float(np.maximum.reduceat(q, pages.offsets[:-1]).sum() / n)
     out["random"] = float((np.add.reduceat(q, pages.offsets[:-1]) / np.diff(pages.offsets)).sum() / n)

@@ -55,7 +55,6 @@ from keyart.ope import ESTIMATORS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ESTIMATOR = DEFAULT_PROMOTION_ESTIMATOR  # the setting promotion_estimator's default
 PROMOTED, KEPT, ALREADY = "promoted", "kept", "already_champion"
 LEVEL = 0.95
 """Two-sided level of evaluation's bootstrap intervals (keyart.ope.Bootstrap's default)."""
@@ -147,7 +146,7 @@ class GateInputs:
     margin: float = 0.0  # superiority margin for a challenger that is not fresher
     challenger_ds: str | None = None  # the ds the challenger was trained for
     champion_model_ds: str | None = None  # the ds the champion's model was trained for
-    estimator: str = DEFAULT_ESTIMATOR
+    estimator: str = DEFAULT_PROMOTION_ESTIMATOR
     eval_champion_model: str | None = None  # model identity evaluation compared against
     champion_model: str | None = None  # model identity of the current champion
     level: float = LEVEL
@@ -267,7 +266,7 @@ def _float(v: Any) -> float | None:
     return float(v) if v is not None else None
 
 
-def gate_inputs(version: str, settings: Settings, estimator: str = DEFAULT_ESTIMATOR) -> GateInputs:
+def gate_inputs(version: str, settings: Settings, estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> GateInputs:
     """Collect the decision inputs for ``version`` from the registry's tags and its run's metrics."""
     all_versions = registry.versions(settings)
     by_version = {str(v.version): v for v in all_versions}
@@ -460,7 +459,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds", required=True, help="partition date YYYY-MM-DD whose version to gate")
     parser.add_argument("--estimator", choices=ESTIMATORS, default=None,
                         help="OPE estimator of the paired difference against the champion (default: the setting "
-                        f"promotion_estimator, {DEFAULT_ESTIMATOR} unless set)")
+                        f"promotion_estimator, {DEFAULT_PROMOTION_ESTIMATOR} unless set)")
     parser.add_argument("--force", action="store_true", help="decide again even if already gated")
 
 

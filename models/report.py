@@ -42,7 +42,6 @@ POLICIES = ("candidate", "champion", "logging", "random", "noncontextual")
 SHARE_POLICIES = ("candidate", "champion", "logging")
 TOP_N = 25
 DIFFERENCE_KEY = "candidate_minus_champion"
-GATE_ESTIMATOR = DEFAULT_PROMOTION_ESTIMATOR  # what the gate reads unless the setting promotion_estimator says otherwise
 
 
 @dataclass
@@ -184,7 +183,7 @@ def _cell(evaluation: Mapping[str, Any], section: str, name: str, est: str) -> M
 
 
 def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float,
-                    gate_estimator: str = GATE_ESTIMATOR) -> list[dict[str, Any]]:
+                    gate_estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> list[dict[str, Any]]:
     """Challenger (the run's candidate) beside the champion, per estimator: both values and
     the paired difference with their 95% intervals, and -delta (delta = margin x the
     champion's value), the bound the gate holds the difference's lower end against.
@@ -208,7 +207,7 @@ def comparison_rows(evaluation: Mapping[str, Any], noninferiority_margin: float,
 
 
 def difference_plot(evaluation: Mapping[str, Any], out: Path, noninferiority_margin: float,
-                    decision: Mapping[str, Any] | None = None, gate_estimator: str = GATE_ESTIMATOR) -> Path | str:
+                    decision: Mapping[str, Any] | None = None, gate_estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> Path | str:
     """The paired difference challenger − champion per estimator with its interval, against
     0 (hard block when the whole interval is below it) and −delta (the non-inferiority
     bound); the gate's pooled interval too, once the gate has run."""
@@ -276,7 +275,7 @@ def feature_importance_plot(train: Mapping[str, Any], model_txt: Path, out: Path
 
 def make_plots(run_dir: Path, train: Mapping[str, Any], evaluation: Mapping[str, Any],
                out_dir: Path, noninferiority_margin: float = 0.05,
-               decision: Mapping[str, Any] | None = None, gate_estimator: str = GATE_ESTIMATOR) -> Report:
+               decision: Mapping[str, Any] | None = None, gate_estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> Report:
     """Draw every plot into ``out_dir``; a plot that cannot be drawn becomes a note."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[str, Callable[[Path], Path | str]]] = [
@@ -334,7 +333,7 @@ def decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
 
 
 def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float,
-                     gate_estimator: str = GATE_ESTIMATOR) -> list[str]:
+                     gate_estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> list[str]:
     """The challenger-vs-champion table of the card."""
     lines = ["## Challenger vs champion", ""]
     if not rows:
@@ -356,7 +355,7 @@ def comparison_lines(rows: list[dict[str, Any]], noninferiority_margin: float,
 def model_card(*, ds: str, manifest: Mapping[str, Any], train: Mapping[str, Any],
                evaluation: Mapping[str, Any], lineage: Mapping[str, Any],
                notes: list[str], decision: Mapping[str, Any] | None = None,
-               noninferiority_margin: float = 0.05, gate_estimator: str = GATE_ESTIMATOR) -> str:
+               noninferiority_margin: float = 0.05, gate_estimator: str = DEFAULT_PROMOTION_ESTIMATOR) -> str:
     """A short Markdown model card for the run and its registered version: the gate's
     decision first (pending until the gate runs), then challenger vs champion, identity,
     training, the offline evaluation of every policy and ONNX parity."""

@@ -90,11 +90,6 @@ def _estimate(values: np.ndarray, weights: np.ndarray, self_normalised: bool) ->
     return {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
 
 
-def _mean_interval(terms: np.ndarray) -> dict[str, float]:
-    est, se = float(terms.mean()), float(terms.std(ddof=1) / np.sqrt(len(terms)))
-    return {"estimate": est, "lo": est - 1.96 * se, "hi": est + 1.96 * se}
-
-
 def _dr_terms(held: HeldOut, chosen: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Doubly robust terms of a deterministic policy: q of its arm plus the weighted residual."""
     rows = np.arange(len(held.shown))
@@ -113,14 +108,14 @@ def _value(held: HeldOut, chosen: np.ndarray, q: np.ndarray, on_policy: bool = F
     replay = _estimate(held.reward[match > 0], np.ones(int(match.sum())), self_normalised=True)
     return {"replay": replay, "ips": _estimate(held.reward, w, False),
             "snips": _estimate(held.reward, w, True),
-            "dr": _estimate(held.reward, w, False) if on_policy else _mean_interval(_dr_terms(held, chosen, q))}
+            "dr": _estimate(held.reward if on_policy else _dr_terms(held, chosen, q), np.ones_like(match), False)}
 
 
 def _difference(held: HeldOut, a: np.ndarray, b: np.ndarray, q: np.ndarray) -> dict[str, dict[str, float]]:
     """Paired IPS/SNIPS/DR difference V_a - V_b of two deterministic policies (linearised intervals)."""
     w_a, w_b = (a == held.shown) * float(K), (b == held.shown) * float(K)
     n = len(held.shown)
-    out = {"dr": _mean_interval(_dr_terms(held, a, q) - _dr_terms(held, b, q))}
+    out = {"dr": _estimate(_dr_terms(held, a, q) - _dr_terms(held, b, q), np.ones(n), False)}
     for name in ("ips", "snips"):
         if name == "ips":
             est = float((w_a * held.reward).mean() - (w_b * held.reward).mean())

@@ -9,7 +9,7 @@ import pandas as pd
 
 from keyart.models.evaluate import BASELINE_SAMPLES, policy_targets
 from keyart.ope import Bootstrap, LoggedPages, evaluate_policies
-from keyart.policy import PolicyConfig
+from keyart.policy import PolicyConfig, probabilities
 
 
 def logged_day(n: int = 3000, k: int = 8, seed: int = 0) -> tuple[LoggedPages, pd.DataFrame]:
@@ -42,8 +42,6 @@ def test_the_baselines_draws_move_its_estimate_by_a_small_fraction_of_its_interv
     estimates = [snips(pages, policy_targets(pages, rows, zero, cfg, seed=s)["noncontextual"]).estimate
                  for s in range(5)]
     ref_cfg = PolicyConfig(name="beta_ts", floor=cfg.floor, thompson_samples=2048)
-    from keyart.policy import probabilities
-
     ref_target = probabilities(ref_cfg, np.zeros(pages.n_rows), pages.offsets, rows["prior_alpha"].to_numpy(),
                                rows["prior_beta"].to_numpy(), rows["prior_n"].to_numpy(), np.random.default_rng(99))
     ref = snips(pages, ref_target)
