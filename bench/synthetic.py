@@ -2,9 +2,10 @@
 
 Used by ``keyart bench serving`` when no real bundle is given, and by the serving tests
 (which swap in a real LightGBM model converted to ONNX). The tables follow the bundle
-layout of docs/architecture.md; the model is an ``ai.onnx.ml`` TreeEnsembleClassifier of
-the shape a LightGBM export has (input ``features`` [N, N_FEATURES], output
-``probabilities`` [N, 2]), built with ``onnx.helper`` so no training library is needed.
+layout of docs/architecture.md; the model has the graph a LightGBM export has (an
+``ai.onnx.ml`` TreeEnsembleRegressor of the margin and a Sigmoid, input ``features``
+[N, N_FEATURES], output ``probabilities`` [N, 2]), built with ``onnx.helper`` so no training
+library is needed.
 """
 
 from __future__ import annotations
@@ -137,13 +138,17 @@ def write_tables(bundle_dir: Path, *, seed: int = 0, n_titles: int = 60, per_tit
 
 
 def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> bytes:
-    """A random binary TreeEnsembleClassifier shaped like a LightGBM export.
+    """A random binary tree ensemble shaped like a LightGBM export.
 
     Complete trees of ``depth`` levels (2**depth leaves) over random features and
-    thresholds; logistic output; only the ``probabilities`` [N, 2] output is exposed.
+    thresholds; logistic output; only the ``probabilities`` [N, 2] output is exposed. Built
+    as the converter's TreeEnsembleClassifier, then put in the form export ships
+    (:func:`keyart.scoring.regressor_graph`).
     """
     import onnx
     from onnx import TensorProto, helper
+
+    from keyart.scoring import regressor_graph
 
     rng = np.random.default_rng(seed)
     attrs: dict[str, list] = {k: [] for k in (
@@ -182,7 +187,7 @@ def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> byt
                                                     helper.make_opsetid("ai.onnx.ml", 3)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return regressor_graph(model).SerializeToString()
 
 
 def probe_block(model_bytes: bytes, seed: int = 0, n: int = 16) -> dict:

@@ -2,7 +2,9 @@
 
 The LightGBM booster (``runs/ds=D/model.txt``) is converted with
 ``onnxmltools.convert_lightgbm(zipmap=False, target_opset=15)``; the label output is
-stripped so the graph maps input ``features`` float32 [N, N_FEATURES] to the single
+stripped and the converter's TreeEnsembleClassifier rewritten as a TreeEnsembleRegressor of
+the same trees followed by Sigmoid (:func:`keyart.scoring.regressor_graph`, the faster form
+in onnxruntime), so the graph maps input ``features`` float32 [N, N_FEATURES] to the single
 output ``probabilities`` float32 [N, 2]. The policy's arithmetic (blend with priors,
 inverse-gap weighting, floor) is a few vector operations in :mod:`keyart.policy` and
 runs in numpy on both sides; only the trees are in the graph.
@@ -51,7 +53,7 @@ from keyart.config import settings
 from keyart.lake import Lake, fmt_ds, heldout_day, parse_ds, shift_ds
 from keyart.models.data import feature_array, pages_from_frame, read_table_dir, read_training
 from keyart.policy import PolicyConfig, blend_scores, group_argmax
-from keyart.scoring import OnnxScorer
+from keyart.scoring import OnnxScorer, regressor_graph
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,16 @@ def boundary_rows(booster: lgb.Booster, X: np.ndarray, seed: int = 0) -> np.ndar
 
 
 def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
-    """Convert the booster; keep only the ``probabilities`` output [N, 2].
+    """The booster as the graph a bundle ships: :func:`converted_graph`'s classifier as a
+    regressor of the margin + Sigmoid, 20-25% less time per call in onnxruntime
+    (:func:`keyart.scoring.regressor_graph`); the parity check compares what is shipped
+    with the native booster."""
+    return regressor_graph(converted_graph(booster))
+
+
+def converted_graph(booster: lgb.Booster) -> onnx.ModelProto:
+    """Convert the booster (onnxmltools' TreeEnsembleClassifier); keep only the
+    ``probabilities`` output [N, 2].
 
     Thresholds go through :func:`float32_thresholds` first, so the float32 graph routes every
     float32 row down the same branches as the native model."""
