@@ -11,7 +11,7 @@ pattern) were measured on a 40 x 8 page and change the model call by under 3%
 (docs/benchmarks.md, serving), so they stay at onnxruntime's defaults.
 
 The graph's shape did matter: onnxruntime's binary TreeEnsembleClassifier runs the same
-trees 25-60% slower than a TreeEnsembleRegressor summing the margin followed by Sigmoid and
+trees 20-60% slower than a TreeEnsembleRegressor summing the margin followed by Sigmoid and
 ``[1 - p, p]``. :func:`regressor_graph` rewrites the converter's classifier into that form
 (export does, before its parity check; so does the benchmark's synthetic bundle); a bundle
 of either form serves, the contract (``features`` float32 [N, N_FEATURES] ->

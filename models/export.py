@@ -183,7 +183,7 @@ def boundary_rows(booster: lgb.Booster, X: np.ndarray, seed: int = 0) -> np.ndar
 
 def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
     """The booster as the graph a bundle ships: :func:`converted_graph`'s classifier as a
-    regressor of the margin + Sigmoid, 20-40% less time per call in onnxruntime
+    regressor of the margin + Sigmoid, 15-40% less time per call in onnxruntime
     (:func:`keyart.scoring.regressor_graph`); the parity check compares what is shipped
     with the native booster."""
     return regressor_graph(converted_graph(booster))
