@@ -104,7 +104,8 @@ def regressor_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     out = helper.make_model(
         helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output),
                           initializer=[helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])]),
-        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+        # sorted: the converter lists the opsets in set order, which varies between processes
+        opset_imports=sorted(model.opset_import, key=lambda o: o.domain), ir_version=model.ir_version,
         producer_name=model.producer_name, producer_version=model.producer_version)
     onnx.checker.check_model(out)
     return out

@@ -8,6 +8,11 @@ that a graph of any other shape is refused rather than rewritten into something 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+
 import lightgbm as lgb
 import numpy as np
 import onnx
@@ -66,6 +71,35 @@ def test_export_ships_the_regressor_form_within_parity_of_lightgbm(booster):
     X = _rows(booster)
     onnx_p = OnnxScorer(model.SerializeToString()).predict(X).astype(np.float64)
     assert np.max(np.abs(onnx_p - booster.predict(X))) <= export.MAX_ABS_DIFF
+
+
+def test_the_opsets_are_listed_in_one_order_whatever_the_converter_gave(booster):
+    """onnxmltools lists the opsets in the order of a Python set of (domain, version), which
+    string hashing varies from one process to the next; the shipped graph sorts them."""
+    converted = export.converted_graph(booster)
+    reversed_ = onnx.ModelProto()
+    reversed_.CopyFrom(converted)
+    opsets = list(reversed_.opset_import)[::-1]
+    del reversed_.opset_import[:]
+    reversed_.opset_import.extend(opsets)
+    assert [o.domain for o in reversed_.opset_import] != [o.domain for o in converted.opset_import]
+    assert regressor_graph(reversed_).SerializeToString() == regressor_graph(converted).SerializeToString()
+
+
+def test_the_same_booster_gives_the_same_bytes_in_another_process(booster, tmp_path):
+    """Re-exporting a day (a retry, a backfill) must give the same bundle. With CPython 3.11
+    and this onnxmltools, hash seeds 0 and 20 make the converter list the opsets in opposite
+    orders."""
+    model_file = tmp_path / "model.txt"
+    booster.save_model(str(model_file))
+    script = ("import hashlib, sys, lightgbm\n"
+              "from keyart.models.export import booster_to_onnx\n"
+              "b = lightgbm.Booster(model_file=sys.argv[1])\n"
+              "print(hashlib.sha256(booster_to_onnx(b).SerializeToString()).hexdigest())\n")
+    digests = {subprocess.run([sys.executable, "-c", script, str(model_file)], check=True, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (0, 20)}
+    here = hashlib.sha256(export.booster_to_onnx(lgb.Booster(model_file=str(model_file))).SerializeToString()).hexdigest()
+    assert digests == {here}
 
 
 def test_the_synthetic_bundle_model_has_the_exported_form():
