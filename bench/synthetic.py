@@ -143,12 +143,12 @@ def tree_ensemble_onnx(seed: int = 0, n_trees: int = 200, depth: int = 5) -> byt
     Complete trees of ``depth`` levels (2**depth leaves) over random features and
     thresholds; logistic output; only the ``probabilities`` [N, 2] output is exposed. Built
     as the converter's TreeEnsembleClassifier, then put in the form export ships
-    (:func:`keyart.scoring.regressor_graph`).
+    (:func:`keyart.models.export.regressor_graph`).
     """
     import onnx
     from onnx import TensorProto, helper
 
-    from keyart.scoring import regressor_graph
+    from keyart.models.export import regressor_graph
 
     rng = np.random.default_rng(seed)
     attrs: dict[str, list] = {k: [] for k in (

@@ -12,9 +12,8 @@ pattern) were measured on a 40 x 8 page and change the model call by under 3%
 
 The graph's shape did matter: onnxruntime's binary TreeEnsembleClassifier runs the same
 trees 20-60% slower than a TreeEnsembleRegressor summing the margin followed by Sigmoid and
-``[1 - p, p]``. :func:`regressor_graph` rewrites the converter's classifier into that form
-(export does, before its parity check; so does the benchmark's synthetic bundle); a bundle
-of either form serves, the contract (``features`` float32 [N, N_FEATURES] ->
+``[1 - p, p]``, the form export ships (:func:`keyart.models.export.regressor_graph`); a
+bundle of either form serves, the contract (``features`` float32 [N, N_FEATURES] ->
 ``probabilities`` float32 [N, 2]) is the same.
 """
 
@@ -23,9 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
 
 from keyart.bundle import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, BundleError
 from keyart.feature_spec import N_FEATURES
@@ -44,71 +41,6 @@ def session_options() -> ort.SessionOptions:
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
-
-
-_TREE_ATTRS = ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_values", "nodes_modes",
-               "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true",
-               "nodes_hitrates")
-_WEIGHT_ATTRS = ("treeids", "nodeids", "weights")
-
-
-def regressor_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``'s binary logistic TreeEnsembleClassifier as a TreeEnsembleRegressor of the
-    same trees (the margin, summed) followed by ``Sigmoid`` and ``Concat(1 - p, p)``.
-
-    ``model`` must map ``features`` to ``probabilities`` through one TreeEnsembleClassifier
-    with class labels [0, 1], every leaf weight on class 0 and ``post_transform`` LOGISTIC
-    (what onnxmltools makes of a LightGBM binary booster), optionally followed by Identity
-    and multiplications by the constant 1; anything else raises :class:`ValueError`.
-    Probabilities agree with the classifier's to float32 rounding (the sigmoid's last bit).
-    """
-    graph = model.graph
-    trees = [n for n in graph.node if n.op_type == "TreeEnsembleClassifier"]
-    if len(trees) != 1 or [i.name for i in graph.input] != [INPUT_NAME] or list(trees[0].input) != [INPUT_NAME]:
-        raise ValueError("need one TreeEnsembleClassifier reading the input "
-                         f"{INPUT_NAME!r}, got nodes {[n.op_type for n in graph.node]}")
-    clf = trees[0]
-    attrs = {a.name: helper.get_attribute_value(a) for a in clf.attribute}
-    if list(attrs.get("classlabels_int64s", [])) != [0, 1] or set(attrs.get("class_ids", [])) != {0} \
-            or attrs.get("post_transform") != b"LOGISTIC":
-        raise ValueError("need a binary classifier with every leaf weight on class 0 and post_transform "
-                         f"LOGISTIC, got labels {attrs.get('classlabels_int64s')}, class ids "
-                         f"{sorted(set(attrs.get('class_ids', [])))}, {attrs.get('post_transform')!r}")
-    unknown = set(attrs) - {*_TREE_ATTRS, *(f"class_{a}" for a in _WEIGHT_ATTRS), "class_ids",
-                            "classlabels_int64s", "post_transform"}
-    if unknown:
-        raise ValueError(f"classifier attributes not carried over: {sorted(unknown)}")
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    probs = clf.output[1]
-    for node in graph.node:  # the converter's tail: Identity, then * 1
-        if node is clf:
-            continue
-        if node.op_type == "Identity" and list(node.input) == [probs]:
-            probs = node.output[0]
-        elif node.op_type == "Mul" and probs in node.input and len(node.input) == 2 \
-                and np.all(consts.get(next(i for i in node.input if i != probs), np.nan) == 1.0):
-            probs = node.output[0]
-        else:
-            raise ValueError(f"node {node.op_type} {list(node.input)} -> {list(node.output)} is not "
-                             "the classifier's Identity / * 1 tail")
-    if [o.name for o in graph.output] != [OUTPUT_NAME] or probs != OUTPUT_NAME:
-        raise ValueError(f"the classifier's probabilities must be the only output {OUTPUT_NAME!r}")
-    regressor = helper.make_node(
-        "TreeEnsembleRegressor", [INPUT_NAME], ["margin"], domain="ai.onnx.ml", n_targets=1,
-        aggregate_function="SUM", post_transform="NONE",
-        **{k: attrs[k] for k in _TREE_ATTRS if k in attrs},
-        **{f"target_{a}": attrs[f"class_{a}"] for a in _WEIGHT_ATTRS}, target_ids=attrs["class_ids"])
-    nodes = [regressor, helper.make_node("Sigmoid", ["margin"], ["p1"]),
-             helper.make_node("Sub", ["one", "p1"], ["p0"]),
-             helper.make_node("Concat", ["p0", "p1"], [OUTPUT_NAME], axis=1)]
-    out = helper.make_model(
-        helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output),
-                          initializer=[helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])]),
-        # sorted: the converter lists the opsets in set order, which varies between processes
-        opset_imports=sorted(model.opset_import, key=lambda o: o.domain), ir_version=model.ir_version,
-        producer_name=model.producer_name, producer_version=model.producer_version)
-    onnx.checker.check_model(out)
-    return out
 
 
 def make_session(model: str | Path | bytes) -> ort.InferenceSession:

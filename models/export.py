@@ -3,7 +3,7 @@
 The LightGBM booster (``runs/ds=D/model.txt``) is converted with
 ``onnxmltools.convert_lightgbm(zipmap=False, target_opset=15)``; the label output is
 stripped and the converter's TreeEnsembleClassifier rewritten as a TreeEnsembleRegressor of
-the same trees followed by Sigmoid (:func:`keyart.scoring.regressor_graph`, the faster form
+the same trees followed by Sigmoid (:func:`regressor_graph`, the faster form
 in onnxruntime), so the graph maps input ``features`` float32 [N, N_FEATURES] to the single
 output ``probabilities`` float32 [N, 2]. The policy's arithmetic (blend with priors,
 inverse-gap weighting, floor) is a few vector operations in :mod:`keyart.policy` and
@@ -46,6 +46,7 @@ import onnxmltools
 import onnxruntime
 import pandas as pd
 import pyarrow as pa
+from onnx import helper, numpy_helper
 from onnxmltools.convert.common.data_types import FloatTensorType
 
 from keyart import bundle, catalog, feature_spec
@@ -53,7 +54,7 @@ from keyart.config import settings
 from keyart.lake import Lake, fmt_ds, heldout_day, parse_ds, shift_ds
 from keyart.models.data import feature_array, pages_from_frame, read_table_dir, read_training
 from keyart.policy import PolicyConfig, blend_scores, group_argmax
-from keyart.scoring import OnnxScorer, regressor_graph
+from keyart.scoring import OnnxScorer
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def boundary_rows(booster: lgb.Booster, X: np.ndarray, seed: int = 0) -> np.ndar
 def booster_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
     """The booster as the graph a bundle ships: :func:`converted_graph`'s classifier as a
     regressor of the margin + Sigmoid, 15-40% less time per call in onnxruntime
-    (:func:`keyart.scoring.regressor_graph`); the parity check compares what is shipped
+    (:func:`regressor_graph`); the parity check compares what is shipped
     with the native booster."""
     return regressor_graph(converted_graph(booster))
 
@@ -226,6 +227,71 @@ def converted_graph(booster: lgb.Booster) -> onnx.ModelProto:
     graph.name = "keyart_reward_model"
     onnx.checker.check_model(model)
     return model
+
+
+_TREE_ATTRS = ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_values", "nodes_modes",
+               "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true",
+               "nodes_hitrates")
+_WEIGHT_ATTRS = ("treeids", "nodeids", "weights")
+
+
+def regressor_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``'s binary logistic TreeEnsembleClassifier as a TreeEnsembleRegressor of the
+    same trees (the margin, summed) followed by ``Sigmoid`` and ``Concat(1 - p, p)``.
+
+    ``model`` must map ``features`` to ``probabilities`` through one TreeEnsembleClassifier
+    with class labels [0, 1], every leaf weight on class 0 and ``post_transform`` LOGISTIC
+    (what onnxmltools makes of a LightGBM binary booster), optionally followed by Identity
+    and multiplications by the constant 1; anything else raises :class:`ValueError`.
+    Probabilities agree with the classifier's to float32 rounding (the sigmoid's last bit).
+    """
+    graph = model.graph
+    trees = [n for n in graph.node if n.op_type == "TreeEnsembleClassifier"]
+    if len(trees) != 1 or [i.name for i in graph.input] != [bundle.INPUT_NAME] or list(trees[0].input) != [bundle.INPUT_NAME]:
+        raise ValueError("need one TreeEnsembleClassifier reading the input "
+                         f"{bundle.INPUT_NAME!r}, got nodes {[n.op_type for n in graph.node]}")
+    clf = trees[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in clf.attribute}
+    if list(attrs.get("classlabels_int64s", [])) != [0, 1] or set(attrs.get("class_ids", [])) != {0} \
+            or attrs.get("post_transform") != b"LOGISTIC":
+        raise ValueError("need a binary classifier with every leaf weight on class 0 and post_transform "
+                         f"LOGISTIC, got labels {attrs.get('classlabels_int64s')}, class ids "
+                         f"{sorted(set(attrs.get('class_ids', [])))}, {attrs.get('post_transform')!r}")
+    unknown = set(attrs) - {*_TREE_ATTRS, *(f"class_{a}" for a in _WEIGHT_ATTRS), "class_ids",
+                            "classlabels_int64s", "post_transform"}
+    if unknown:
+        raise ValueError(f"classifier attributes not carried over: {sorted(unknown)}")
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    probs = clf.output[1]
+    for node in graph.node:  # the converter's tail: Identity, then * 1
+        if node is clf:
+            continue
+        if node.op_type == "Identity" and list(node.input) == [probs]:
+            probs = node.output[0]
+        elif node.op_type == "Mul" and probs in node.input and len(node.input) == 2 \
+                and np.all(consts.get(next(i for i in node.input if i != probs), np.nan) == 1.0):
+            probs = node.output[0]
+        else:
+            raise ValueError(f"node {node.op_type} {list(node.input)} -> {list(node.output)} is not "
+                             "the classifier's Identity / * 1 tail")
+    if [o.name for o in graph.output] != [bundle.OUTPUT_NAME] or probs != bundle.OUTPUT_NAME:
+        raise ValueError(f"the classifier's probabilities must be the only output {bundle.OUTPUT_NAME!r}")
+    regressor = helper.make_node(
+        "TreeEnsembleRegressor", [bundle.INPUT_NAME], ["margin"], domain="ai.onnx.ml", n_targets=1,
+        aggregate_function="SUM", post_transform="NONE",
+        **{k: attrs[k] for k in _TREE_ATTRS if k in attrs},
+        **{f"target_{a}": attrs[f"class_{a}"] for a in _WEIGHT_ATTRS}, target_ids=attrs["class_ids"])
+    nodes = [regressor, helper.make_node("Sigmoid", ["margin"], ["p1"]),
+             helper.make_node("Sub", ["one", "p1"], ["p0"]),
+             helper.make_node("Concat", ["p0", "p1"], [bundle.OUTPUT_NAME], axis=1)]
+    out = helper.make_model(
+        helper.make_graph(nodes, graph.name, list(graph.input), list(graph.output),
+                          initializer=[helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])]),
+        # sorted: the converter lists the opsets in set order, which varies between processes
+        opset_imports=sorted(model.opset_import, key=lambda o: o.domain), ir_version=model.ir_version,
+        producer_name=model.producer_name, producer_version=model.producer_version)
+    onnx.checker.check_model(out)
+    return out
 
 
 def parity_check(booster: lgb.Booster, model_bytes: bytes, X: np.ndarray, offsets: np.ndarray,

@@ -23,7 +23,7 @@ from keyart import bundle
 from keyart.bench import synthetic
 from keyart.feature_spec import N_FEATURES
 from keyart.models import export
-from keyart.scoring import OnnxScorer, regressor_graph
+from keyart.scoring import OnnxScorer
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def _rows(booster: lgb.Booster) -> np.ndarray:
 def test_the_regressor_form_gives_the_classifiers_probabilities(booster):
     classifier = export.converted_graph(booster)
     assert [n.op_type for n in classifier.graph.node][0] == "TreeEnsembleClassifier"
-    rewritten = regressor_graph(classifier)
+    rewritten = export.regressor_graph(classifier)
     assert [n.op_type for n in rewritten.graph.node] == ["TreeEnsembleRegressor", "Sigmoid", "Sub", "Concat"]
     X = _rows(booster)
     before = OnnxScorer(classifier.SerializeToString()).predict_proba(X)
@@ -83,7 +83,7 @@ def test_the_opsets_are_listed_in_one_order_whatever_the_converter_gave(booster)
     del reversed_.opset_import[:]
     reversed_.opset_import.extend(opsets)
     assert [o.domain for o in reversed_.opset_import] != [o.domain for o in converted.opset_import]
-    assert regressor_graph(reversed_).SerializeToString() == regressor_graph(converted).SerializeToString()
+    assert export.regressor_graph(reversed_).SerializeToString() == export.regressor_graph(converted).SerializeToString()
 
 
 def test_the_same_booster_gives_the_same_bytes_in_another_process(booster, tmp_path):
@@ -121,13 +121,13 @@ def _with(model: onnx.ModelProto, **changes) -> onnx.ModelProto:
 def test_a_graph_of_another_shape_is_refused(booster):
     classifier = export.converted_graph(booster)
     with pytest.raises(ValueError, match="post_transform"):
-        regressor_graph(_with(classifier, post_transform="NONE"))
+        export.regressor_graph(_with(classifier, post_transform="NONE"))
     n_weights = len(next(helper.get_attribute_value(a) for n in classifier.graph.node for a in n.attribute
                          if a.name == "class_ids"))
     with pytest.raises(ValueError, match="class ids"):
-        regressor_graph(_with(classifier, class_ids=[0] * (n_weights - 1) + [1]))
+        export.regressor_graph(_with(classifier, class_ids=[0] * (n_weights - 1) + [1]))
     with pytest.raises(ValueError, match="not carried over"):
-        regressor_graph(_with(classifier, base_values=[0.5]))
+        export.regressor_graph(_with(classifier, base_values=[0.5]))
     # a tail that scales the probabilities is not the converter's * 1
     scaled = onnx.ModelProto()
     scaled.CopyFrom(classifier)
@@ -136,7 +136,7 @@ def test_a_graph_of_another_shape_is_refused(booster):
             t.CopyFrom(numpy_helper.from_array(np.array(2.0, np.float32).reshape(numpy_helper.to_array(t).shape), t.name))
     assert any(n.op_type == "Mul" for n in scaled.graph.node)  # the converter's tail has one
     with pytest.raises(ValueError, match=r"\* 1 tail"):
-        regressor_graph(scaled)
+        export.regressor_graph(scaled)
     # two ensembles (or none) is not a single classifier
     with pytest.raises(ValueError, match="one TreeEnsembleClassifier"):
-        regressor_graph(regressor_graph(classifier))
+        export.regressor_graph(export.regressor_graph(classifier))
