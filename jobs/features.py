@@ -27,9 +27,10 @@ impressions.
 Training rows: each labelled impression is joined once with the member snapshot of the
 day before it (what serving had); a ``mapInArrow`` step then explodes its candidates, looks
 each up in the day's priors, artworks, titles and vocabulary (small, collected once and
-shipped with the function) and computes the ``features`` array with
+shipped with the function) and computes the ``features`` row with
 :func:`keyart.feature_spec.columnar_feature_matrix`, equal bit for bit to
-:func:`keyart.feature_spec.feature_matrix`, the arithmetic serving runs. A snapshot or
+:func:`keyart.feature_spec.feature_matrix`, the arithmetic serving runs, stored as one binary
+value of little-endian float32 (:func:`keyart.feature_spec.pack_rows`). A snapshot or
 vocabulary that was never written is computed from the data.
 """
 
@@ -602,8 +603,7 @@ def training_batch(batch: pa.RecordBatch, catalog: Catalog) -> Iterator[pa.Recor
             "prior_beta": pa.array(np.where(missing, feature_spec.DEFAULT_PRIOR[1], beta)),
             "prior_n": pa.array(np.where(missing, 0.0, n)),
         }
-        offsets = pa.array(np.arange(0, matrix.size + 1, feature_spec.N_FEATURES, dtype=np.int32))
-        features = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+        features = feature_spec.pack_rows(matrix)
         yield pa.RecordBatch.from_arrays([columns[c] for c in ROW_COLUMNS] + [features], names=[*ROW_COLUMNS, "features"])
 
 
@@ -612,7 +612,8 @@ def training_schema(inputs_schema: T.StructType) -> T.StructType:
     types = {"artwork_id": T.StringType(), "is_logged": T.BooleanType(), "logging_probability": T.DoubleType(),
              "prior_alpha": T.DoubleType(), "prior_beta": T.DoubleType(), "prior_n": T.DoubleType()}
     out = [T.StructField(c, types[c] if c in types else fields[c].dataType, True) for c in ROW_COLUMNS]
-    return T.StructType(out + [T.StructField("features", T.ArrayType(T.FloatType(), False), False)])
+    # N_FEATURES little-endian float32 per row (feature_spec.pack_rows): Parquet writes it as one run of bytes
+    return T.StructType(out + [T.StructField("features", T.BinaryType(), False)])
 
 
 def add_features(impressions: DataFrame, catalog: Catalog) -> DataFrame:

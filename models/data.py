@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from keyart.feature_spec import N_FEATURES
+from keyart.feature_spec import N_FEATURES, pack_rows, unpack_rows
 from keyart.lake import Lake
 
 # Columns every model step reads from the training table (``features`` is added on demand).
@@ -81,12 +81,29 @@ def read_training(lake: Lake, days: Sequence[str], columns: Sequence[str] | None
             raise FileNotFoundError(f"{part}: no Parquet files")
         t = pq.read_table(files, columns=list(columns) if columns else None) if len(files) > 1 \
             else pq.read_table(files[0], columns=list(columns) if columns else None)
-        tables.append(t.append_column("ds", pa.array([day] * t.num_rows, pa.string())))
+        tables.append(binary_features(t).append_column("ds", pa.array([day] * t.num_rows, pa.string())))
     return pa.concat_tables(tables, promote_options="default")
 
 
+def binary_features(table: pa.Table) -> pa.Table:
+    """``table`` with its ``features`` column in the binary form the features job writes
+    (:func:`keyart.feature_spec.pack_rows`); partitions written before it hold a list of
+    floats, so a window that spans both still concatenates."""
+    if "features" not in table.column_names:
+        return table
+    i = table.column_names.index("features")
+    column = table.column(i)
+    if pa.types.is_binary(column.type):
+        return table
+    return table.set_column(i, "features", pack_rows(feature_array(column)))
+
+
 def feature_array(column: pa.ChunkedArray | pa.Array | pd.Series | Sequence) -> np.ndarray:
-    """The float32 feature matrix [n, N_FEATURES] of a ``features`` list column."""
+    """The float32 feature matrix [n, N_FEATURES] of a ``features`` column: binary
+    (:func:`keyart.feature_spec.pack_rows`, what the features job writes), a list of floats
+    (partitions written before it), or rows of numbers."""
+    if isinstance(column, pa.ChunkedArray | pa.Array) and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return unpack_rows(column)
     if isinstance(column, pd.Series | list | tuple):
         if len(column) == 0:
             return np.zeros((0, N_FEATURES), np.float32)

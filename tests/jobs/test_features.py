@@ -100,21 +100,26 @@ def expected_features() -> dict[tuple[str, str], np.ndarray]:
     return {("e1", "t1-a0"): matrix[0], ("e1", "t1-a1"): matrix[1], ("e2", "t2-a0"): matrix[2]}
 
 
+def vec(value: bytes | bytearray) -> np.ndarray:
+    """A training row's ``features`` value (binary, little-endian float32) as numbers."""
+    return np.frombuffer(bytes(value), dtype="<f4")
+
+
 def test_training_rows_and_feature_parity(spark):
     got = features.transform(*training_inputs(spark), VOCABULARIES).collect()
     by_key = {(r["event_id"], r["artwork_id"]): r for r in got}
     expected = expected_features()
     assert set(by_key) == set(expected)
     for key, vector in expected.items():
-        assert len(by_key[key]["features"]) == feature_spec.N_FEATURES
-        np.testing.assert_array_equal(np.asarray(by_key[key]["features"], dtype=np.float32), vector)
+        assert len(by_key[key]["features"]) == 4 * feature_spec.N_FEATURES  # little-endian float32 each
+        np.testing.assert_array_equal(vec(by_key[key]["features"]), vector)
     a0, a1, other = by_key[("e1", "t1-a0")], by_key[("e1", "t1-a1")], by_key[("e2", "t2-a0")]
     assert (a0["is_logged"], a1["is_logged"], other["is_logged"]) == (False, True, True)
     assert (a1["prior_alpha"], a1["prior_beta"], a1["prior_n"], a1["segment"]) == (5.0, 5.0, 10.0, "profile=adult")
     assert (other["prior_alpha"], other["prior_beta"], other["prior_n"]) == (*feature_spec.DEFAULT_PRIOR, 0.0)
     assert (a1["reward"], a1["minutes"], a1["played"], a1["logged_artwork_id"]) == (1, 30.0, 1, "t1-a1")
     col = {n: i for i, n in enumerate(feature_spec.FEATURE_NAMES)}
-    f0 = a0["features"]
+    f0 = vec(a0["features"])
     assert f0[col["art_tag_0"]] == 1.0 and f0[col["member_genre_1"]] == np.float32(0.5)
     assert f0[col[f"art_tag_bucket_{feature_spec.tag_bucket('closeup') - feature_spec.N_TAG_SLOTS}"]] == 1.0
     assert f0[col["resp_lift_sum"]] == np.float32(0.04 + -0.01) and f0[col["resp_lift_max"]] == np.float32(0.04)
@@ -124,7 +129,7 @@ def test_training_rows_and_feature_parity(spark):
     assert f0[col["emb_member_artwork"]] == pytest.approx(0.5 * 0.25 + 0.1, abs=1e-7)
     assert f0[col["emb_artwork_lift"]] == pytest.approx(0.5 * 0.15 + 0.2, abs=1e-7)
     assert f0[col["emb_artwork_genres"]] == np.float32(-1.0)
-    assert other["features"][col["emb_member_title"]:] == [0.0] * len(feature_spec.EMBEDDING_FEATURES)
+    assert vec(other["features"])[col["emb_member_title"]:].tolist() == [0.0] * len(feature_spec.EMBEDDING_FEATURES)
     assert other["impression_ds"] == dt.date(2026, 3, 1) and other["ts"] == dt.datetime(2026, 3, 1, 23, 0)
 
 
@@ -143,7 +148,7 @@ def test_training_rows_are_feature_matrix_of_the_candidate_inputs(spark):
         want = feature_spec.feature_matrix(part, VOCABULARIES.get(day.isoformat()))
         for i, r in part.iterrows():
             row = got[(r["event_id"], r["artwork_id"])]
-            np.testing.assert_array_equal(np.asarray(row["features"], np.float32), want[i])
+            np.testing.assert_array_equal(vec(row["features"]), want[i])
             missing = pd.isna(r["prior_alpha"]) or pd.isna(r["prior_beta"])
             assert (row["prior_alpha"], row["prior_beta"], row["prior_n"]) == (
                 (*feature_spec.DEFAULT_PRIOR, 0.0) if missing else (r["prior_alpha"], r["prior_beta"], r["prior_n"]))
@@ -178,7 +183,7 @@ def test_run_writes_snapshot_and_training_and_rerun_is_identical(spark, lake, se
     training = spark.read.parquet(str(lake.training(DS)))
     assert snapshot.count() == 2 and training.count() == 3
     m1 = training.where("event_id = 'e1'").first()
-    assert m1["features"][feature_spec.FEATURE_NAMES.index("member_known")] == 1.0  # snapshot of 03-01 computed from plays
+    assert vec(m1["features"])[feature_spec.FEATURE_NAMES.index("member_known")] == 1.0  # snapshot of 03-01 computed from plays
     first_snap, first_train = snapshot.collect(), training.collect()
     features.run(spark, lake, args(DS, lake.root), settings)
     assertDataFrameEqual(spark.read.parquet(str(lake.member_features(DS))), first_snap)
@@ -202,7 +207,7 @@ def test_after_a_day_without_priors_training_rows_see_the_priors_serving_kept(sp
     write_day(priors, lake.priors("2026-02-27"))
     features.run(spark, lake, args(DS, lake.root), settings)
     mean = feature_spec.FEATURE_NAMES.index("art_prior_mean")
-    assert {r["artwork_id"]: r["features"][mean] for r in spark.read.parquet(str(lake.training(DS))).collect()
+    assert {r["artwork_id"]: float(vec(r["features"])[mean]) for r in spark.read.parquet(str(lake.training(DS))).collect()
             if r["event_id"] == "e1"} == pytest.approx({"t1-a0": 2 / 10, "t1-a1": 5 / 10})  # 02-27's, not the default's 0.1
     # what the job looked them up in: 02-27's rows, as each known day's, whole
     served = features.served_priors(spark, lake, ["2026-02-28", "2026-03-01"], settings.prior_max_gap_days)

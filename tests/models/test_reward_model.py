@@ -104,6 +104,45 @@ def test_feature_rows_of_the_wrong_length_are_refused():
         feature_array(pa.array([[0.0] * N_FEATURES, [0.0] * 3]))
 
 
+def test_binary_feature_rows_round_trip_and_bad_ones_are_refused():
+    import pyarrow as pa
+
+    from keyart.feature_spec import pack_rows, unpack_rows
+
+    X = np.random.default_rng(0).standard_normal((5, N_FEATURES)).astype(np.float32)
+    X[1, 3], X[2, 0] = np.nan, -0.0
+    packed = pack_rows(X)
+    assert packed.type == pa.binary() and len(packed) == 5
+    assert bytes(packed[0].as_py()) == X[0].astype("<f4").tobytes()  # little-endian float32, the stored form
+    np.testing.assert_array_equal(feature_array(packed), X)
+    np.testing.assert_array_equal(feature_array(pa.chunked_array([packed.slice(0, 2), packed.slice(2)])), X)
+    np.testing.assert_array_equal(feature_array(packed.slice(3)), X[3:])  # an offset slice
+    with pytest.raises(ValueError, match=f"must have {N_FEATURES} values"):
+        unpack_rows(pa.array([X[0].tobytes(), X[0].tobytes()[:-4]], pa.binary()))
+    with pytest.raises(ValueError, match="1 null rows"):
+        unpack_rows(pa.array([X[0].tobytes(), None], pa.binary()))
+    with pytest.raises(ValueError, match=r"must be \[n, "):
+        pack_rows(X[:, :3])
+
+
+def test_a_window_spanning_list_and_binary_partitions_reads_as_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from keyart.feature_spec import pack_rows
+    from keyart.lake import Lake
+    from keyart.models.data import read_training
+
+    lake = Lake(tmp_path)
+    X = np.random.default_rng(1).random((4, N_FEATURES)).astype(np.float32)
+    for day, features in (("2026-03-01", pa.array(list(X[:2]), pa.list_(pa.float32()))), ("2026-03-02", pack_rows(X[2:]))):
+        lake.training(day).mkdir(parents=True)
+        pq.write_table(pa.table({"event_id": ["a", "b"], "features": features}), lake.training(day) / "part-0.parquet")
+    table = read_training(lake, ["2026-03-01", "2026-03-02"], columns=["event_id", "features"])
+    assert table.column("features").type == pa.binary()
+    np.testing.assert_array_equal(feature_array(table.column("features")), X)
+
+
 def test_model_learns_the_signal(true_rate):
     rng = np.random.default_rng(2)
     n = 20_000
