@@ -636,6 +636,10 @@ class Ragged:
         return cls(offsets, pc.list_flatten(column))
 
 
+MAX_PACKED_ROWS = (2**31 - 1) // (N_FEATURES * FEATURE_ROW_DTYPE.itemsize)
+"""Rows one binary array can hold (its int32 offsets address at most 2 GiB)."""
+
+
 def pack_rows(matrix: np.ndarray) -> Any:
     """A float32 matrix [n, N_FEATURES] as a pyarrow binary array, one value per row (the
     training table's ``features`` column; no copy beyond the little-endian float32 view).
@@ -651,8 +655,8 @@ def pack_rows(matrix: np.ndarray) -> Any:
         raise ValueError(f"feature rows must be [n, {N_FEATURES}], got {matrix.shape}")
     width = N_FEATURES * FEATURE_ROW_DTYPE.itemsize
     n = matrix.shape[0]
-    if n * width >= 2**31:
-        raise ValueError(f"{n} feature rows are too many for one binary array; pack them in batches")
+    if n > MAX_PACKED_ROWS:
+        raise ValueError(f"{n} feature rows are too many for one binary array (at most {MAX_PACKED_ROWS}); pack them in slices")
     offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(matrix)])
 
@@ -660,10 +664,17 @@ def pack_rows(matrix: np.ndarray) -> Any:
 def unpack_rows(column: Any) -> np.ndarray:
     """The float32 matrix [n, N_FEATURES] of a binary ``features`` column (:func:`pack_rows`).
 
-    Refuses null rows and rows of another width (a table written by another spec version)."""
+    Refuses null rows and rows of another width (a table written by another spec version). A
+    chunked column is read chunk by chunk: a binary array holds at most 2 GiB, so a large
+    partition reads as several chunks that must not be combined."""
     import pyarrow as pa
 
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 1:
+            return unpack_rows(column.chunk(0))
+        parts = [unpack_rows(chunk) for chunk in column.chunks]
+        return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
+    arr = column
     if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
         raise TypeError(f"features column must be binary, got {arr.type}")
     if arr.null_count:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from keyart.feature_spec import N_FEATURES, pack_rows, unpack_rows
+from keyart.feature_spec import MAX_PACKED_ROWS, N_FEATURES, pack_rows, unpack_rows
 from keyart.lake import Lake
 
 # Columns every model step reads from the training table (``features`` is added on demand).
@@ -95,7 +95,12 @@ def binary_features(table: pa.Table) -> pa.Table:
     column = table.column(i)
     if pa.types.is_binary(column.type):
         return table
-    return table.set_column(i, "features", pack_rows(feature_array(column)))
+    # chunk by chunk, in slices one binary array can hold
+    pieces = []
+    for chunk in column.chunks:
+        X = feature_array(chunk)
+        pieces += [pack_rows(X[start:start + MAX_PACKED_ROWS]) for start in range(0, len(X), MAX_PACKED_ROWS)]
+    return table.set_column(i, "features", pa.chunked_array(pieces, pa.binary()))
 
 
 def feature_array(column: pa.ChunkedArray | pa.Array | pd.Series | Sequence) -> np.ndarray:

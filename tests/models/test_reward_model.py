@@ -143,6 +143,23 @@ def test_a_window_spanning_list_and_binary_partitions_reads_as_one(tmp_path):
     np.testing.assert_array_equal(feature_array(table.column("features")), X)
 
 
+def test_list_features_become_binary_in_slices_one_array_can_hold(monkeypatch):
+    import pyarrow as pa
+
+    from keyart import feature_spec
+    from keyart.models import data
+
+    X = np.random.default_rng(2).random((7, N_FEATURES)).astype(np.float32)
+    lists = pa.chunked_array([pa.array(list(X[:5]), pa.list_(pa.float32())), pa.array(list(X[5:]), pa.list_(pa.float32()))])
+    monkeypatch.setattr(feature_spec, "MAX_PACKED_ROWS", 2)
+    monkeypatch.setattr(data, "MAX_PACKED_ROWS", 2)
+    with pytest.raises(ValueError, match="too many"):
+        feature_spec.pack_rows(X[:3])
+    out = data.binary_features(pa.table({"event_id": [str(i) for i in range(7)], "features": lists})).column("features")
+    assert out.type == pa.binary() and [len(c) for c in out.chunks] == [2, 2, 1, 2]
+    np.testing.assert_array_equal(feature_array(out), X)
+
+
 def test_model_learns_the_signal(true_rate):
     rng = np.random.default_rng(2)
     n = 20_000
