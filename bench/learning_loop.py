@@ -9,7 +9,8 @@ uniformly at random, then for each day k = 1 .. N - 1
    k - 1: contextual greedy, the configured exploring policy, the non-contextual policy
    (``beta_ts``), random, each title's default artwork and the oracle; and, for the
    requested ``--variants``, the same policies with another blend (``blend``: greedy and the
-   exploring policy at ``prior_blend_n0`` 0, 10, 50; ``residual``: greedy and the exploring
+   exploring policy at ``prior_blend_n0`` 0, 10, 50 and at the n0 :func:`fit_blend_n0` fits
+   to the model's held-out day; ``residual``: greedy and the exploring
    policy with the other ``prior_blend`` rule, mix or residual) or a model trained another way on the
    same logs (``weighting``: none / sqrt / clipped; ``refit``: without the refit;
    ``horizon``: without the exploration horizon);
@@ -42,6 +43,71 @@ from typing import Any
 import numpy as np
 
 from keyart.lake import Lake, shift_ds
+
+BLEND_FIT_MIN_ROWS = 1000
+"""Shown impressions a blend fit needs; with fewer, :func:`fit_blend_n0` keeps the setting."""
+BLEND_FIT_MIN_ARTWORKS = 20
+"""Artworks with shown impressions a blend fit needs."""
+BLEND_FIT_MAX_N0 = 100_000.0
+"""The fitted ``prior_blend_n0`` when the model's per-artwork level is within noise of every
+artwork's outcomes (an estimated between-artwork variance of 0 or less): the record then
+corrects an artwork only once it has this many effective impressions."""
+BLEND_FIT_MIN_N0 = 1.0
+"""The smallest fitted ``prior_blend_n0`` (0 would mean "no blend", the opposite)."""
+
+
+def fit_blend_n0(reward: np.ndarray, score: np.ndarray, keys: np.ndarray, fallback: float) -> dict[str, Any]:
+    """The ``residual`` blend's ``prior_blend_n0`` fitted to held-out outcomes (empirical Bayes):
+    a candidate for choosing n0 per model instead of one setting for every catalog, valued by
+    ``--variants blend`` (the ``n0=fit`` rows). Not used by the product: on a catalog whose tags
+    mislead the model it picked a larger n0 than 50 and lost to it (docs/benchmarks.md, "A
+    blend weight fitted per model").
+
+    Under ``residual`` an artwork's level is (n0 * model_mean + n * record) / (n0 + n): the
+    posterior mean when the model's level is a prior with variance tau^2 around the artwork's
+    true rate and each of the record's n impressions has variance sigma^2 = p (1 - p), so the
+    n0 that weighs them as their errors say is sigma^2 / tau^2. Both are measured here on
+    impressions the model was not trained on: ``reward`` [m] the outcome of each shown
+    impression, ``score`` [m] the model's score of what was shown, ``keys`` [m] its artwork.
+    Per artwork the mean residual r_a = mean(reward - score) over its n_a impressions has
+    E[r_a^2] = b_a^2 + v_a, with b_a the model's error on the artwork and v_a = sum(score (1 -
+    score)) / n_a^2 the outcomes' noise; tau^2 = sum n_a (r_a^2 - v_a) / sum n_a (the model's
+    error where impressions are, uncentred: a model off in level everywhere is off on every
+    artwork) and sigma^2 = mean(score (1 - score)).
+
+    A model whose per-artwork levels are within noise of the outcomes (tau^2 <= 0) gets
+    :data:`BLEND_FIT_MAX_N0`; one far off gets small n0 (the records take over after a few
+    impressions), never below :data:`BLEND_FIT_MIN_N0`. With fewer than
+    :data:`BLEND_FIT_MIN_ROWS` impressions or :data:`BLEND_FIT_MIN_ARTWORKS` artworks the
+    result keeps ``fallback`` (``source`` "setting"). Returns ``n0``, ``source`` ("fitted" or
+    "setting"), ``tau2``, ``sigma2``, ``rows``, ``artworks``.
+    """
+    reward = np.asarray(reward, dtype=np.float64)
+    score = np.clip(np.asarray(score, dtype=np.float64), 0.0, 1.0)
+    if reward.shape != score.shape or len(keys) != len(score):
+        raise ValueError(f"reward, score and keys must have one value per impression, got "
+                         f"{reward.shape}, {score.shape}, {len(keys)}")
+    ok = np.isfinite(reward) & np.isfinite(score)
+    reward, score, keys = reward[ok], score[ok], np.asarray(keys)[ok]
+    out: dict[str, Any] = {"rows": int(len(score)), "artworks": 0, "tau2": None, "sigma2": None,
+                           "n0": float(fallback), "source": "setting"}
+    if len(score) == 0:
+        return out
+    _, inverse = np.unique(keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n = np.bincount(inverse).astype(np.float64)
+    out["artworks"] = int(len(n))
+    if len(score) < BLEND_FIT_MIN_ROWS or len(n) < BLEND_FIT_MIN_ARTWORKS:
+        return out
+    var = score * (1.0 - score)
+    r = np.bincount(inverse, weights=reward - score) / n
+    v = np.bincount(inverse, weights=var) / n**2
+    tau2 = float(np.sum(n * (r * r - v)) / np.sum(n))
+    sigma2 = float(var.mean())
+    n0 = BLEND_FIT_MAX_N0 if tau2 <= 0 else float(np.clip(sigma2 / tau2, BLEND_FIT_MIN_N0, BLEND_FIT_MAX_N0))
+    out.update(tau2=tau2, sigma2=sigma2, n0=n0, source="fitted")
+    return out
+
 
 VARIANTS = ("blend", "residual", "weighting", "refit", "horizon")
 BLENDS = (0.0, 10.0, 50.0)
@@ -88,7 +154,7 @@ def scramble_tags(world, seed: int) -> None:
 
 
 def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: bool,
-            residual: bool = False) -> dict[str, float]:
+            residual: bool = False, fitted_n0: float | None = None) -> dict[str, float]:
     from keyart.policy import probabilities, residual_means
 
     prior = (rows.prior_alpha, rows.prior_beta, rows.prior_n)
@@ -109,11 +175,25 @@ def _values(world, visits, rows, q: np.ndarray, base, rng_seed: int, blends: boo
         for n0 in BLENDS:
             out[f"greedy n0={n0:g}"] = value(replace(base, name="greedy", prior_blend_n0=n0), q)
             out[f"{base.name} n0={n0:g}"] = value(replace(base, prior_blend_n0=n0), q)
+        if fitted_n0 is not None:
+            out["greedy n0=fit"] = value(replace(base, name="greedy", prior_blend_n0=fitted_n0), q)
+            out[f"{base.name} n0=fit"] = value(replace(base, prior_blend_n0=fitted_n0), q)
     if residual:
         other = "mix" if base.prior_blend == "residual" else "residual"
         out[f"greedy blend={other}"] = value(replace(base, name="greedy", prior_blend=other), q)
         out[f"{base.name} blend={other}"] = value(replace(base, prior_blend=other), q)
     return out
+
+
+def _blend_fit(lake: Lake, ds: str, booster, base) -> dict[str, Any]:
+    """:func:`fit_blend_n0` of ``booster`` on the shown impressions of the held-out day of the
+    run for ``ds`` (the model was not trained on them)."""
+    from keyart.models.evaluate import load_heldout
+
+    held = load_heldout(lake, ds, lake.root / "bench-runs" / f"ds={ds}" / "model")
+    shown = held.pages.logged_row
+    return fit_blend_n0(held.pages.reward, booster.predict(held.X[shown]),
+                        held.rows["artwork_id"].astype(str).to_numpy()[shown], base.prior_blend_n0)
 
 
 def _capture(values: dict[str, float]) -> dict[str, float]:
@@ -173,7 +253,9 @@ def run_seed(spark, settings, seed: int, workdir: Path, days: int, n_visits: int
         visits = world.visits(ds, eval_visits, seed=seed * 1000 + 500 + k)
         rows = visit_rows(world, visits, lake, prev)
         q = booster.predict(rows.X)
-        values = _values(world, visits, rows, q, base, seed + k, "blend" in variants, "residual" in variants)
+        fit = _blend_fit(lake, prev, booster, base) if "blend" in variants else None
+        values = _values(world, visits, rows, q, base, seed + k, "blend" in variants, "residual" in variants,
+                         fitted_n0=fit["n0"] if fit else None)
         trained = {"trees": info["best_iteration"], "stopped_at": info.get("early_stopping_iteration"),
                    "rows": info["rows"], "valid_auc": info["metrics"]["valid"]["auc"],
                    "exploration_impressions": info["window"].get("exploration_impressions")}
@@ -191,12 +273,13 @@ def run_seed(spark, settings, seed: int, workdir: Path, days: int, n_visits: int
         traffic = simulate_day(world, ds, chooser, visits=n_visits, seed=seed, lake_root=lake.root)
         jobs(ds)
         day = {"day": k, "ds": ds, "served_by": f"model of {prev}", "served": _capture(traffic["expected_take_rate"])["served"],
-               "lift_capture": _capture(values), "take_rate": values, "model": trained,
+               "lift_capture": _capture(values), "take_rate": values, "model": trained, "blend_fit": fit,
                "seconds": round(time.perf_counter() - t0, 1)}
         per_day.append(day)
         log(f"seed {seed} day {k}: greedy {day['lift_capture']['greedy']:.3f}, "
             f"{base.name} {day['lift_capture'][base.name]:.3f}, served {day['served']:.3f}, "
-            f"beta_ts {day['lift_capture']['noncontextual (beta_ts)']:.3f} ({day['seconds']}s)")
+            f"beta_ts {day['lift_capture']['noncontextual (beta_ts)']:.3f}"
+            + (f", fitted n0 {fit['n0']:.4g} ({fit['source']})" if fit else "") + f" ({day['seconds']}s)")
     return {"seed": seed, "days": per_day, "lake": str(lake.root)}
 
 
