@@ -124,6 +124,8 @@ N_FEATURES = len(FEATURE_NAMES)
 FEATURE_ROW_DTYPE = np.dtype("<f4")
 """A feature row as the training table stores it: one binary value of N_FEATURES
 little-endian float32 (:func:`pack_rows`, :func:`unpack_rows`)."""
+FEATURE_ROW_BYTES = N_FEATURES * FEATURE_ROW_DTYPE.itemsize
+"""Bytes of one stored feature row."""
 
 INPUT_COLUMNS = (
     "member_known", "member_is_kids", "member_log_plays_28d", "member_days_since_last_play",
@@ -636,7 +638,7 @@ class Ragged:
         return cls(offsets, pc.list_flatten(column))
 
 
-MAX_PACKED_ROWS = (2**31 - 1) // (N_FEATURES * FEATURE_ROW_DTYPE.itemsize)
+MAX_PACKED_ROWS = (2**31 - 1) // FEATURE_ROW_BYTES
 """Rows one binary array can hold (its int32 offsets address at most 2 GiB)."""
 
 
@@ -653,11 +655,10 @@ def pack_rows(matrix: np.ndarray) -> Any:
     matrix = np.ascontiguousarray(matrix, dtype=FEATURE_ROW_DTYPE)
     if matrix.ndim != 2 or matrix.shape[1] != N_FEATURES:
         raise ValueError(f"feature rows must be [n, {N_FEATURES}], got {matrix.shape}")
-    width = N_FEATURES * FEATURE_ROW_DTYPE.itemsize
     n = matrix.shape[0]
     if n > MAX_PACKED_ROWS:
         raise ValueError(f"{n} feature rows are too many for one binary array (at most {MAX_PACKED_ROWS}); pack them in slices")
-    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
+    offsets = np.arange(0, (n + 1) * FEATURE_ROW_BYTES, FEATURE_ROW_BYTES, dtype=np.int32)
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(matrix)])
 
 
@@ -674,21 +675,19 @@ def unpack_rows(column: Any) -> np.ndarray:
             return unpack_rows(column.chunk(0))
         parts = [unpack_rows(chunk) for chunk in column.chunks]
         return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
-    arr = column
-    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-        raise TypeError(f"features column must be binary, got {arr.type}")
-    if arr.null_count:
-        raise ValueError(f"features column has {arr.null_count} null rows")
-    width = N_FEATURES * FEATURE_ROW_DTYPE.itemsize
-    offset_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=offset_type)[arr.offset: arr.offset + len(arr) + 1]
-    if len(arr) == 0:
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise TypeError(f"features column must be binary, got {column.type}")
+    if column.null_count:
+        raise ValueError(f"features column has {column.null_count} null rows")
+    offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], dtype=offset_type)[column.offset: column.offset + len(column) + 1]
+    if len(column) == 0:
         return np.zeros((0, N_FEATURES), np.float32)
     lengths = np.diff(offsets)
-    if np.any(lengths != width):
-        bad = int(lengths[lengths != width][0])
-        raise ValueError(f"feature rows must have {N_FEATURES} values ({width} bytes), found one of {bad} bytes")
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+    if np.any(lengths != FEATURE_ROW_BYTES):
+        bad = int(lengths[lengths != FEATURE_ROW_BYTES][0])
+        raise ValueError(f"feature rows must have {N_FEATURES} values ({FEATURE_ROW_BYTES} bytes), found one of {bad} bytes")
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
     return data.view(FEATURE_ROW_DTYPE).reshape(-1, N_FEATURES).astype(np.float32)
 
 
